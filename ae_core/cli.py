@@ -1,0 +1,218 @@
+"""The `ae` command line. Each subcommand maps onto library functions.
+
+User mistakes (a wrong argument, a missing store or key) print one line, `ae: error: ...`, and
+exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from ae_core.errors import AeError
+
+
+def _offline_prefect_env(verbose: bool) -> None:
+    """Prefect's ephemeral mode, quiet and offline unless the user set otherwise."""
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # A fresh PREFECT_HOME migrates its database on first start (~10-30 s on 2 cores).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    if os.environ.get("PREFECT_HOME"):  # the ephemeral server hangs, not fails, when it is missing
+        os.makedirs(os.path.expanduser(os.environ["PREFECT_HOME"]), exist_ok=True)
+    # The CLI prints its own progress and summary; Prefect's per-task logs are opt-in.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "CRITICAL")
+
+
+def _run_config_kwargs(args: argparse.Namespace) -> dict:
+    from ae_core.config import IngestConfig, ModelConfig, TrainConfig
+
+    model = {k: v for k, v in {"dim": args.dim, "image_size": args.image_size,
+                                "channels": args.channels}.items() if v is not None}
+    train = {k: v for k, v in {"epochs": args.epochs, "max_minutes": args.max_minutes,
+                                "seed": args.seed, "batch_size": args.batch_size,
+                                "device": args.device}.items() if v is not None}
+    ingest = {k: v for k, v in {"include": args.include, "exclude": args.exclude,
+                                 "resize": args.resize, "workers": args.workers}.items() if v}
+    return {"ingest": IngestConfig(**ingest), "model": ModelConfig(**model),
+            "train": TrainConfig(**train), "work_dir": args.work_dir}
+
+
+def _run_flow(source: str, output: str, kwargs: dict) -> dict:
+    """Check the arguments and both stores first (fast, writes nothing), then run the flow."""
+    from ae_core.config import RunConfig
+    from ae_core.pipeline import prepare_run
+
+    verbose = kwargs.pop("verbose", False)
+    prepare_run(RunConfig(source=source, output=output, **kwargs))
+    _offline_prefect_env(verbose)
+    from flows.pretrain_and_embed import pretrain_and_embed
+
+    return pretrain_and_embed(source=source, output=output, **kwargs)
+
+
+def _print_summary(m: dict) -> None:
+    reasons = ", ".join(f"{r}: {n}" for r, n in sorted(m["rejects_by_reason"].items()))
+    t, q = m.get("train", {}), m.get("quality", {})
+    print(f"published run {m['run_id']} -> {m['published_url']}")
+    print(f"  images   {m['rows']} embedded, {m['rejected']} rejected" + (f" ({reasons})" if reasons else ""))
+    print(f"  model    {m['model_version']}: dim {m['dim']}, input {m['image_size']}x{m['image_size']}"
+          f"x{m['channels']}, {t.get('epochs_run')} epochs in {t.get('seconds')} s on {t.get('device')}"
+          f" ({t.get('stop_reason')})")
+    if q.get("sample"):
+        print(f"  quality  reconstruction MSE {q['ae_mse']:.5f} vs PCA-{m['dim']} {q['pca_mse']:.5f}"
+              f" = {q['ae_over_pca']:.2f}x PCA's error, on {q['sample']} images")
+    ix = m["index"]
+    print(f"  index    {ix['kind']} {ix['metric']}, {ix['ntotal']} vectors, "
+          f"self-hit rate {ix['self_hit_rate']:.3f}")
+    print("  stages   " + ", ".join(f"{k} {v:.1f}s" for k, v in m["timings_s"].items()))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    kwargs = _run_config_kwargs(args)
+    kwargs["verbose"] = args.verbose
+    manifest = _run_flow(args.source, args.output, kwargs)
+    if args.json:
+        print(json.dumps(manifest))
+    else:
+        _print_summary(manifest)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from ae_core.query import info
+
+    out = info(args.output)
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    q = out["quality"]
+    print(f"run {out['run_id']} ({out['finished_at']}) from {out['source']}")
+    print(f"  rows {out['rows']}, rejected {out['rejected']}, dim {out['dim']}, "
+          f"input {out['image_size']}x{out['image_size']}x{out['channels']}, model {out['model_version']}")
+    if q.get("sample"):
+        print(f"  reconstruction MSE {q['ae_mse']:.5f} vs PCA {q['pca_mse']:.5f} ({q['ae_over_pca']:.2f}x)")
+    for name in ("embeddings", "rejects", "index", "checkpoint"):
+        print(f"  {name:<11}{out[name]}")
+    return 0
+
+
+def _print_neighbours(query: str, hits: list, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"query": query, "neighbours": [h.__dict__ for h in hits]}))
+        return
+    print(f"nearest neighbours of {query}:")
+    for h in hits:
+        print(f"  {h.rank:>3}  {h.distance:10.4f}  {h.key}")
+
+
+def cmd_neighbours(args: argparse.Namespace) -> int:
+    from ae_core.query import neighbours_of_image, neighbours_of_key
+
+    if args.k < 1:
+        raise AeError(f"-k {args.k}: ask for at least one neighbour")
+    if args.key is not None:
+        hits, query = neighbours_of_key(args.output, args.key, args.k), args.key
+    else:
+        hits, query = neighbours_of_image(args.output, args.image, args.k), args.image
+    _print_neighbours(query, hits, args.json)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ae_core.demo import write_digits_corpus
+    from ae_core.query import neighbours_of_key
+
+    root = os.path.abspath(args.output)
+    corpus, result = os.path.join(root, "digits"), os.path.join(root, "result")
+    labels = write_digits_corpus(corpus)
+    print(f"wrote {len(labels)} digit images (scikit-learn) to {corpus}")
+    manifest = _run_flow(corpus, result, {"train": _demo_train(args)})
+    _print_summary(manifest)
+    key = "00000.png"
+    hits = neighbours_of_key(result, key, 6)
+    print(f"\nnearest neighbours of {key} (digit {labels[key]}); labels shown only to judge them:")
+    for h in hits:
+        print(f"  {h.rank:>3}  {h.distance:10.4f}  {h.key}  digit {labels[h.key]}")
+    return 0
+
+
+def _demo_train(args: argparse.Namespace):
+    from ae_core.config import TrainConfig
+
+    return TrainConfig(epochs=args.epochs) if args.epochs else TrainConfig()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ae", description="Autoencoder image embeddings: pretrain, "
+                                "embed to Parquet, search with FAISS.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="pretrain on SOURCE and publish embeddings to OUTPUT")
+    r.add_argument("source", help="folder or fsspec URL of the images (every object is a candidate)")
+    r.add_argument("output", help="folder or fsspec URL for the results")
+    r.add_argument("--dim", type=int, help="embedding size (default 32)")
+    r.add_argument("--image-size", type=int, help="model input side, a multiple of 4 (default: from the corpus)")
+    r.add_argument("--channels", type=int, choices=(1, 3), help="default: 1 if every sampled image is gray")
+    r.add_argument("--epochs", type=int, help="training epochs (default 20)")
+    r.add_argument("--max-minutes", type=float, help="training time budget (default 8)")
+    r.add_argument("--batch-size", type=int)
+    r.add_argument("--seed", type=int, help="default 0")
+    r.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    r.add_argument("--include", action="append", metavar="GLOB", help="only keys matching (repeatable)")
+    r.add_argument("--exclude", action="append", metavar="GLOB", help="skip keys matching (repeatable)")
+    r.add_argument("--resize", choices=("stretch", "crop", "pad"), help="how images fit the square input")
+    r.add_argument("--workers", type=int, help="decode processes (default: one per core)")
+    r.add_argument("--work-dir", help="local scratch for decoded pixels (default: under the temp dir)")
+    r.add_argument("--json", action="store_true", help="print the run's manifest as JSON")
+    r.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs")
+    r.set_defaults(func=cmd_run)
+
+    i = sub.add_parser("info", help="what is published in OUTPUT")
+    i.add_argument("output")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)
+
+    n = sub.add_parser("neighbours", aliases=["neighbors"], help="nearest neighbours of a key or a new image")
+    n.add_argument("output")
+    q = n.add_mutually_exclusive_group(required=True)
+    q.add_argument("--key", help="a key of the table (path relative to SOURCE)")
+    q.add_argument("--image", help="a new image file or URL, encoded with the published model")
+    n.add_argument("-k", type=int, default=10, help="neighbours to return (default 10)")
+    n.add_argument("--json", action="store_true")
+    n.set_defaults(func=cmd_neighbours)
+
+    d = sub.add_parser("demo", help="embed scikit-learn's digits and show neighbours")
+    d.add_argument("output", nargs="?", default="demo-out", help="folder for the corpus and result")
+    d.add_argument("--epochs", type=int, help="training epochs (default 20)")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def _validation_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(x) for x in first.get("loc", ()))
+    return f"invalid setting {where}: {first.get('msg')} (got {first.get('input')!r})"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except AeError as err:
+        print(f"ae: error: {err}", file=sys.stderr)
+    except ValidationError as err:
+        print(f"ae: error: {_validation_line(err)}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("ae: interrupted", file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

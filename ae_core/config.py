@@ -1,0 +1,78 @@
+"""One typed, frozen config per stage.
+
+These are pydantic models so that Prefect validates them as flow parameters when a run is
+created, and so that every output can store the exact config that made it (`model_dump`).
+`None` in a field means "choose from the corpus" (see `ae_core.plan.resolve_model_config`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class IngestConfig(_Frozen):
+    """What to read from SOURCE and how to turn it into pixels."""
+
+    include: list[str] = Field(default_factory=list, description="glob patterns on keys; empty = all")
+    exclude: list[str] = Field(default_factory=list, description="glob patterns on keys to skip")
+    max_image_pixels: int = Field(100_000_000, gt=0, description="larger images are rejected as bombs")
+    resize: Literal["stretch", "crop", "pad"] = "stretch"
+    shard_size: int = Field(2048, gt=0, description="images per decoded uint8 cache shard")
+    read_batch: int = Field(64, gt=0, description="objects fetched concurrently in one batch")
+    workers: int = Field(0, ge=0, description="decode processes; 0 = one per CPU core")
+
+
+class ModelConfig(_Frozen):
+    """The autoencoder's shape. `image_size`/`channels` None = chosen from the corpus."""
+
+    dim: int = Field(32, gt=0, le=4096)
+    image_size: int | None = Field(None, ge=16, le=512, multiple_of=4)
+    channels: Literal[1, 3] | None = None
+    width: int = Field(32, gt=0, description="channels of the first conv stage; doubles per stage")
+    blocks_per_stage: int = Field(1, ge=0, description="residual blocks after each downsampling")
+
+
+class TrainConfig(_Frozen):
+    """How the autoencoder is pretrained."""
+
+    epochs: int = Field(20, gt=0)
+    max_minutes: float = Field(8.0, gt=0, description="training stops after this wall time")
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    seed: int = 0
+    val_fraction: float = Field(0.05, ge=0, lt=0.5, description="held out for early stopping")
+    patience: int = Field(4, ge=1, description="epochs without validation gain before stopping")
+    augment: bool | None = Field(None, description="random shifts of up to 1/16 of the side; "
+                                 "None = on for corpora under 5,000 images")
+    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1'...")
+
+
+class EncodeConfig(_Frozen):
+    batch_size: int = Field(512, gt=0)
+
+
+class IndexConfig(_Frozen):
+    """FAISS index settings. Ids of the index are row positions in the embedding table."""
+
+    kind: Literal["flat"] = "flat"
+    metric: Literal["l2"] = "l2"
+
+
+class RunConfig(_Frozen):
+    """Everything one pipeline run needs. SOURCE and OUTPUT are fsspec URLs or plain paths."""
+
+    source: str
+    output: str
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    encode: EncodeConfig = Field(default_factory=EncodeConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    work_dir: str | None = Field(None, description="local scratch for the pixel cache; default: temp")

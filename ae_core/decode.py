@@ -1,0 +1,172 @@
+"""Bytes -> uint8 pixels at the model's input size, or a DecodeError with a reason.
+
+Content decides what an object is, never its name. This module imports only Pillow and numpy,
+so decode worker processes start fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from ae_core.errors import DecodeError
+
+# Pillow's own bomb check only warns below twice its limit; we enforce our limit explicitly.
+Image.MAX_IMAGE_PIXELS = None
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+_ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+_BACKGROUND = 255  # transparent pixels are composited onto white, as viewers show them
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes model input; stored in the checkpoint so encoding never drifts."""
+
+    image_size: int
+    channels: Literal[1, 3]
+    resize: Literal["stretch", "crop", "pad"] = "stretch"
+    max_image_pixels: int = 100_000_000
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Header:
+    width: int
+    height: int
+    mode: str
+    format: str
+
+
+@dataclass
+class Decoded:
+    pixels: np.ndarray  # (channels, size, size) uint8
+    width: int
+    height: int
+    mode: str
+    format: str
+
+
+def fingerprint(data: bytes) -> str:
+    """Content fingerprint of an object's bytes (BLAKE2b, 128 bits, hex)."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    if not data:
+        raise DecodeError("empty", "the object has 0 bytes")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as err:
+        raise DecodeError("not_an_image", "content is not an image format Pillow can read") from err
+    except Image.DecompressionBombError as err:
+        raise DecodeError("decompression_bomb", str(err)) from err
+    except Exception as err:  # noqa: BLE001 - any other failure of a header parse is per-object
+        raise DecodeError("corrupt_header", f"{type(err).__name__}: {err}") from err
+    if img.width * img.height > max_pixels:
+        raise DecodeError("decompression_bomb",
+                          f"{img.width}x{img.height} pixels exceeds the limit of {max_pixels}")
+    if img.width < 1 or img.height < 1:
+        raise DecodeError("corrupt_header", f"invalid size {img.width}x{img.height}")
+    return img
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - a broken EXIF block should not reject a readable image
+        return 1
+
+
+def read_header(data: bytes, max_pixels: int = 100_000_000) -> Header:
+    """Size (as displayed, EXIF orientation applied) and mode, without decoding pixels."""
+    img = _open(data, max_pixels)
+    w, h = img.size
+    if _orientation(img) in _ROTATED_ORIENTATIONS:
+        w, h = h, w
+    return Header(w, h, img.mode, img.format or "unknown")
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """High bit-depth and float modes -> 'L' with a fixed or per-image scale."""
+    arr = np.asarray(img)
+    if img.mode.startswith("I;16") or (img.mode == "I" and arr.max(initial=0) <= 65535 and arr.min(initial=0) >= 0):
+        out = (arr.astype(np.uint32) >> 8).astype(np.uint8)
+    elif img.mode == "F" and arr.size and 0.0 <= float(np.nanmin(arr)) and float(np.nanmax(arr)) <= 1.0:
+        out = np.clip(np.nan_to_num(arr) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    else:  # signed or unbounded values: stretch this image's own range to 0..255
+        arr = np.nan_to_num(arr.astype(np.float64))
+        lo, hi = float(arr.min(initial=0)), float(arr.max(initial=0))
+        out = ((arr - lo) * (255.0 / (hi - lo)) + 0.5).astype(np.uint8) if hi > lo else np.zeros(arr.shape, np.uint8)
+    return Image.fromarray(out, mode="L")
+
+
+def _normalise_mode(img: Image.Image, channels: int) -> Image.Image:
+    """Any Pillow mode -> 'L' or 'RGB', alpha composited onto a white background."""
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        img = _to_8bit(img)
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("LA", "La", "PA", "RGBa", "RGBA") or "A" in img.getbands():
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (_BACKGROUND,) * 3 + (255,))
+        img = Image.alpha_composite(bg, rgba).convert("RGB")
+    target = "L" if channels == 1 else "RGB"
+    return img if img.mode == target else img.convert(target)
+
+
+def _resize(img: Image.Image, size: int, how: str) -> Image.Image:
+    w, h = img.size
+    if how == "stretch":
+        return img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    if how == "crop":
+        scale = size / min(w, h)
+        rw, rh = max(size, round(w * scale)), max(size, round(h * scale))
+        img = img.resize((rw, rh), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        left, top = (rw - size) // 2, (rh - size) // 2
+        return img.crop((left, top, left + size, top + size))
+    scale = size / max(w, h)  # pad: whole image inside, centred on black
+    rw, rh = max(1, round(w * scale)), max(1, round(h * scale))
+    img = img.resize((rw, rh), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    canvas = Image.new(img.mode, (size, size))
+    canvas.paste(img, ((size - rw) // 2, (size - rh) // 2))
+    return canvas
+
+
+def decode_image(data: bytes, spec: Preprocess) -> Decoded:
+    """Decode one object into (channels, size, size) uint8 pixels, or raise DecodeError."""
+    img = _open(data, spec.max_image_pixels)
+    fmt, mode = img.format or "unknown", img.mode
+    width, height = img.size
+    orientation = _orientation(img)
+    if orientation in _ROTATED_ORIENTATIONS:
+        width, height = height, width
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow warns on odd-but-readable metadata
+            if fmt == "JPEG":  # decode at reduced scale when the target is small (draft mode)
+                img.draft(None, (spec.image_size, spec.image_size))
+            img.seek(0)  # first frame of animated / multi-page files
+            img.load()
+            if orientation != 1:
+                img = ImageOps.exif_transpose(img)
+            img = _normalise_mode(img, spec.channels)
+            img = _resize(img, spec.image_size, spec.resize)
+    except DecodeError:
+        raise
+    except OSError as err:
+        reason = "truncated" if "truncated" in str(err).lower() else "decode_error"
+        raise DecodeError(reason, f"{type(err).__name__}: {err}") from err
+    except Exception as err:  # noqa: BLE001 - any decoder failure is this object's, not the run's
+        raise DecodeError("decode_error", f"{type(err).__name__}: {err}") from err
+    arr = np.asarray(img, dtype=np.uint8)
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return Decoded(np.ascontiguousarray(arr), width, height, mode, fmt)

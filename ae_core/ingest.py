@@ -1,0 +1,225 @@
+"""Ingest: fetch objects, decode them once in worker processes, cache the pixels as uint8 shards.
+
+Training epochs and encoding read the shards, so no file is decoded twice. Each shard is written
+atomically (temporary name, then rename) with a small JSON beside it, so a rerun after a crash
+reuses the shards that were finished. A file that cannot be decoded becomes a reject row.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from fsspec.spec import AbstractFileSystem
+
+from ae_core.decode import Preprocess, decode_image, fingerprint
+from ae_core.errors import DecodeError
+from ae_core.storage import ObjectInfo, iter_batches, read_many
+
+_IN_PROCESS_BELOW = 512  # objects; below this a process pool costs more to start than it saves
+_IMAGE_FIELDS = ("key", "width", "height", "size_bytes", "fingerprint", "mode", "format")
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    index: int
+    objects: tuple[ObjectInfo, ...]
+
+
+@dataclass
+class ShardResult:
+    """What decoding one shard produced: pixels of the good images, metadata, and rejects."""
+
+    index: int
+    pixels_path: str | None
+    images: list[dict] = field(default_factory=list)  # one per good image, _IMAGE_FIELDS
+    rejects: list[dict] = field(default_factory=list)  # key, reason, detail, size_bytes
+
+
+@dataclass
+class DecodedCorpus:
+    spec: Preprocess
+    shards: list[ShardResult]
+
+    @property
+    def images(self) -> list[dict]:
+        return [img for s in self.shards for img in s.images]
+
+    @property
+    def rejects(self) -> list[dict]:
+        return [r for s in self.shards for r in s.rejects]
+
+    def __len__(self) -> int:
+        return sum(len(s.images) for s in self.shards)
+
+    def pixels(self) -> np.ndarray:
+        """All good images, (N, channels, size, size) uint8, in table order."""
+        parts = [np.load(s.pixels_path, mmap_mode="r") for s in self.shards if s.pixels_path]
+        if not parts:
+            c, n = self.spec.channels, self.spec.image_size
+            return np.zeros((0, c, n, n), np.uint8)
+        return np.concatenate(parts)
+
+
+def plan_shards(objects: Sequence[ObjectInfo], shard_size: int) -> list[ShardPlan]:
+    """Split the listing (in key order) into fixed-size shards. Pure."""
+    ordered = sorted(objects, key=lambda o: o.key)
+    return [ShardPlan(i, tuple(ordered[start:start + shard_size]))
+            for i, start in enumerate(range(0, len(ordered), shard_size))]
+
+
+def decode_batch(items: list[tuple[str, int, bytes | None, str | None]],
+                 spec: Preprocess) -> list[tuple[dict, np.ndarray | None]]:
+    """Decode (key, size, data, read_error) items; runs in a worker process."""
+    out = []
+    for key, size, data, read_error in items:
+        meta: dict = {"key": key, "size_bytes": size}
+        if read_error is not None or data is None:
+            meta.update(reason="read_error", detail=read_error or "no data")
+            out.append((meta, None))
+            continue
+        meta["size_bytes"] = len(data)
+        meta["fingerprint"] = fingerprint(data)
+        try:
+            dec = decode_image(data, spec)
+        except DecodeError as err:
+            meta.update(reason=err.reason, detail=err.detail)
+            out.append((meta, None))
+            continue
+        meta.update(width=dec.width, height=dec.height, mode=dec.mode, format=dec.format)
+        out.append((meta, dec.pixels))
+    return out
+
+
+class _InlineExecutor(Executor):
+    """Runs submitted calls at once in this process (small corpora, or workers=1)."""
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[override]
+        fut: Future = Future()
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except BaseException as err:  # noqa: BLE001 - handed to the caller through the future
+            fut.set_exception(err)
+        return fut
+
+
+def decode_workers(n_objects: int, requested: int) -> int:
+    """Worker processes for decoding: 0 = in this process. Pure."""
+    if requested == 1 or n_objects < _IN_PROCESS_BELOW:
+        return 0
+    return requested or (os.cpu_count() or 1)
+
+
+def _shard_paths(work_dir: str, index: int) -> tuple[str, str]:
+    base = os.path.join(work_dir, f"shard-{index:05d}")
+    return base + ".npy", base + ".json"
+
+
+def _shard_signature(plan: ShardPlan, spec: Preprocess) -> dict:
+    return {"spec": spec.to_dict(), "objects": [[o.key, o.size] for o in plan.objects]}
+
+
+def _load_cached(plan: ShardPlan, spec: Preprocess, work_dir: str) -> ShardResult | None:
+    npy, meta_path = _shard_paths(work_dir, plan.index)
+    if not os.path.exists(meta_path):
+        return None
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("signature") != _shard_signature(plan, spec):
+        return None
+    pixels = npy if meta["images"] else None
+    if pixels and not os.path.exists(pixels):
+        return None
+    return ShardResult(plan.index, pixels, meta["images"], meta["rejects"])
+
+
+def _save_shard(result: ShardResult, plan: ShardPlan, spec: Preprocess, work_dir: str,
+                pixels: list[np.ndarray]) -> ShardResult:
+    npy, meta_path = _shard_paths(work_dir, plan.index)
+    if pixels:
+        tmp = npy + ".tmp.npy"
+        np.save(tmp, np.stack(pixels))
+        os.replace(tmp, npy)
+        result.pixels_path = npy
+    tmp = meta_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"signature": _shard_signature(plan, spec), "images": result.images,
+                   "rejects": result.rejects}, f)
+    os.replace(tmp, meta_path)
+    return result
+
+
+def _fetch(fs: AbstractFileSystem, batch: list[ObjectInfo]) -> list[tuple[str, int, bytes | None, str | None]]:
+    got = read_many(fs, [o.path for o in batch])
+    items = []
+    for o in batch:
+        data = got.get(o.path)
+        if isinstance(data, BaseException) or data is None:
+            err = f"{type(data).__name__}: {data}" if data is not None else "object vanished"
+            items.append((o.key, o.size, None, err))
+        else:
+            items.append((o.key, o.size, bytes(data), None))
+    return items
+
+
+def _decode_shard(plan: ShardPlan, fs: AbstractFileSystem, spec: Preprocess, read_batch: int,
+                  pool: Executor, max_in_flight: int, on_done: Callable[[int], None]) -> tuple[ShardResult, list]:
+    """Fetch in batches (I/O here) while earlier batches decode in the pool."""
+    result, pixels = ShardResult(plan.index, None), []
+    pending: deque[Future] = deque()
+
+    def drain_one() -> None:
+        done = pending.popleft().result()
+        for meta, px in done:
+            if px is None:
+                result.rejects.append({k: meta.get(k) for k in ("key", "reason", "detail", "size_bytes", "fingerprint")})
+            else:
+                result.images.append({k: meta[k] for k in _IMAGE_FIELDS})
+                pixels.append(px)
+        on_done(len(done))
+
+    for batch in iter_batches(plan.objects, read_batch):
+        pending.append(pool.submit(decode_batch, _fetch(fs, batch), spec))
+        while len(pending) > max_in_flight:
+            drain_one()
+    while pending:
+        drain_one()
+    return result, pixels
+
+
+def decode_corpus(objects: Sequence[ObjectInfo], fs: AbstractFileSystem, spec: Preprocess,
+                  work_dir: str, shard_size: int = 2048, read_batch: int = 64, workers: int = 0,
+                  on_done: Callable[[int], None] = lambda n: None) -> DecodedCorpus:
+    """Decode every object into cached uint8 shards; finished shards from an earlier try are reused."""
+    os.makedirs(work_dir, exist_ok=True)
+    plans = plan_shards(objects, shard_size)
+    n_workers = decode_workers(len(objects), workers)
+    pool: Executor = (ProcessPoolExecutor(n_workers, mp_context=mp.get_context("spawn"))
+                      if n_workers else _InlineExecutor())
+    shards = []
+    try:
+        for plan in plans:
+            cached = _load_cached(plan, spec, work_dir)
+            if cached is not None:
+                on_done(len(plan.objects))
+                shards.append(cached)
+                continue
+            result, pixels = _decode_shard(plan, fs, spec, read_batch, pool, 2 * max(n_workers, 1), on_done)
+            shards.append(_save_shard(result, plan, spec, work_dir, pixels))
+    finally:
+        pool.shutdown(cancel_futures=True)
+    return DecodedCorpus(spec, shards)
+
+
+def corpus_summary(corpus: DecodedCorpus) -> dict:
+    reasons: dict[str, int] = {}
+    for r in corpus.rejects:
+        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+    return {"images": len(corpus), "rejected": len(corpus.rejects), "rejects_by_reason": reasons,
+            "spec": asdict(corpus.spec)}

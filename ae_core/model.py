@@ -1,0 +1,113 @@
+"""The convolutional autoencoder: pure torch modules, no I/O.
+
+Encoder: stride-2 conv stages (each followed by residual blocks) while the feature map is even
+and larger than 8 pixels, then a Linear layer to the `dim`-wide bottleneck. There is no
+full-resolution stem: on CPU it costs about 4x the training throughput for little gain.
+Decoder: the mirror image (Linear, then transposed-conv stages), ending in a sigmoid so the
+output lies in [0, 1] like the input pixels. SiLU rather than GELU: same quality, ~30% faster on CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+_MAX_WIDTH = 256
+_MIN_FEATURE_MAP = 8  # stop downsampling at this side; deeper maps lose spatial detail for no gain
+
+
+@dataclass(frozen=True)
+class AEArch:
+    """The exact shape of a built model; stored in every checkpoint as plain values."""
+
+    dim: int
+    image_size: int
+    channels: int
+    width: int = 32
+    blocks_per_stage: int = 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def feature_sizes(image_size: int) -> list[int]:
+    """Side of the input, then of the feature map after each stride-2 stage."""
+    sizes = [image_size]
+    while sizes[-1] % 2 == 0 and sizes[-1] > _MIN_FEATURE_MAP:
+        sizes.append(sizes[-1] // 2)
+    return sizes
+
+
+def stage_widths(width: int, n_stages: int) -> list[int]:
+    return [min(width * 2**i, _MAX_WIDTH) for i in range(n_stages)]
+
+
+def _norm_act(ch: int) -> list[nn.Module]:
+    return [nn.BatchNorm2d(ch), nn.SiLU()]
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(ch, ch, 3, padding=1, bias=False), *_norm_act(ch),
+            nn.Conv2d(ch, ch, 3, padding=1, bias=False), nn.BatchNorm2d(ch),
+        )
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x + self.body(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, arch: AEArch) -> None:
+        super().__init__()
+        sizes = feature_sizes(arch.image_size)
+        widths = stage_widths(arch.width, len(sizes) - 1)
+        layers: list[nn.Module] = []
+        c_in = arch.channels
+        for w in widths:
+            layers += [nn.Conv2d(c_in, w, 3, stride=2, padding=1, bias=False), *_norm_act(w)]
+            layers += [ResBlock(w) for _ in range(arch.blocks_per_stage)]
+            c_in = w
+        self.features = nn.Sequential(*layers)
+        self.to_code = nn.Linear(widths[-1] * sizes[-1] ** 2, arch.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.to_code(torch.flatten(self.features(x), 1))
+
+
+class Decoder(nn.Module):
+    def __init__(self, arch: AEArch) -> None:
+        super().__init__()
+        sizes = feature_sizes(arch.image_size)
+        widths = stage_widths(arch.width, len(sizes) - 1)
+        self.shape = (widths[-1], sizes[-1], sizes[-1])
+        self.from_code = nn.Linear(arch.dim, widths[-1] * sizes[-1] ** 2)
+        layers: list[nn.Module] = [nn.SiLU()]
+        for i in range(len(widths) - 1, -1, -1):
+            layers += [ResBlock(widths[i]) for _ in range(arch.blocks_per_stage)]
+            if i > 0:
+                layers += [nn.ConvTranspose2d(widths[i], widths[i - 1], 4, stride=2, padding=1, bias=False),
+                           *_norm_act(widths[i - 1])]
+        layers += [nn.ConvTranspose2d(widths[0], arch.channels, 4, stride=2, padding=1), nn.Sigmoid()]
+        self.features = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.features(self.from_code(z).view(-1, *self.shape))
+
+
+class ConvAutoencoder(nn.Module):
+    """Input and output: float tensors (N, channels, image_size, image_size) in [0, 1]."""
+
+    def __init__(self, arch: AEArch) -> None:
+        super().__init__()
+        self.arch = arch
+        self.encoder = Encoder(arch)
+        self.decoder = Decoder(arch)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.encoder(x)
+        return z, self.decoder(z)

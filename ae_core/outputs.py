@@ -1,0 +1,84 @@
+"""The layout of OUTPUT and atomic publishing.
+
+    OUTPUT/LATEST                      one line: the published run's id
+    OUTPUT/runs/<run-id>/manifest.json counts, configs, timings, lineage, file names
+    OUTPUT/runs/<run-id>/embeddings.parquet
+    OUTPUT/runs/<run-id>/rejects.parquet
+    OUTPUT/runs/<run-id>/index.faiss
+    OUTPUT/runs/<run-id>/model.pt
+
+A run writes only inside its own folder; LATEST is replaced (atomically) after every file of the
+run is complete, so readers always see a whole result: the new one or the previous one.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from fsspec.spec import AbstractFileSystem
+
+from ae_core.errors import AeError
+from ae_core.storage import display_url, join, open_store, read_text, write_bytes_atomic
+
+LATEST = "LATEST"
+RUNS = "runs"
+MANIFEST = "manifest.json"
+EMBEDDINGS = "embeddings.parquet"
+REJECTS = "rejects.parquet"
+INDEX = "index.faiss"
+CHECKPOINT = "model.pt"
+
+
+def new_run_id(now: datetime | None = None) -> str:
+    """Sortable by time, unique across concurrent runs."""
+    now = now or datetime.now(timezone.utc)
+    return now.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+def run_path(root: str, run_id: str) -> str:
+    return join(root, RUNS, run_id)
+
+
+def publish(fs: AbstractFileSystem, root: str, run_id: str) -> None:
+    """Point LATEST at a finished run (a single atomic replace)."""
+    write_bytes_atomic(fs, join(root, LATEST), (run_id + "\n").encode())
+
+
+@dataclass(frozen=True)
+class Published:
+    """A published run, resolved through OUTPUT/LATEST."""
+
+    fs: AbstractFileSystem
+    root: str
+    run_id: str
+    manifest: dict
+
+    @property
+    def path(self) -> str:
+        return run_path(self.root, self.run_id)
+
+    def file(self, name: str) -> str:
+        return join(self.path, name)
+
+    def url(self, name: str) -> str:
+        return display_url(self.fs, self.file(name))
+
+
+def resolve(output: str) -> Published:
+    """Open the run that OUTPUT/LATEST names, or fail with a message naming OUTPUT and the fix."""
+    fs, root = open_store(output)
+    latest = join(root, LATEST)
+    try:
+        run_id = read_text(fs, latest).strip()
+    except FileNotFoundError as err:
+        raise AeError(f"no published result at {output!r} (no {LATEST} file); "
+                      f"run `ae run SOURCE {output}` first") from err
+    try:
+        manifest = json.loads(read_text(fs, join(run_path(root, run_id), MANIFEST)))
+    except FileNotFoundError as err:
+        raise AeError(f"{output!r}: {LATEST} names run {run_id!r} but its manifest is missing; "
+                      "the folder was altered by hand, rerun `ae run`") from err
+    return Published(fs, root, run_id, manifest)

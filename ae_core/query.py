@@ -1,0 +1,90 @@
+"""Reading a published result: what it holds, and nearest neighbours by key or by a new image."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.compute as pc
+
+from ae_core import checkpoint, index as ae_index, outputs, table
+from ae_core.decode import decode_image
+from ae_core.encode import encode_pixels
+from ae_core.errors import AeError, DecodeError
+from ae_core.storage import open_store
+
+_TIE_MARGIN = 8  # extra candidates fetched so that a query's exact duplicates cannot crowd it out
+
+
+def info(output: str) -> dict:
+    """The published run's summary, with URLs that pandas, pyarrow and faiss can open."""
+    pub = outputs.resolve(output)
+    m = pub.manifest
+    files = m["files"]
+    return {
+        "output": output, "run_id": pub.run_id, "finished_at": m.get("finished_at"),
+        "rows": m["rows"], "rejected": m["rejected"], "rejects_by_reason": m.get("rejects_by_reason", {}),
+        "dim": m["dim"], "image_size": m["image_size"], "channels": m["channels"],
+        "model_version": m["model_version"],
+        "embeddings": pub.url(files["embeddings"]), "rejects": pub.url(files["rejects"]),
+        "index": pub.url(files["index"]), "checkpoint": pub.url(files["checkpoint"]),
+        "manifest": pub.url(outputs.MANIFEST), "source": m.get("source"),
+        "quality": m.get("quality", {}), "index_info": m.get("index", {}),
+        "timings_s": m.get("timings_s", {}),
+    }
+
+
+@dataclass
+class Neighbour:
+    rank: int
+    key: str
+    distance: float
+    row: int
+
+
+def _load_index(pub: outputs.Published):
+    return ae_index.from_bytes(pub.fs.cat_file(pub.file(pub.manifest["files"]["index"])))
+
+
+def _keys(pub: outputs.Published):
+    return table.read_table(pub.fs, pub.file(pub.manifest["files"]["embeddings"]), ["key"]).column("key")
+
+
+def _rank(dist: np.ndarray, ids: np.ndarray, keys, k: int, self_row: int | None) -> list[Neighbour]:
+    """Order hits nearest first; a query row ties ahead of its exact duplicates."""
+    hits = [(float(d), int(i)) for d, i in zip(dist, ids) if i >= 0]
+    if self_row is not None:
+        hits.sort(key=lambda h: (h[0], h[1] != self_row))
+    return [Neighbour(r + 1, keys[i].as_py(), d, i) for r, (d, i) in enumerate(hits[:k])]
+
+
+def neighbours_of_key(output: str, key: str, k: int = 10) -> list[Neighbour]:
+    pub = outputs.resolve(output)
+    tbl = table.read_table(pub.fs, pub.file(pub.manifest["files"]["embeddings"]), ["key", "embedding"])
+    keys = tbl.column("key")
+    rows = pc.indices_nonzero(pc.equal(keys, key)).to_numpy()
+    if len(rows) == 0:
+        raise AeError(f"key {key!r} is not in the table at {output!r}; list keys with "
+                      f"pandas.read_parquet(<ae info --json>.embeddings).key")
+    row = int(rows[0])
+    query = table.embeddings_matrix(tbl.slice(row, 1))
+    dist, ids = ae_index.search(_load_index(pub), query, k + _TIE_MARGIN)
+    return _rank(dist[0], ids[0], keys, k, row)
+
+
+def neighbours_of_image(output: str, image_url: str, k: int = 10) -> list[Neighbour]:
+    """Encode a new image with the published model and its preprocessing, then search."""
+    pub = outputs.resolve(output)
+    ckpt = checkpoint.from_bytes(pub.fs.cat_file(pub.file(pub.manifest["files"]["checkpoint"])))
+    fs, path = open_store(image_url)
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError as err:
+        raise AeError(f"image {image_url!r} not found; give a path or URL of an image file") from err
+    try:
+        pixels = decode_image(data, ckpt.preprocess).pixels[None]
+    except DecodeError as err:
+        raise AeError(f"image {image_url!r} cannot be decoded ({err.reason}: {err.detail})") from err
+    emb, _ = encode_pixels(ckpt.model, pixels)
+    dist, ids = ae_index.search(_load_index(pub), emb, k)
+    return _rank(dist[0], ids[0], _keys(pub), k, None)

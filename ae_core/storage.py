@@ -1,0 +1,158 @@
+"""Every data path is an fsspec URL: plain paths, file://, memory:// and s3:// share this code.
+
+Listing, batched concurrent reads (s3fs's async `cat` on many paths at once), and atomic writes
+(write under a temporary name, then move into place) live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import posixpath
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from fsspec.core import url_to_fs
+from fsspec.spec import AbstractFileSystem
+
+from ae_core.errors import AeError
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One candidate object under SOURCE. `key` is its path relative to SOURCE, '/'-separated."""
+
+    key: str
+    path: str
+    size: int
+
+
+def open_store(url: str) -> tuple[AbstractFileSystem, str]:
+    """Resolve an fsspec URL (or plain path) into a filesystem and a root path without a slash."""
+    try:
+        fs, root = url_to_fs(url)
+    except (ValueError, ImportError) as err:
+        raise AeError(f"cannot open {url!r}: {err}; use a local path or an fsspec URL "
+                      "such as file://, s3:// or memory://") from err
+    return fs, root.rstrip("/") or root
+
+
+def display_url(fs: AbstractFileSystem, path: str) -> str:
+    """A URL for users: a plain absolute path for local files (faiss and pandas open those)."""
+    if _is_local(fs):
+        return path
+    return fs.unstrip_protocol(path)
+
+
+def _is_local(fs: AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
+def join(root: str, *parts: str) -> str:
+    return posixpath.join(root, *parts)
+
+
+def key_matches(key: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+    """Glob filters on keys: empty include = everything; exclude wins over include."""
+    if include and not any(fnmatch.fnmatchcase(key, pat) for pat in include):
+        return False
+    return not any(fnmatch.fnmatchcase(key, pat) for pat in exclude)
+
+
+def list_objects(fs: AbstractFileSystem, root: str, include: Sequence[str] = (),
+                 exclude: Sequence[str] = (), skip_prefix: str | None = None) -> Iterator[ObjectInfo]:
+    """Yield every object under `root` (any name, any extension), folder by folder, sorted by key.
+
+    `skip_prefix` (a path) is left out: an OUTPUT inside SOURCE must never be read back as input.
+    """
+    if not fs.isdir(root):
+        what = "a file, not a folder" if fs.exists(root) else "missing"
+        raise AeError(f"source {display_url(fs, root)!r} is {what}; give the folder or prefix "
+                      "that holds the images")
+    prefix = root.rstrip("/") + "/"
+    for dirpath, dirs, files in fs.walk(root, detail=True):
+        dirs_sorted = sorted(dirs)
+        dirs.clear()  # walk in sorted order, pruning the skipped prefix
+        for name in dirs_sorted:
+            sub = join(dirpath, name)
+            if skip_prefix is None or not _under(sub, skip_prefix):
+                dirs[name] = None  # type: ignore[index]
+        for name in sorted(files):
+            info = files[name]
+            path = info["name"]
+            if info.get("type") == "directory" or (skip_prefix and _under(path, skip_prefix)):
+                continue
+            key = path[len(prefix):] if path.startswith(prefix) else name
+            if key_matches(key, include, exclude):
+                yield ObjectInfo(key=key, path=path, size=int(info.get("size") or 0))
+
+
+def _under(path: str, prefix: str) -> bool:
+    prefix = prefix.rstrip("/")
+    return path == prefix or path.startswith(prefix + "/")
+
+
+def read_many(fs: AbstractFileSystem, paths: Sequence[str]) -> dict[str, bytes | Exception]:
+    """Fetch many objects in one call; async filesystems (s3fs) fetch them concurrently."""
+    if not paths:
+        return {}
+    out = fs.cat(list(paths), on_error="return")
+    # fsspec returns a bare value for a single non-glob path on some filesystems.
+    if not isinstance(out, dict):
+        out = {paths[0]: out}
+    return out
+
+
+def write_bytes_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write under a temporary name beside `path`, then move it into place."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    fs.pipe_file(tmp, data)
+    fs.mv(tmp, path)
+
+
+def put_file_atomic(fs: AbstractFileSystem, local_path: str, path: str) -> None:
+    """Upload a finished local file; readers never see a partial object."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    fs.put_file(local_path, tmp)
+    fs.mv(tmp, path)
+
+
+def read_text(fs: AbstractFileSystem, path: str) -> str:
+    return fs.cat_file(path).decode("utf-8")
+
+
+def fetch_to_local(url: str, local_dir: str) -> str:
+    """Copy one object to a local folder (faiss and torch read local files) and return its path."""
+    fs, path = open_store(url)
+    if _is_local(fs):
+        return path
+    dest = os.path.join(local_dir, posixpath.basename(path))
+    fs.get_file(path, dest)
+    return dest
+
+
+def same_or_inside(fs_a: AbstractFileSystem, a: str, fs_b: AbstractFileSystem, b: str) -> bool:
+    """True when location `a` is `b` or lies inside it, on the same filesystem."""
+    return type(fs_a) is type(fs_b) and _under(a, b)
+
+
+def iter_batches(items: Iterable, size: int) -> Iterator[list]:
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+__all__ = [
+    "ObjectInfo", "open_store", "display_url", "join", "key_matches", "list_objects", "read_many",
+    "write_bytes_atomic", "put_file_atomic", "read_text", "fetch_to_local", "same_or_inside",
+    "iter_batches",
+]

@@ -1,0 +1,80 @@
+"""The Parquet tables: embeddings (one row per embedded image) and rejects (one row per failure).
+
+The embedding column is a fixed_size_list<float32>[dim] built directly in pyarrow, so readers
+(pandas, DuckDB, Polars) see one fixed-width vector per row. Row i of the embedding table is id i
+of the FAISS index.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.spec import AbstractFileSystem
+
+from ae_core.storage import write_bytes_atomic
+
+METADATA_KEY = b"ae_embed"
+
+REJECTS_SCHEMA = pa.schema([
+    ("key", pa.string()), ("reason", pa.string()), ("detail", pa.string()),
+    ("size_bytes", pa.int64()), ("fingerprint", pa.string()),
+])
+
+
+def embedding_array(emb: np.ndarray) -> pa.FixedSizeListArray:
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), emb.shape[1])
+
+
+def embeddings_table(images: Sequence[dict], emb: np.ndarray, recon_error: np.ndarray,
+                     metadata: dict) -> pa.Table:
+    """Build the table; `metadata` (model version, dim, input size, channels...) goes in the schema."""
+    if not (len(images) == len(emb) == len(recon_error)):
+        raise ValueError("images, embeddings and errors differ in length")
+    cols = {
+        "key": pa.array([i["key"] for i in images], pa.string()),
+        "embedding": embedding_array(emb.reshape(len(images), -1)),
+        "recon_error": pa.array(np.asarray(recon_error, np.float32), pa.float32()),
+        "width": pa.array([i["width"] for i in images], pa.int32()),
+        "height": pa.array([i["height"] for i in images], pa.int32()),
+        "size_bytes": pa.array([i["size_bytes"] for i in images], pa.int64()),
+        "fingerprint": pa.array([i["fingerprint"] for i in images], pa.string()),
+        "mode": pa.array([i["mode"] for i in images], pa.string()),
+        "format": pa.array([i["format"] for i in images], pa.string()),
+    }
+    table = pa.table(cols)
+    flat = {k.encode(): str(v).encode() for k, v in metadata.items() if not isinstance(v, (dict, list))}
+    return table.replace_schema_metadata({**flat, METADATA_KEY: json.dumps(metadata).encode()})
+
+
+def rejects_table(rejects: Sequence[dict]) -> pa.Table:
+    return pa.Table.from_pylist([{f.name: r.get(f.name) for f in REJECTS_SCHEMA} for r in rejects],
+                                schema=REJECTS_SCHEMA)
+
+
+def write_table(fs: AbstractFileSystem, path: str, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    write_bytes_atomic(fs, path, buf.getvalue())
+
+
+def read_table(fs: AbstractFileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def table_metadata(table: pa.Table) -> dict:
+    raw = (table.schema.metadata or {}).get(METADATA_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def embeddings_matrix(table: pa.Table) -> np.ndarray:
+    """The embedding column as a (rows, dim) float32 array, without copying through Python lists."""
+    col = table.column("embedding").combine_chunks()
+    dim = col.type.list_size
+    return col.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)

@@ -1,0 +1,161 @@
+"""Device-agnostic, seeded training of the autoencoder on cached uint8 pixels.
+
+The learning rate follows a warmup + cosine schedule over whichever budget runs out first,
+epochs or wall-clock minutes, so a time-capped run still ends annealed. A held-out split drives
+early stopping, and the best weights on it are the ones kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ae_core.config import TrainConfig
+from ae_core.model import AEArch, ConvAutoencoder
+
+AUGMENT_BELOW = 5000  # images; smaller corpora get random shifts by default (they overfit fastest)
+_WARMUP = 0.03  # fraction of the budget spent warming the learning rate up
+_MIN_VAL_CORPUS = 40  # below this every image trains; there is nothing to hold out
+
+
+@dataclass
+class TrainResult:
+    model: ConvAutoencoder
+    device: str
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_loss: float | None = None
+    stop_reason: str = "epochs"
+    seconds: float = 0.0
+    images_seen: int = 0
+
+    def summary(self) -> dict:
+        return {"device": self.device, "epochs_run": len(self.history), "best_epoch": self.best_epoch,
+                "best_val_mse": self.best_val_loss, "stop_reason": self.stop_reason,
+                "seconds": round(self.seconds, 2),
+                "images_per_s": round(self.images_seen / self.seconds, 1) if self.seconds else None,
+                "history": self.history}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' = CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def set_threads() -> None:
+    """Use every core for torch's intra-op pool (the default may be fewer inside containers)."""
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train / held-out split. Pure."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(n * val_fraction)) if n >= _MIN_VAL_CORPUS else 0
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def lr_at(progress: float, base_lr: float) -> float:
+    """Linear warmup, then cosine decay to zero; progress in [0, 1]. Pure."""
+    if progress < _WARMUP:
+        return base_lr * (progress / _WARMUP)
+    t = min(1.0, (progress - _WARMUP) / (1 - _WARMUP))
+    return base_lr * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Shift each image by up to max_shift pixels, edges replicated (no wrap-around)."""
+    if max_shift <= 0:
+        return x
+    n, _, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4, mode="replicate")
+    offs = torch.randint(0, 2 * max_shift + 1, (n, 2), generator=gen).tolist()
+    return torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offs)])
+
+
+def _to_float(batch: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(batch)) if isinstance(batch, np.ndarray) else batch
+    return t.to(device, non_blocking=True).float().div_(255.0)
+
+
+@torch.no_grad()
+def evaluate_mse(model: ConvAutoencoder, pixels: np.ndarray, device: torch.device, batch: int = 512) -> float:
+    """Mean squared error per pixel on [0, 1], in eval mode."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(pixels), batch):
+        x = _to_float(pixels[start:start + batch], device)
+        total += float(F.mse_loss(model(x)[1], x, reduction="sum"))
+        count += x.numel()
+    return total / max(count, 1)
+
+
+def train_autoencoder(pixels: np.ndarray, arch: AEArch, cfg: TrainConfig,
+                      on_epoch: Callable[[dict], None] = lambda h: None) -> TrainResult:
+    """Train on (N, C, H, W) uint8 pixels and return the best model, in eval mode."""
+    if len(pixels) == 0:
+        raise ValueError("no decodable images to train on")
+    set_threads()
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train_idx, val_idx = split_indices(len(pixels), cfg.val_fraction, cfg.seed)
+    data = np.ascontiguousarray(pixels)
+    train_px, val_px = data[train_idx], data[val_idx]
+    augment = cfg.augment if cfg.augment is not None else len(pixels) < AUGMENT_BELOW
+    max_shift = max(1, arch.image_size // 16) if augment else 0
+
+    model = ConvAutoencoder(arch).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train_px) / cfg.batch_size)
+    total_steps, budget_s = steps_per_epoch * cfg.epochs, cfg.max_minutes * 60
+    result = TrainResult(model, str(device))
+    best_state, bad_epochs, step, t0 = None, 0, 0, time.perf_counter()
+
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        order = torch.randperm(len(train_px), generator=gen).numpy()
+        loss_sum = 0.0
+        for start in range(0, len(order), cfg.batch_size):
+            elapsed = time.perf_counter() - t0
+            for g in opt.param_groups:
+                g["lr"] = lr_at(max(step / total_steps, elapsed / budget_s), cfg.lr)
+            x = random_shift(_to_float(train_px[np.sort(order[start:start + cfg.batch_size])], device), max_shift, gen)
+            loss = F.mse_loss(model(x)[1], x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss.detach()) * len(x)
+            result.images_seen += len(x)
+            step += 1
+        val = evaluate_mse(model, val_px, device) if len(val_px) else None
+        record = {"epoch": epoch, "train_mse": loss_sum / len(train_px), "val_mse": val,
+                  "seconds": round(time.perf_counter() - t0, 2), "lr": opt.param_groups[0]["lr"]}
+        result.history.append(record)
+        on_epoch(record)
+        score = val if val is not None else record["train_mse"]
+        if result.best_val_loss is None or score < result.best_val_loss:
+            result.best_val_loss, result.best_epoch, bad_epochs = score, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            bad_epochs += 1
+        if bad_epochs >= cfg.patience:
+            result.stop_reason = "early_stopping"
+            break
+        if time.perf_counter() - t0 >= budget_s:
+            result.stop_reason = "max_minutes"
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    result.seconds = time.perf_counter() - t0
+    return result

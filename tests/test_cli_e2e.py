@@ -1,0 +1,138 @@
+"""`ae` end to end in subprocesses, on real digits and on a folder of mixed and broken files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from ae_core import checkpoint, query
+from ae_core.encode import encode_pixels
+from ae_core.decode import decode_image
+
+pytestmark = pytest.mark.slow
+
+AE = [sys.executable, "-m", "ae_core.cli"]
+
+
+def ae(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([*AE, *map(str, args)], capture_output=True, text=True, env=env, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ae {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def digits_run(mnist_subset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits-out") / "out"
+    proc = ae("run", mnist_subset, out, "--dim", 16, "--epochs", 3, "--seed", 1)
+    return out, proc
+
+
+def test_run_prints_a_summary(digits_run):
+    _, proc = digits_run
+    assert "300 embedded, 0 rejected" in proc.stdout
+    assert "PCA-16" in proc.stdout and "self-hit rate 1.000" in proc.stdout
+
+
+def test_info_json_points_at_openable_outputs(digits_run, mnist_subset):
+    out, _ = digits_run
+    info = json.loads(ae("info", out, "--json").stdout)
+    assert (info["rows"], info["rejected"], info["dim"], info["image_size"], info["channels"]) == (300, 0, 16, 28, 1)
+    assert info["model_version"].startswith("ae-")
+    df = pd.read_parquet(info["embeddings"])
+    assert len(df) == 300 and df.key.is_unique
+    assert sorted(df.key) == sorted(os.listdir(mnist_subset))
+    emb = np.stack(df.embedding.to_numpy()).astype(np.float32)
+    assert emb.shape == (300, 16) and np.isfinite(emb).all()
+    assert (df.width == 28).all() and (df.height == 28).all() and (df.size_bytes > 0).all()
+    assert df.fingerprint.str.len().eq(32).all()
+    meta = pq.read_schema(info["embeddings"]).metadata
+    assert meta[b"model_version"].decode() == info["model_version"] and meta[b"dim"] == b"16"
+    assert pd.read_parquet(info["rejects"]).empty
+    assert faiss.read_index(info["index"]).ntotal == 300
+
+
+def test_every_key_is_its_own_nearest_neighbour(digits_run, mnist_subset):
+    out, _ = digits_run
+    keys = sorted(os.listdir(mnist_subset))
+    misses = [k for k in keys if query.neighbours_of_key(str(out), k, 1)[0].key != k]
+    assert misses == []
+    cli = json.loads(ae("neighbours", out, "--key", keys[7], "-k", 1, "--json").stdout)
+    assert [n["key"] for n in cli["neighbours"]] == [keys[7]]
+    text = ae("neighbours", out, "--key", keys[7], "-k", 5).stdout
+    assert text.count("\n") == 6 and keys[7] in text
+
+
+def test_recon_error_matches_checkpoint_recomputation(digits_run, mnist_subset):
+    out, _ = digits_run
+    info = query.info(str(out))
+    ckpt = checkpoint.from_bytes(Path(info["checkpoint"]).read_bytes())
+    assert ckpt.version == info["model_version"]
+    df = pd.read_parquet(info["embeddings"]).set_index("key")
+    keys = sorted(os.listdir(mnist_subset))[:20]
+    px = np.stack([decode_image((mnist_subset / k).read_bytes(), ckpt.preprocess).pixels for k in keys])
+    emb, err = encode_pixels(ckpt.model, px)
+    assert np.allclose(err, df.loc[keys, "recon_error"].to_numpy(), atol=1e-5)
+    assert np.allclose(emb, np.stack(df.loc[keys, "embedding"].to_numpy()), atol=1e-4)
+
+
+def test_neighbours_of_a_new_image_file(digits_run, mnist_subset, tmp_path):
+    out, _ = digits_run
+    key = sorted(os.listdir(mnist_subset))[42]
+    copy = tmp_path / "query-without-extension"
+    copy.write_bytes((mnist_subset / key).read_bytes())
+    res = json.loads(ae("neighbours", out, "--image", copy, "-k", 3, "--json").stdout)
+    assert res["neighbours"][0]["key"] == key
+    assert res["neighbours"][0]["distance"] < 1e-3
+    assert len(res["neighbours"]) == 3
+
+
+def test_mixed_formats_and_broken_files_complete(mixed_corpus, tmp_path):
+    folder, good, broken = mixed_corpus
+    out = tmp_path / "out"
+    proc = ae("run", folder, out, "--epochs", 2, "--dim", 8)
+    assert f"{len(good)} embedded, {len(broken)} rejected" in proc.stdout
+    info = json.loads(ae("info", out, "--json").stdout)
+    assert info["channels"] == 3 and info["rows"] == len(good)
+    df = pd.read_parquet(info["embeddings"])
+    assert sorted(df.key) == sorted(good)
+    assert np.isfinite(np.stack(df.embedding.to_numpy())).all()
+    rejects = pd.read_parquet(info["rejects"]).set_index("key")
+    assert {k: rejects.reason[k] for k in rejects.index} == {k: r for k, (_, r) in broken.items()}
+    assert rejects.detail.str.len().gt(0).all()
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ae: error:"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_user_errors_are_one_line_and_write_nothing(mnist_subset, tmp_path):
+    out = tmp_path / "never-written"
+    _one_line_error(ae("run", tmp_path / "no-such-dir", out, check=False), "no-such-dir", "missing")
+    _one_line_error(ae("run", mnist_subset, out, "--image-size", 30, check=False), "image_size", "multiple of 4")
+    _one_line_error(ae("run", mnist_subset, out, "--dim", 0, check=False), "dim")
+    _one_line_error(ae("run", mnist_subset, mnist_subset / "out", check=False), "inside source")
+    _one_line_error(ae("run", mnist_subset, "nosuchproto://x/y", check=False), "nosuchproto")
+    assert not out.exists() and not (mnist_subset / "out").exists()
+    _one_line_error(ae("info", out, check=False), "no published result", "ae run")
+    _one_line_error(ae("neighbours", out, "--key", "x", check=False), "no published result")
+
+
+def test_unknown_key_is_a_clear_error(digits_run):
+    out, _ = digits_run
+    _one_line_error(ae("neighbours", out, "--key", "nope.png", check=False), "nope.png", "not in the table")

@@ -1,0 +1,65 @@
+"""The autoencoder: shapes, finite outputs, gradients everywhere, and it can learn."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ae_core import checkpoint
+from ae_core.decode import Preprocess
+from ae_core.model import AEArch, ConvAutoencoder, feature_sizes
+from conftest import MNIST
+
+
+@pytest.mark.parametrize("size,expected", [(16, [16, 8]), (28, [28, 14, 7]), (32, [32, 16, 8]),
+                                           (64, [64, 32, 16, 8]), (96, [96, 48, 24, 12, 6]),
+                                           (60, [60, 30, 15])])
+def test_feature_sizes(size, expected):
+    assert feature_sizes(size) == expected
+
+
+@pytest.mark.parametrize("arch", [AEArch(32, 28, 1), AEArch(16, 64, 3, width=8), AEArch(8, 16, 1, blocks_per_stage=0)])
+def test_shapes_range_and_gradients(arch):
+    torch.manual_seed(0)
+    model = ConvAutoencoder(arch)
+    x = torch.rand(4, arch.channels, arch.image_size, arch.image_size)
+    z, y = model(x)
+    assert z.shape == (4, arch.dim)
+    assert y.shape == x.shape
+    assert torch.isfinite(z).all() and torch.isfinite(y).all()
+    assert y.min() >= 0 and y.max() <= 1
+    ((y - x) ** 2).mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
+    assert missing == []
+
+
+def test_overfits_one_small_batch_of_real_digits():
+    torch.manual_seed(0)
+    pixels = np.stack([np.asarray(Image.open(MNIST / f"{i:05d}.png")) for i in range(16)])
+    x = torch.from_numpy(pixels[:, None].astype(np.float32) / 255.0)
+    model = ConvAutoencoder(AEArch(32, 28, 1))
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    first = None
+    for _ in range(150):
+        loss = ((model(x)[1] - x) ** 2).mean()
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.01 < first
+    assert float(loss) < first / 10
+
+
+def test_checkpoint_round_trip_is_exact_and_weights_only():
+    torch.manual_seed(1)
+    model = ConvAutoencoder(AEArch(8, 16, 1)).eval()
+    spec = Preprocess(image_size=16, channels=1)
+    data, version = checkpoint.to_bytes(model, spec, {"note": "x"})
+    loaded = checkpoint.from_bytes(data)
+    assert loaded.version == version and version.startswith("ae-")
+    assert loaded.preprocess == spec and loaded.extra == {"note": "x"}
+    x = torch.rand(3, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(model(x)[0], loaded.model(x)[0])

@@ -1,0 +1,83 @@
+"""Pure planning decisions, tested as tables."""
+
+from __future__ import annotations
+
+import pytest
+
+from ae_core.config import ModelConfig
+from ae_core.ingest import decode_workers, plan_shards
+from ae_core.plan import CorpusProbe, choose_channels, choose_image_size, probe_sample, resolve_model_config
+from ae_core.storage import ObjectInfo, key_matches
+from ae_core.train import lr_at, split_indices
+
+
+@pytest.mark.parametrize("median_side,size", [(8, 16), (16, 16), (28, 28), (30, 28), (32, 32),
+                                              (50, 48), (92, 64), (128, 64), (4000, 64)])
+def test_choose_image_size(median_side, size):
+    assert choose_image_size(median_side) == size
+
+
+@pytest.mark.parametrize("gray,channels", [([True] * 5, 1), ([True, False], 3), ([False], 3), ([], 3)])
+def test_choose_channels(gray, channels):
+    assert choose_channels(gray) == channels
+
+
+def test_user_choices_win_over_the_probe():
+    probe = CorpusProbe(3, 3, (28, 28, 28), (True, True, True))
+    assert resolve_model_config(ModelConfig(), probe).image_size == 28
+    assert resolve_model_config(ModelConfig(), probe).channels == 1
+    assert resolve_model_config(ModelConfig(image_size=64, channels=3), probe).image_size == 64
+    assert resolve_model_config(ModelConfig(channels=3), probe).channels == 3
+
+
+def _objs(n):
+    return [ObjectInfo(f"k{i:04d}", f"/r/k{i:04d}", 10) for i in range(n)]
+
+
+@pytest.mark.parametrize("n,size,shards,last", [(0, 4, 0, 0), (1, 4, 1, 1), (4, 4, 1, 4), (9, 4, 3, 1)])
+def test_plan_shards(n, size, shards, last):
+    plans = plan_shards(list(reversed(_objs(n))), size)
+    assert len(plans) == shards
+    if plans:
+        assert len(plans[-1].objects) == last
+        keys = [o.key for p in plans for o in p.objects]
+        assert keys == sorted(keys) and len(keys) == n
+
+
+def test_probe_sample_spreads_over_listing():
+    sample = probe_sample(_objs(1000), 10)
+    assert [o.key for o in sample] == [f"k{i:04d}" for i in range(0, 1000, 100)]
+    assert len(probe_sample(_objs(5), 10)) == 5
+
+
+@pytest.mark.parametrize("key,include,exclude,ok", [
+    ("a/b.png", [], [], True), ("a/b.png", ["*.png"], [], True), ("a/b.jpg", ["*.png"], [], False),
+    ("a/b.png", [], ["a/*"], False), ("a/b.png", ["*.png"], ["*b.png"], False), ("noext", [], [], True),
+])
+def test_key_matches(key, include, exclude, ok):
+    assert key_matches(key, include, exclude) is ok
+
+
+@pytest.mark.parametrize("n,requested,workers", [(10, 0, 0), (10_000, 1, 0), (10_000, 3, 3)])
+def test_decode_workers(n, requested, workers):
+    assert decode_workers(n, requested) == workers
+
+
+def test_decode_workers_default_is_core_count():
+    import os
+    assert decode_workers(10_000, 0) == (os.cpu_count() or 1)
+
+
+def test_lr_schedule_warms_up_and_anneals():
+    assert lr_at(0.0, 1.0) == 0.0
+    assert lr_at(0.03, 1.0) == pytest.approx(1.0)
+    assert lr_at(0.5, 1.0) == pytest.approx(0.5, abs=0.05)
+    assert lr_at(1.0, 1.0) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_split_is_seeded_and_disjoint():
+    a_train, a_val = split_indices(1000, 0.1, 3)
+    b_train, b_val = split_indices(1000, 0.1, 3)
+    assert (a_val == b_val).all() and len(a_val) == 100
+    assert set(a_train).isdisjoint(a_val) and len(a_train) + len(a_val) == 1000
+    assert len(split_indices(10, 0.1, 0)[1]) == 0

@@ -1,0 +1,99 @@
+"""One storage suite over file:// and memory://: listing, filters, concurrent reads, atomic writes,
+and the decode stage's shard cache (resume reuses finished shards)."""
+
+from __future__ import annotations
+
+import uuid
+
+import fsspec
+import numpy as np
+import pytest
+
+from ae_core import ingest
+from ae_core.decode import Preprocess
+from ae_core.errors import AeError
+from ae_core.storage import list_objects, open_store, read_many, write_bytes_atomic
+from conftest import MNIST
+
+FILES = {"a.png": 0, "sub/b.png": 1, "sub/deeper/c": 2, ".hidden": 3, "notes.txt": 4}
+
+
+@pytest.fixture(params=["file", "memory"])
+def store(request, tmp_path):
+    """A fresh root URL holding FILES (real MNIST digits, and one text file)."""
+    if request.param == "file":
+        root = f"file://{tmp_path}/src"
+    else:
+        root = f"memory://t-{uuid.uuid4().hex[:8]}/src"
+    fs, path = open_store(root)
+    for key, i in FILES.items():
+        data = b"not an image" if key == "notes.txt" else (MNIST / f"{i:05d}.png").read_bytes()
+        fs.makedirs(f"{path}/{key}".rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(f"{path}/{key}", data)
+    yield root
+    fs.rm(path, recursive=True)
+
+
+def test_listing_finds_every_object_whatever_its_name(store):
+    fs, root = open_store(store)
+    keys = sorted(o.key for o in list_objects(fs, root))
+    assert keys == sorted(FILES)
+
+
+def test_listing_filters_and_skips_output(store):
+    fs, root = open_store(store)
+    assert sorted(o.key for o in list_objects(fs, root, include=["*.png"])) == ["a.png", "sub/b.png"]
+    assert sorted(o.key for o in list_objects(fs, root, exclude=["sub/*"])) == [".hidden", "a.png", "notes.txt"]
+    assert sorted(o.key for o in list_objects(fs, root, skip_prefix=f"{root}/sub")) == [".hidden", "a.png", "notes.txt"]
+
+
+def test_missing_source_is_a_clear_error(store):
+    fs, root = open_store(store)
+    with pytest.raises(AeError, match="missing"):
+        list(list_objects(fs, root + "-nope"))
+    with pytest.raises(AeError, match="a file, not a folder"):
+        list(list_objects(fs, root + "/a.png"))
+
+
+def test_read_many_returns_bytes_and_errors(store):
+    fs, root = open_store(store)
+    got = read_many(fs, [f"{root}/a.png", f"{root}/missing.png"])
+    assert got[f"{root}/a.png"] == (MNIST / "00000.png").read_bytes()
+    assert isinstance(got[f"{root}/missing.png"], Exception)
+
+
+def test_atomic_write_leaves_no_temporary(store):
+    fs, root = open_store(store)
+    write_bytes_atomic(fs, f"{root}/out/x.bin", b"123")
+    write_bytes_atomic(fs, f"{root}/out/x.bin", b"456")
+    assert fs.cat_file(f"{root}/out/x.bin") == b"456"
+    assert [p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/out", detail=False)] == ["x.bin"]
+
+
+def test_decode_corpus_quarantines_and_caches(store, tmp_path, monkeypatch):
+    fs, root = open_store(store)
+    objects = sorted(list_objects(fs, root), key=lambda o: o.key)
+    spec = Preprocess(image_size=28, channels=1)
+    corpus = ingest.decode_corpus(objects, fs, spec, str(tmp_path / "work"), shard_size=2)
+    assert [i["key"] for i in corpus.images] == [".hidden", "a.png", "sub/b.png", "sub/deeper/c"]
+    assert [(r["key"], r["reason"]) for r in corpus.rejects] == [("notes.txt", "not_an_image")]
+    px = corpus.pixels()
+    assert px.shape == (4, 1, 28, 28)
+    assert np.array_equal(px[1, 0], np.asarray(__import__("PIL.Image").Image.open(MNIST / "00000.png")))
+
+    # A rerun (say after a crash) reuses every finished shard and decodes nothing.
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("a cached shard was decoded again")
+    monkeypatch.setattr(ingest, "decode_batch", no_decoding)
+    again = ingest.decode_corpus(objects, fs, spec, str(tmp_path / "work"), shard_size=2)
+    assert again.images == corpus.images and np.array_equal(again.pixels(), px)
+
+
+def test_process_pool_path_gives_the_same_pixels(tmp_path):
+    fs = fsspec.filesystem("file")
+    objects = sorted(list_objects(fs, str(MNIST)), key=lambda o: o.key)[:600]
+    spec = Preprocess(image_size=28, channels=1)
+    pooled = ingest.decode_corpus(objects, fs, spec, str(tmp_path / "a"), workers=2, shard_size=256)
+    inline = ingest.decode_corpus(objects, fs, spec, str(tmp_path / "b"), workers=1, shard_size=256)
+    assert len(pooled) == 600 and pooled.images == inline.images
+    assert np.array_equal(pooled.pixels(), inline.pixels())
