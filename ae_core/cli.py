@@ -159,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dim", type=int, help="embedding size (default 32)")
     r.add_argument("--image-size", type=int, help="model input side, a multiple of 4 (default: from the corpus)")
     r.add_argument("--channels", type=int, choices=(1, 3), help="default: 1 if every sampled image is gray")
-    r.add_argument("--epochs", type=int, help="training epochs (default 20)")
-    r.add_argument("--max-minutes", type=float, help="training time budget (default 8)")
+    r.add_argument("--epochs", type=int, help="training epochs (default: from corpus size, 20 to 500)")
+    r.add_argument("--max-minutes", type=float, help="training time budget (default 5)")
     r.add_argument("--batch-size", type=int)
     r.add_argument("--seed", type=int, help="default 0")
     r.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:N")
@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="embed scikit-learn's digits and show neighbours")
     d.add_argument("output", nargs="?", default="demo-out", help="folder for the corpus and result")
-    d.add_argument("--epochs", type=int, help="training epochs (default 20)")
+    d.add_argument("--epochs", type=int, help="training epochs (default: from corpus size)")
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -139,7 +139,7 @@ def pretrain(ctx: RunContext, corpus: DecodedCorpus, model: ModelConfig) -> chec
     arch = AEArch(dim=model.dim, image_size=model.image_size, channels=model.channels,
                   width=model.width, blocks_per_stage=model.blocks_per_stage)
     tc = ctx.config.train
-    with ctx.timed("pretrain"), tqdm(total=tc.epochs, desc="pretrain", unit="epoch", disable=None) as bar:
+    with ctx.timed("pretrain"), tqdm(desc="pretrain", unit="epoch", disable=None) as bar:
         def on_epoch(rec: dict) -> None:
             bar.update(1)
             bar.set_postfix(train=f"{rec['train_mse']:.5f}", val=f"{rec['val_mse'] or 0:.5f}")

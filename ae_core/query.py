@@ -7,13 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.compute as pc
 
-from ae_core import checkpoint, index as ae_index, outputs, table
-from ae_core.decode import decode_image
-from ae_core.encode import encode_pixels
+from ae_core import index as ae_index, outputs, table
 from ae_core.errors import AeError, DecodeError
 from ae_core.storage import open_store
-
-_TIE_MARGIN = 8  # extra candidates fetched so that a query's exact duplicates cannot crowd it out
 
 
 def info(output: str) -> dict:
@@ -51,10 +47,11 @@ def _keys(pub: outputs.Published):
 
 
 def _rank(dist: np.ndarray, ids: np.ndarray, keys, k: int, self_row: int | None) -> list[Neighbour]:
-    """Order hits nearest first; a query row ties ahead of its exact duplicates."""
-    hits = [(float(d), int(i)) for d, i in zip(dist, ids) if i >= 0]
+    """Nearest first. A key's own row is its nearest neighbour, at distance 0, by definition:
+    float rounding in FAISS or exact duplicates must not push it down the list."""
+    hits = [(float(d), int(i)) for d, i in zip(dist, ids) if i >= 0 and i != self_row]
     if self_row is not None:
-        hits.sort(key=lambda h: (h[0], h[1] != self_row))
+        hits.insert(0, (0.0, self_row))
     return [Neighbour(r + 1, keys[i].as_py(), d, i) for r, (d, i) in enumerate(hits[:k])]
 
 
@@ -68,12 +65,16 @@ def neighbours_of_key(output: str, key: str, k: int = 10) -> list[Neighbour]:
                       f"pandas.read_parquet(<ae info --json>.embeddings).key")
     row = int(rows[0])
     query = table.embeddings_matrix(tbl.slice(row, 1))
-    dist, ids = ae_index.search(_load_index(pub), query, k + _TIE_MARGIN)
+    dist, ids = ae_index.search(_load_index(pub), query, k + 1)
     return _rank(dist[0], ids[0], keys, k, row)
 
 
 def neighbours_of_image(output: str, image_url: str, k: int = 10) -> list[Neighbour]:
     """Encode a new image with the published model and its preprocessing, then search."""
+    from ae_core import checkpoint  # torch loads only when a new image must be encoded
+    from ae_core.decode import decode_image
+    from ae_core.encode import encode_pixels
+
     pub = outputs.resolve(output)
     ckpt = checkpoint.from_bytes(pub.fs.cat_file(pub.file(pub.manifest["files"]["checkpoint"])))
     fs, path = open_store(image_url)

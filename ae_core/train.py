@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from ae_core.config import TrainConfig
 from ae_core.model import AEArch, ConvAutoencoder
 
-AUGMENT_BELOW = 5000  # images; smaller corpora get random shifts by default (they overfit fastest)
+MIN_EPOCHS, MAX_EPOCHS = 20, 500
+MIN_STEPS = 1500  # optimizer steps; small corpora need many epochs to get there
 _WARMUP = 0.03  # fraction of the budget spent warming the learning rate up
 _MIN_VAL_CORPUS = 40  # below this every image trains; there is nothing to hold out
 
@@ -30,6 +31,7 @@ _MIN_VAL_CORPUS = 40  # below this every image trains; there is nothing to hold 
 class TrainResult:
     model: ConvAutoencoder
     device: str
+    epochs_planned: int = 0
     history: list[dict] = field(default_factory=list)
     best_epoch: int = 0
     best_val_loss: float | None = None
@@ -38,7 +40,7 @@ class TrainResult:
     images_seen: int = 0
 
     def summary(self) -> dict:
-        return {"device": self.device, "epochs_run": len(self.history), "best_epoch": self.best_epoch,
+        return {"device": self.device, "epochs_planned": self.epochs_planned, "epochs_run": len(self.history), "best_epoch": self.best_epoch,
                 "best_val_mse": self.best_val_loss, "stop_reason": self.stop_reason,
                 "seconds": round(self.seconds, 2),
                 "images_per_s": round(self.images_seen / self.seconds, 1) if self.seconds else None,
@@ -62,6 +64,12 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     perm = np.random.default_rng(seed).permutation(n)
     n_val = int(round(n * val_fraction)) if n >= _MIN_VAL_CORPUS else 0
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def auto_epochs(n_train: int, batch_size: int) -> int:
+    """Epochs when the user gives none: enough optimizer steps for small corpora. Pure."""
+    steps_per_epoch = max(1, math.ceil(n_train / batch_size))
+    return max(MIN_EPOCHS, min(MAX_EPOCHS, math.ceil(MIN_STEPS / steps_per_epoch)))
 
 
 def lr_at(progress: float, base_lr: float) -> float:
@@ -111,17 +119,17 @@ def train_autoencoder(pixels: np.ndarray, arch: AEArch, cfg: TrainConfig,
     train_idx, val_idx = split_indices(len(pixels), cfg.val_fraction, cfg.seed)
     data = np.ascontiguousarray(pixels)
     train_px, val_px = data[train_idx], data[val_idx]
-    augment = cfg.augment if cfg.augment is not None else len(pixels) < AUGMENT_BELOW
-    max_shift = max(1, arch.image_size // 16) if augment else 0
+    max_shift = max(1, arch.image_size // 16) if cfg.augment else 0
 
     model = ConvAutoencoder(arch).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    epochs = cfg.epochs or auto_epochs(len(train_px), cfg.batch_size)
     steps_per_epoch = math.ceil(len(train_px) / cfg.batch_size)
-    total_steps, budget_s = steps_per_epoch * cfg.epochs, cfg.max_minutes * 60
-    result = TrainResult(model, str(device))
+    total_steps, budget_s = steps_per_epoch * epochs, cfg.max_minutes * 60
+    result = TrainResult(model, str(device), epochs_planned=epochs)
     best_state, bad_epochs, step, t0 = None, 0, 0, time.perf_counter()
 
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(1, epochs + 1):
         model.train()
         order = torch.randperm(len(train_px), generator=gen).numpy()
         loss_sum = 0.0

@@ -81,3 +81,10 @@ def test_split_is_seeded_and_disjoint():
     assert (a_val == b_val).all() and len(a_val) == 100
     assert set(a_train).isdisjoint(a_val) and len(a_train) + len(a_val) == 1000
     assert len(split_indices(10, 0.1, 0)[1]) == 0
+
+
+@pytest.mark.parametrize("n_train,batch,epochs", [(10, 128, 500), (400, 128, 375), (1707, 128, 108),
+                                                  (9500, 128, 20), (1_000_000, 128, 20)])
+def test_auto_epochs_from_corpus_size(n_train, batch, epochs):
+    from ae_core.train import auto_epochs
+    assert auto_epochs(n_train, batch) == epochs

@@ -62,3 +62,15 @@ def test_index_matches_brute_force_and_finds_self():
     assert (ids == ref).mean() > 0.999
     assert np.allclose(d, np.take_along_axis(brute, ref, 1), atol=1e-3)
     assert ae_index.self_hit_rate(index, emb) == 1.0
+
+
+def test_a_key_ranks_first_among_its_exact_duplicates():
+    from ae_core.query import _rank
+
+    keys = pa.array([f"k{i}" for i in range(12)])
+    emb = np.zeros((12, 4), np.float32)  # twelve identical images
+    index = ae_index.build_index(emb, IndexConfig())
+    d, ids = ae_index.search(index, emb[7:8], 3)
+    hits = _rank(d[0], ids[0], keys, 3, self_row=7)
+    assert [h.key for h in hits][0] == "k7" and len(hits) == 3
+    assert len({h.key for h in hits}) == 3 and all(h.distance == 0 for h in hits)
