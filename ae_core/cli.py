@@ -30,17 +30,19 @@ def _offline_prefect_env(verbose: bool) -> None:
 
 
 def _run_config_kwargs(args: argparse.Namespace) -> dict:
-    from ae_core.config import IngestConfig, ModelConfig, TrainConfig
+    from ae_core.config import IngestConfig, ModelConfig, PublishConfig, TrainConfig
 
     model = {k: v for k, v in {"dim": args.dim, "image_size": args.image_size,
                                 "channels": args.channels}.items() if v is not None}
     train = {k: v for k, v in {"epochs": args.epochs, "max_minutes": args.max_minutes,
                                 "seed": args.seed, "batch_size": args.batch_size,
-                                "device": args.device}.items() if v is not None}
+                                "device": args.device, "retrain": args.retrain,
+                                "retrain_fraction": args.retrain_fraction}.items() if v is not None}
     ingest = {k: v for k, v in {"include": args.include, "exclude": args.exclude,
                                  "resize": args.resize, "workers": args.workers}.items() if v}
+    publish = {"keep_runs": args.keep_runs} if args.keep_runs is not None else {}
     return {"ingest": IngestConfig(**ingest), "model": ModelConfig(**model),
-            "train": TrainConfig(**train), "work_dir": args.work_dir}
+            "train": TrainConfig(**train), "publish": PublishConfig(**publish), "work_dir": args.work_dir}
 
 
 def _run_flow(source: str, output: str, kwargs: dict) -> dict:
@@ -60,8 +62,12 @@ def _print_summary(m: dict) -> None:
     reasons = ", ".join(f"{r}: {n}" for r, n in sorted(m["rejects_by_reason"].items()))
     t, q = m.get("train", {}), m.get("quality", {})
     print(f"published run {m['run_id']} -> {m['published_url']}")
+    c = m.get("changes", {})
     print(f"  images   {m['rows']} embedded, {m['rejected']} rejected" + (f" ({reasons})" if reasons else ""))
-    print(f"  model    {m['model_version']}: dim {m['dim']}, input {m['image_size']}x{m['image_size']}"
+    print(f"  source   {c.get('new', 0)} new, {c.get('changed', 0)} changed, {c.get('unchanged', 0)} unchanged,"
+          f" {c.get('deleted', 0)} deleted; {c.get('encoded', 0)} encoded this run")
+    print(f"  model    {'retrained' if c.get('retrained') else 'reused'}: {c.get('retrain_reason')}")
+    print(f"           {m['model_version']}: dim {m['dim']}, input {m['image_size']}x{m['image_size']}"
           f"x{m['channels']}, {t.get('epochs_run')} epochs in {t.get('seconds')} s on {t.get('device')}"
           f" ({t.get('stop_reason')})")
     if q.get("sample"):
@@ -169,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resize", choices=("stretch", "crop", "pad"), help="how images fit the square input")
     r.add_argument("--workers", type=int, help="decode processes (default: one per core)")
     r.add_argument("--work-dir", help="local scratch for decoded pixels (default: under the temp dir)")
+    r.add_argument("--retrain", choices=("auto", "always", "never"),
+                   help="auto (default): reuse the published model unless the corpus changed by more "
+                   "than --retrain-fraction")
+    r.add_argument("--retrain-fraction", type=float, help="default 0.2")
+    r.add_argument("--keep-runs", type=int, help="finished runs kept under OUTPUT/runs (default 3)")
     r.add_argument("--json", action="store_true", help="print the run's manifest as JSON")
     r.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs")
     r.set_defaults(func=cmd_run)

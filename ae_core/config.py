@@ -53,6 +53,10 @@ class TrainConfig(_Frozen):
     augment: bool = Field(False, description="random shifts of up to 1/16 of the side (off: in "
                           "measurements it cost throughput and raised reconstruction error)")
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1'...")
+    retrain: Literal["auto", "always", "never"] = Field(
+        "auto", description="auto: retrain when there is no usable previous model, or when more "
+        "than retrain_fraction of the corpus is new, changed or deleted since the published run")
+    retrain_fraction: float = Field(0.2, ge=0, le=1)
 
 
 class EncodeConfig(_Frozen):
@@ -66,6 +70,12 @@ class IndexConfig(_Frozen):
     metric: Literal["l2"] = "l2"
 
 
+class PublishConfig(_Frozen):
+    """How results are published in OUTPUT."""
+
+    keep_runs: int = Field(3, ge=1, description="finished runs kept under OUTPUT/runs (newest first)")
+
+
 class RunConfig(_Frozen):
     """Everything one pipeline run needs. SOURCE and OUTPUT are fsspec URLs or plain paths."""
 
@@ -76,4 +86,5 @@ class RunConfig(_Frozen):
     train: TrainConfig = Field(default_factory=TrainConfig)
     encode: EncodeConfig = Field(default_factory=EncodeConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
     work_dir: str | None = Field(None, description="local scratch for the pixel cache; default: temp")

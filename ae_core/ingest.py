@@ -13,7 +13,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 from fsspec.spec import AbstractFileSystem
@@ -122,7 +122,7 @@ def _shard_paths(work_dir: str, index: int) -> tuple[str, str]:
 
 
 def _shard_signature(plan: ShardPlan, spec: Preprocess) -> dict:
-    return {"spec": spec.to_dict(), "objects": [[o.key, o.size] for o in plan.objects]}
+    return {"spec": spec.to_dict(), "objects": [[o.key, o.size, o.tag] for o in plan.objects]}
 
 
 def _load_cached(plan: ShardPlan, spec: Preprocess, work_dir: str) -> ShardResult | None:
@@ -215,11 +215,3 @@ def decode_corpus(objects: Sequence[ObjectInfo], fs: AbstractFileSystem, spec: P
     finally:
         pool.shutdown(cancel_futures=True)
     return DecodedCorpus(spec, shards)
-
-
-def corpus_summary(corpus: DecodedCorpus) -> dict:
-    reasons: dict[str, int] = {}
-    for r in corpus.rejects:
-        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
-    return {"images": len(corpus), "rejected": len(corpus.rejects), "rejects_by_reason": reasons,
-            "spec": asdict(corpus.spec)}

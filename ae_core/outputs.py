@@ -6,6 +6,7 @@
     OUTPUT/runs/<run-id>/rejects.parquet
     OUTPUT/runs/<run-id>/index.faiss
     OUTPUT/runs/<run-id>/model.pt
+    OUTPUT/runs/<run-id>/source.parquet the source listing (key, size, tag) for the next run's diff
 
 A run writes only inside its own folder; LATEST is replaced (atomically) after every file of the
 run is complete, so readers always see a whole result: the new one or the previous one.
@@ -30,6 +31,7 @@ EMBEDDINGS = "embeddings.parquet"
 REJECTS = "rejects.parquet"
 INDEX = "index.faiss"
 CHECKPOINT = "model.pt"
+SOURCE = "source.parquet"
 
 
 def new_run_id(now: datetime | None = None) -> str:
@@ -65,6 +67,30 @@ class Published:
 
     def url(self, name: str) -> str:
         return display_url(self.fs, self.file(name))
+
+
+def latest_run_id(fs: AbstractFileSystem, root: str) -> str | None:
+    try:
+        return read_text(fs, join(root, LATEST)).strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def prune_runs(fs: AbstractFileSystem, root: str, keep: int, published: str) -> list[str]:
+    """Delete all but the newest `keep` finished runs, and unfinished runs older than the
+    published one (left by crashed or killed runs). The published run is never deleted.
+    Returns the deleted run ids."""
+    runs_dir = join(root, RUNS)
+    try:
+        ids = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(runs_dir, detail=False))
+    except FileNotFoundError:
+        return []
+    finished = [r for r in ids if fs.exists(join(runs_dir, r, MANIFEST))]
+    kept = set(finished[-keep:]) | {published}
+    doomed = [r for r in ids if r not in kept and (r in finished or r < published)]
+    for run_id in doomed:
+        fs.rm(join(runs_dir, run_id), recursive=True)
+    return doomed
 
 
 def resolve(output: str) -> Published:

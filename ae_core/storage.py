@@ -26,6 +26,7 @@ class ObjectInfo:
     key: str
     path: str
     size: int
+    tag: str = ""  # change detector from the listing: S3 ETag, else size and modification time
 
 
 def open_store(url: str) -> tuple[AbstractFileSystem, str]:
@@ -46,8 +47,7 @@ def display_url(fs: AbstractFileSystem, path: str) -> str:
 
 
 def _is_local(fs: AbstractFileSystem) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
+    return _protocol(fs) in ("file", "local")
 
 
 def join(root: str, *parts: str) -> str:
@@ -72,6 +72,7 @@ def list_objects(fs: AbstractFileSystem, root: str, include: Sequence[str] = (),
         raise AeError(f"source {display_url(fs, root)!r} is {what}; give the folder or prefix "
                       "that holds the images")
     prefix = root.rstrip("/") + "/"
+    fs.invalidate_cache(root)  # every run sees the store as it is now, not a cached listing
     for dirpath, dirs, files in fs.walk(root, detail=True):
         dirs_sorted = sorted(dirs)
         dirs.clear()  # walk in sorted order, pruning the skipped prefix
@@ -86,7 +87,54 @@ def list_objects(fs: AbstractFileSystem, root: str, include: Sequence[str] = (),
                 continue
             key = path[len(prefix):] if path.startswith(prefix) else name
             if key_matches(key, include, exclude):
-                yield ObjectInfo(key=key, path=path, size=int(info.get("size") or 0))
+                yield ObjectInfo(key=key, path=path, size=int(info.get("size") or 0), tag=listing_tag(info))
+
+
+def listing_tag(info: dict) -> str:
+    """What the listing says about an object's version, without reading it."""
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return "etag:" + str(etag).strip('"')
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("created") or ""
+    if hasattr(mtime, "timestamp"):
+        mtime = mtime.timestamp()
+    return f"size:{info.get('size')}:mtime:{mtime}"
+
+
+def _protocol(fs: AbstractFileSystem) -> str:
+    return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+
+
+def _is_connection_error(err: BaseException) -> bool:
+    names = {cls.__name__ for cls in type(err).__mro__}
+    return isinstance(err, (ConnectionError, TimeoutError)) or bool(
+        names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionClosedError"})
+
+
+def check_store(fs: AbstractFileSystem, root: str, url: str, role: str) -> None:
+    """Touch the store once, writing nothing; failures become one line naming URL and fix.
+
+    For object stores the bucket itself is checked: it must exist and be readable with the
+    credentials in effect. Credentials never appear in the message.
+    """
+    bucket = root.split("/", 1)[0] if _protocol(fs) in ("s3", "s3a", "gs", "gcs", "az", "abfs") else None
+    endpoint = getattr(fs, "endpoint_url", None) or os.environ.get("AWS_ENDPOINT_URL")
+    where = f" at {endpoint}" if endpoint and bucket else ""
+    try:
+        if bucket:
+            fs.info(bucket)
+    except FileNotFoundError as err:
+        raise AeError(f"{role} {url!r}: bucket {bucket!r} does not exist{where}; create it or fix "
+                      "the URL") from err
+    except PermissionError as err:
+        raise AeError(f"{role} {url!r}: access denied{where} ({err}); check the credentials "
+                      "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE) and the "
+                      "bucket's policy") from err
+    except Exception as err:
+        if _is_connection_error(err):
+            raise AeError(f"{role} {url!r}: cannot reach the store{where}; check AWS_ENDPOINT_URL "
+                          "and the network") from err
+        raise
 
 
 def _under(path: str, prefix: str) -> bool:
@@ -152,7 +200,7 @@ def iter_batches(items: Iterable, size: int) -> Iterator[list]:
 
 
 __all__ = [
-    "ObjectInfo", "open_store", "display_url", "join", "key_matches", "list_objects", "read_many",
+    "ObjectInfo", "open_store", "check_store", "listing_tag", "display_url", "join", "key_matches", "list_objects", "read_many",
     "write_bytes_atomic", "put_file_atomic", "read_text", "fetch_to_local", "same_or_inside",
     "iter_batches",
 ]

@@ -1,7 +1,8 @@
-"""The `pretrain-and-embed` flow: list -> decode -> pretrain -> encode -> index -> publish.
+"""The `pretrain-and-embed` flow: list -> plan -> decode -> pretrain -> encode -> index -> publish.
 
 Each task is one call into `ae_core.pipeline`; no torch, FAISS or Arrow logic lives here.
-Tasks pass in-process objects (pixels, models), so caching by inputs is off for all of them.
+Tasks pass in-process objects (pixels, models), so caching by inputs is off for all of them;
+the tasks that talk to the stores over the network retry.
 """
 
 from __future__ import annotations
@@ -10,34 +11,37 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from ae_core import pipeline
-from ae_core.config import EncodeConfig, IndexConfig, IngestConfig, ModelConfig, RunConfig, TrainConfig
+from ae_core.config import (EncodeConfig, IndexConfig, IngestConfig, ModelConfig, PublishConfig,
+                            RunConfig, TrainConfig)
 
-list_source = task(pipeline.list_source, name="list", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
-choose_model = task(pipeline.choose_model, name="probe", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
-decode = task(pipeline.decode_source, name="decode", cache_policy=NO_CACHE)
-pretrain = task(pipeline.pretrain, name="pretrain", cache_policy=NO_CACHE)
-encode = task(pipeline.encode_corpus, name="encode", cache_policy=NO_CACHE)
-build_index = task(pipeline.build_index, name="index", cache_policy=NO_CACHE)
-publish = task(pipeline.publish_run, name="publish", cache_policy=NO_CACHE)
+_io = {"cache_policy": NO_CACHE, "retries": 2, "retry_delay_seconds": 5}
+list_task = task(pipeline.list_source, name="list", **_io)
+plan_task = task(pipeline.plan_run, name="plan", **_io)
+decode_task = task(pipeline.decode_source, name="decode", **_io)
+pretrain_task = task(pipeline.pretrain, name="pretrain", cache_policy=NO_CACHE)
+encode_task = task(pipeline.encode_corpus, name="encode", cache_policy=NO_CACHE)
+index_task = task(pipeline.build_index, name="index", cache_policy=NO_CACHE)
+publish_task = task(pipeline.publish_run, name="publish", **_io)
 
 
 @flow(name="pretrain-and-embed", log_prints=False)
 def pretrain_and_embed(source: str, output: str, ingest: IngestConfig = IngestConfig(),
                        model: ModelConfig = ModelConfig(), train: TrainConfig = TrainConfig(),
-                       encode_config: EncodeConfig = EncodeConfig(), index: IndexConfig = IndexConfig(),
-                       work_dir: str | None = None) -> dict:
+                       encode: EncodeConfig = EncodeConfig(), index: IndexConfig = IndexConfig(),
+                       publish: PublishConfig = PublishConfig(), work_dir: str | None = None) -> dict:
     """Pretrain an autoencoder on every image under SOURCE and publish embeddings to OUTPUT."""
     config = RunConfig(source=source, output=output, ingest=ingest, model=model, train=train,
-                       encode=encode_config, index=index, work_dir=work_dir)
+                       encode=encode, index=index, publish=publish, work_dir=work_dir)
     ctx = pipeline.prepare_run(config)
     logger = get_run_logger()
     logger.info("run %s: %s -> %s", ctx.run_id, pipeline.redact_url(source), pipeline.redact_url(output))
-    objects = list_source(ctx)
-    resolved = choose_model(ctx, objects)
-    corpus = decode(ctx, objects, resolved)
-    ckpt = pretrain(ctx, corpus, resolved)
-    encoded = encode(ctx, corpus, ckpt)
-    index_info = build_index(ctx, encoded)
-    manifest = publish(ctx, corpus, ckpt, encoded, index_info)
+    objects = list_task(ctx)
+    plan = plan_task(ctx, objects)
+    logger.info("plan: %s", plan.counts())
+    corpus = decode_task(ctx, plan)
+    ckpt = pretrain_task(ctx, corpus, plan)
+    encoded = encode_task(ctx, corpus, ckpt, plan)
+    index_info = index_task(ctx, encoded)
+    manifest = publish_task(ctx, plan, ckpt, encoded, index_info)
     logger.info("published run %s: %d rows, %d rejected", ctx.run_id, manifest["rows"], manifest["rejected"])
     return manifest

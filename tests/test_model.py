@@ -48,8 +48,9 @@ def test_overfits_one_small_batch_of_real_digits():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert float(loss) < 0.01 < first
-    assert float(loss) < first / 10
+    final = loss.item()
+    assert final < 0.01 < first
+    assert final < first / 10
 
 
 def test_checkpoint_round_trip_is_exact_and_weights_only():

@@ -1,0 +1,91 @@
+"""Incremental runs: what changed in SOURCE since the published run, and whether to retrain.
+
+Each run stores its source listing (key, size, tag) as `source.parquet`. The next run compares
+the current listing with it: only new and changed objects are decoded and encoded when the model
+is reused; unchanged rows are carried over and rows of deleted objects dropped. Pure functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from ae_core.config import IngestConfig, ModelConfig, TrainConfig
+from ae_core.decode import Preprocess
+from ae_core.model import AEArch
+from ae_core.storage import ObjectInfo
+
+SOURCE_SCHEMA = pa.schema([("key", pa.string()), ("size", pa.int64()), ("tag", pa.string())])
+
+
+@dataclass(frozen=True)
+class SourceDiff:
+    new: tuple[ObjectInfo, ...]
+    changed: tuple[ObjectInfo, ...]
+    unchanged: tuple[ObjectInfo, ...]
+    deleted: tuple[str, ...]
+
+    def counts(self) -> dict[str, int]:
+        return {"new": len(self.new), "changed": len(self.changed),
+                "unchanged": len(self.unchanged), "deleted": len(self.deleted)}
+
+    @property
+    def churn(self) -> int:
+        return len(self.new) + len(self.changed) + len(self.deleted)
+
+
+def source_table(objects: Sequence[ObjectInfo]) -> pa.Table:
+    return pa.table({"key": [o.key for o in objects], "size": [o.size for o in objects],
+                     "tag": [o.tag for o in objects]}, schema=SOURCE_SCHEMA)
+
+
+def listing_from_table(table: pa.Table) -> dict[str, tuple[int, str]]:
+    return {k: (s, t) for k, s, t in zip(table.column("key").to_pylist(), table.column("size").to_pylist(),
+                                          table.column("tag").to_pylist())}
+
+
+def diff_listing(previous: Mapping[str, tuple[int, str]], current: Sequence[ObjectInfo]) -> SourceDiff:
+    """An object is unchanged when its size and listing tag (ETag, or mtime) are both the same."""
+    new, changed, unchanged = [], [], []
+    for o in current:
+        before = previous.get(o.key)
+        if before is None:
+            new.append(o)
+        elif before == (o.size, o.tag):
+            unchanged.append(o)
+        else:
+            changed.append(o)
+    seen = {o.key for o in current}
+    deleted = tuple(sorted(k for k in previous if k not in seen))
+    return SourceDiff(tuple(new), tuple(changed), tuple(unchanged), deleted)
+
+
+def compatible(model: ModelConfig, ingest: IngestConfig, arch: AEArch, spec: Preprocess) -> str | None:
+    """Why the previous model cannot serve the requested settings, or None when it can."""
+    wanted = {"dim": model.dim, "width": model.width, "blocks_per_stage": model.blocks_per_stage,
+              "image_size": model.image_size, "channels": model.channels}
+    for name, value in wanted.items():
+        if value is not None and getattr(arch, name) != value:
+            return f"{name} changed ({getattr(arch, name)} -> {value})"
+    if ingest.resize != spec.resize:
+        return f"resize changed ({spec.resize} -> {ingest.resize})"
+    return None
+
+
+def retrain_decision(train: TrainConfig, diff: SourceDiff | None, incompatible: str | None) -> tuple[bool, str]:
+    """(retrain?, why) from the policy, the source's churn and the previous model's fitness."""
+    if diff is None:
+        return True, "no previous run to reuse"
+    if train.retrain == "always":
+        return True, "retrain=always"
+    if incompatible:
+        return True, f"the previous model does not fit: {incompatible}"
+    if train.retrain == "never":
+        return False, "retrain=never"
+    previous_total = len(diff.unchanged) + len(diff.changed) + len(diff.deleted)
+    fraction = diff.churn / max(1, previous_total)
+    if fraction > train.retrain_fraction:
+        return True, f"{fraction:.0%} of the corpus changed (> {train.retrain_fraction:.0%})"
+    return False, f"{fraction:.0%} of the corpus changed (<= {train.retrain_fraction:.0%})"
