@@ -1,0 +1,156 @@
+"""S3 end to end against moto's server on loopback: s3 -> s3 runs, incremental runs, a run killed
+with SIGKILL during encoding, and store errors that stop the run before anything is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import s3fs
+
+from conftest import MNIST, SECRET, _free_port, _start_moto, upload_folder
+from test_cli_e2e import _one_line_error, ae
+
+pytestmark = pytest.mark.slow
+
+STORAGE_OPTIONS = {"client_kwargs": {"endpoint_url": os.environ.get("AWS_ENDPOINT_URL")}}
+
+
+def _names(lo: int, hi: int) -> list[str]:
+    return [f"{i:05d}.png" for i in range(lo, hi)]
+
+
+def _fs() -> s3fs.S3FileSystem:
+    return s3fs.S3FileSystem(skip_instance_cache=True)
+
+
+@pytest.fixture
+def corpus_400(s3_bucket):
+    upload_folder(MNIST, f"s3://{s3_bucket}/faces", _names(0, 400))
+    return s3_bucket
+
+
+def test_s3_to_s3_then_incremental(corpus_400):
+    bucket = corpus_400
+    src, out = f"s3://{bucket}/faces", f"s3://{bucket}/out"
+    ae("run", src, out, "--dim", 32, "--epochs", 2)
+    info = json.loads(ae("info", out, "--json").stdout)
+    assert (info["rows"], info["dim"]) == (400, 32)
+    assert info["embeddings"].startswith("s3://")
+    df = pd.read_parquet(info["embeddings"], storage_options={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})
+    assert len(df) == 400 and df.key.is_unique
+    first_run, first_model = info["run_id"], info["model_version"]
+
+    fs = _fs()
+    upload_folder(MNIST, src, _names(400, 410))
+    fs.rm([f"{bucket}/faces/{n}" for n in _names(0, 5)])
+    proc = ae("run", src, out, "--json")
+    manifest = json.loads(proc.stdout)
+    changes = manifest["changes"]
+    assert (changes["new"], changes["changed"], changes["deleted"], changes["unchanged"]) == (10, 0, 5, 395)
+    assert changes["encoded"] == 10 and changes["retrained"] is False
+    assert manifest["model_version"] == first_model and manifest["rows"] == 405
+    info = json.loads(ae("info", out, "--json").stdout)
+    assert info["run_id"] != first_run
+    df = pd.read_parquet(info["embeddings"], storage_options={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})
+    assert len(df) == 405 and df.key.is_unique
+    assert set(df.key) == set(_names(5, 410))
+    # every key, carried over or new, is its own nearest neighbour in the rebuilt index
+    for key in ("00005.png", "00399.png", "00400.png", "00409.png"):
+        hit = json.loads(ae("neighbours", out, "--key", key, "-k", 1, "--json").stdout)["neighbours"][0]
+        assert hit["key"] == key
+
+
+_KILL_DURING_ENCODING = r"""
+import os, signal, sys
+import ae_core.pipeline as p
+real = p.encode_pixels
+def encode_then_die(model, pixels, batch_size=512, on_batch=lambda n: None):
+    def die(n):
+        on_batch(n)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(model, pixels, 8, die)
+p.encode_pixels = encode_then_die
+from ae_core.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_during_encoding_keeps_previous_result(s3_bucket, tmp_path):
+    src, out = f"s3://{s3_bucket}/src", f"s3://{s3_bucket}/out"
+    upload_folder(MNIST, src, _names(0, 60))
+    ae("run", src, out, "--epochs", 1, "--dim", 8)
+    before = json.loads(ae("info", out, "--json").stdout)
+
+    upload_folder(MNIST, src, _names(60, 80))
+    # Output to a file, not a pipe: the orphaned Prefect server would hold a pipe open.
+    with open(tmp_path / "killed.log", "w") as log:
+        killed = subprocess.Popen([sys.executable, "-c", _KILL_DURING_ENCODING, "run", src, out],
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        killed.wait(timeout=600)
+    try:
+        os.killpg(killed.pid, signal.SIGKILL)  # its ephemeral Prefect server, orphaned by the kill
+    except ProcessLookupError:
+        pass
+    assert killed.returncode == -signal.SIGKILL
+    runs = _fs().ls(f"{s3_bucket}/out/runs")
+    assert len(runs) == 2  # the killed run's folder exists but was never published
+
+    after = json.loads(ae("info", out, "--json").stdout)
+    assert after == before
+    hit = json.loads(ae("neighbours", out, "--key", "00003.png", "-k", 1, "--json").stdout)
+    assert hit["neighbours"][0]["key"] == "00003.png"
+
+    ae("run", src, out)
+    final = json.loads(ae("info", out, "--json").stdout)
+    assert final["rows"] == 80 and final["run_id"] != before["run_id"]
+    # the killed run's leftover folder is pruned once a newer run is published
+    assert len(_fs().ls(f"{s3_bucket}/out/runs")) == 2
+
+
+def _assert_nothing_written(bucket: str | None) -> None:
+    if bucket:
+        assert _fs().ls(bucket) == [f"{bucket}/src"]
+
+
+def test_store_errors_stop_before_writing(s3_bucket, tmp_path):
+    upload_folder(MNIST, f"s3://{s3_bucket}/src", _names(0, 3))
+    src = f"s3://{s3_bucket}/src"
+
+    proc = ae("run", src, "s3://no-such-bucket-here/out", check=False)
+    _one_line_error(proc, "no-such-bucket-here", "does not exist")
+    proc = ae("run", "s3://no-such-bucket-here/src", tmp_path / "out", check=False)
+    _one_line_error(proc, "no-such-bucket-here", "does not exist")
+    proc = ae("run", src, f"s3://{s3_bucket}/src/results", check=False)
+    _one_line_error(proc, "inside source")
+    _assert_nothing_written(s3_bucket)
+    assert not (tmp_path / "out").exists()
+
+    dead = f"http://127.0.0.1:{_free_port()}"
+    proc = _with_env(["run", src, tmp_path / "out"], AWS_ENDPOINT_URL=dead)
+    _one_line_error(proc, src, "cannot reach", dead)
+    assert not (tmp_path / "out").exists()
+    for p in [proc]:
+        assert SECRET not in p.stdout + p.stderr
+
+
+def test_bad_credentials_are_one_line_without_secrets(tmp_path):
+    proc_server, url = _start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})  # moto checks keys here
+    try:
+        proc = _with_env(["run", "s3://corpus/faces", tmp_path / "out"], AWS_ENDPOINT_URL=url)
+        _one_line_error(proc, "s3://corpus/faces", "access denied", "AWS_ACCESS_KEY_ID")
+        assert SECRET not in proc.stdout + proc.stderr
+        assert not (tmp_path / "out").exists()
+    finally:
+        proc_server.terminate()
+        proc_server.wait(10)
+
+
+def _with_env(args: list, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ae_core.cli", *map(str, args)], capture_output=True,
+                          text=True, env={**os.environ, **env}, timeout=300)
