@@ -42,7 +42,8 @@ def _run_config_kwargs(args: argparse.Namespace) -> dict:
                                  "resize": args.resize, "workers": args.workers}.items() if v}
     publish = {"keep_runs": args.keep_runs} if args.keep_runs is not None else {}
     return {"ingest": IngestConfig(**ingest), "model": ModelConfig(**model),
-            "train": TrainConfig(**train), "publish": PublishConfig(**publish), "work_dir": args.work_dir}
+            "train": TrainConfig(**train), "publish": PublishConfig(**publish), "work_dir": args.work_dir,
+            "aws_credentials_block": args.aws_credentials_block}
 
 
 def _run_flow(source: str, output: str, kwargs: dict) -> dict:
@@ -51,8 +52,15 @@ def _run_flow(source: str, output: str, kwargs: dict) -> dict:
     from ae_core.pipeline import prepare_run
 
     verbose = kwargs.pop("verbose", False)
-    prepare_run(RunConfig(source=source, output=output, **kwargs))
+    block = kwargs.get("aws_credentials_block")
+    config = RunConfig(source=source, output=output, **{k: v for k, v in kwargs.items() if k != "aws_credentials_block"})
     _offline_prefect_env(verbose)
+    options = None
+    if block:  # the block lives in Prefect's database: load it for the preflight check too
+        from flows.credentials import s3_options_from_block
+
+        options = s3_options_from_block(block)
+    prepare_run(config, options)
     from flows.pretrain_and_embed import pretrain_and_embed
 
     return pretrain_and_embed(source=source, output=output, **kwargs)
@@ -180,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "than --retrain-fraction")
     r.add_argument("--retrain-fraction", type=float, help="default 0.2")
     r.add_argument("--keep-runs", type=int, help="finished runs kept under OUTPUT/runs (default 3)")
+    r.add_argument("--aws-credentials-block", metavar="NAME",
+                   help="a prefect-aws AwsCredentials block to use for s3:// URLs")
     r.add_argument("--json", action="store_true", help="print the run's manifest as JSON")
     r.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs")
     r.set_defaults(func=cmd_run)

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -87,11 +88,16 @@ def default_work_dir(config: RunConfig) -> str:
     return os.path.join(tempfile.gettempdir(), "ae-embed-work", digest)
 
 
-def prepare_run(config: RunConfig, run_id: str | None = None) -> RunContext:
-    """Open both stores and check them; writes nothing."""
+def prepare_run(config: RunConfig, storage_options: Mapping[str, dict] | None = None,
+                run_id: str | None = None) -> RunContext:
+    """Open both stores and check them; writes nothing.
+
+    `storage_options` (protocol -> fsspec options) carries credentials that must not live in the
+    config, which is stored in every manifest.
+    """
     src_url, out_url = redact_url(config.source), redact_url(config.output)
-    src_fs, src_root = open_store(config.source)
-    out_fs, out_root = open_store(config.output)
+    src_fs, src_root = open_store(config.source, storage_options)
+    out_fs, out_root = open_store(config.output, storage_options)
     check_store(src_fs, src_root, src_url, "source")
     check_store(out_fs, out_root, out_url, "output")
     if same_or_inside(out_fs, out_root, src_fs, src_root):

@@ -10,7 +10,7 @@ import fnmatch
 import os
 import posixpath
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from fsspec.core import url_to_fs
@@ -29,10 +29,15 @@ class ObjectInfo:
     tag: str = ""  # change detector from the listing: S3 ETag, else size and modification time
 
 
-def open_store(url: str) -> tuple[AbstractFileSystem, str]:
-    """Resolve an fsspec URL (or plain path) into a filesystem and a root path without a slash."""
+def open_store(url: str, options: Mapping[str, dict] | None = None) -> tuple[AbstractFileSystem, str]:
+    """Resolve an fsspec URL (or plain path) into a filesystem and a root path without a slash.
+
+    `options` maps a protocol ("s3") to fsspec storage options for it (credentials from a Prefect
+    block, say); without them fsspec's own configuration and the AWS variables apply.
+    """
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
     try:
-        fs, root = url_to_fs(url)
+        fs, root = url_to_fs(url, **dict((options or {}).get(protocol, {})))
     except (ValueError, ImportError) as err:
         raise AeError(f"cannot open {url!r}: {err}; use a local path or an fsspec URL "
                       "such as file://, s3:// or memory://") from err

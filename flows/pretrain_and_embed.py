@@ -11,6 +11,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from ae_core import pipeline
+from flows.credentials import s3_options_from_block
 from ae_core.config import (EncodeConfig, IndexConfig, IngestConfig, ModelConfig, PublishConfig,
                             RunConfig, TrainConfig)
 
@@ -28,11 +29,17 @@ publish_task = task(pipeline.publish_run, name="publish", **_io)
 def pretrain_and_embed(source: str, output: str, ingest: IngestConfig = IngestConfig(),
                        model: ModelConfig = ModelConfig(), train: TrainConfig = TrainConfig(),
                        encode: EncodeConfig = EncodeConfig(), index: IndexConfig = IndexConfig(),
-                       publish: PublishConfig = PublishConfig(), work_dir: str | None = None) -> dict:
-    """Pretrain an autoencoder on every image under SOURCE and publish embeddings to OUTPUT."""
+                       publish: PublishConfig = PublishConfig(), work_dir: str | None = None,
+                       aws_credentials_block: str | None = None) -> dict:
+    """Pretrain an autoencoder on every image under SOURCE and publish embeddings to OUTPUT.
+
+    `aws_credentials_block` names a prefect-aws AwsCredentials block for s3:// URLs; without it
+    the AWS variables, profiles and fsspec's configuration apply.
+    """
     config = RunConfig(source=source, output=output, ingest=ingest, model=model, train=train,
                        encode=encode, index=index, publish=publish, work_dir=work_dir)
-    ctx = pipeline.prepare_run(config)
+    options = s3_options_from_block(aws_credentials_block) if aws_credentials_block else None
+    ctx = pipeline.prepare_run(config, options)
     logger = get_run_logger()
     logger.info("run %s: %s -> %s", ctx.run_id, pipeline.redact_url(source), pipeline.redact_url(output))
     objects = list_task(ctx)

@@ -154,3 +154,33 @@ def test_bad_credentials_are_one_line_without_secrets(tmp_path):
 def _with_env(args: list, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ae_core.cli", *map(str, args)], capture_output=True,
                           text=True, env={**os.environ, **env}, timeout=300)
+
+
+_SAVE_BLOCK = r"""
+import sys
+from prefect_aws import AwsCredentials
+from prefect_aws.client_parameters import AwsClientParameters
+AwsCredentials(aws_access_key_id="block-key-id", aws_secret_access_key=sys.argv[2],
+               aws_client_parameters=AwsClientParameters(endpoint_url=sys.argv[3])).save(sys.argv[1], overwrite=True)
+"""
+
+
+def test_credentials_from_a_prefect_block(s3_bucket, s3_endpoint, tmp_path):
+    upload_folder(MNIST, f"s3://{s3_bucket}/src", _names(0, 30))
+    block_secret = "block-secret-that-must-never-be-printed"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    env.update(DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="CRITICAL")
+    subprocess.run([sys.executable, "-c", _SAVE_BLOCK, "ae-test-creds", block_secret, s3_endpoint],
+                   env=env, check=True, capture_output=True, timeout=300)
+    # Without the block nothing points at the loopback endpoint, so only the block can make this work.
+    proc = subprocess.run([sys.executable, "-m", "ae_core.cli", "run", f"s3://{s3_bucket}/src",
+                           f"s3://{s3_bucket}/out", "--epochs", "1", "--dim", "4",
+                           "--aws-credentials-block", "ae-test-creds", "--json"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = json.loads(proc.stdout)
+    assert manifest["rows"] == 30
+    assert block_secret not in proc.stdout + proc.stderr
+    stored = _fs().cat_file(f"{s3_bucket}/out/runs/{manifest['run_id']}/manifest.json").decode()
+    assert block_secret not in stored and "block-key-id" not in stored
