@@ -28,8 +28,8 @@ import ae_core
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ae_core import checkpoint, index as ae_index, outputs, table
-from ae_core.config import ModelConfig, RunConfig
+from ae_core import checkpoint, index as ae_index, outputs, report, table
+from ae_core.config import ModelConfig, RunConfig, TrainConfig
 from ae_core.decode import Preprocess
 from ae_core.encode import encode_pixels
 from ae_core.errors import AeError
@@ -40,7 +40,7 @@ from ae_core.model import AEArch
 from ae_core.plan import probe_corpus, resolve_model_config
 from ae_core.quality import pca_comparison
 from ae_core.storage import (ObjectInfo, check_store, display_url, join, list_objects, open_store,
-                             same_or_inside, write_bytes_atomic)
+                             put_file_atomic, same_or_inside, write_bytes_atomic)
 from ae_core.train import train_autoencoder
 
 
@@ -209,27 +209,87 @@ def decode_source(ctx: RunContext, plan: RunPlan) -> DecodedCorpus:
 
 
 def pretrain(ctx: RunContext, corpus: DecodedCorpus, plan: RunPlan) -> checkpoint.Checkpoint:
-    """Train on every decoded image (or reuse the published model, as planned) and write the
-    checkpoint into the run folder."""
+    """Train on every decoded image and write the checkpoint into the run folder; or reuse the
+    published model, as planned; or pick up the checkpoint that an earlier attempt of this run
+    (or a pretrain stage on a GPU pool) already wrote there."""
     if not plan.retrain and plan.previous is not None:
         with ctx.timed("pretrain"):
             write_bytes_atomic(ctx.out_fs, ctx.out(outputs.CHECKPOINT), plan.previous.checkpoint_bytes)
         return plan.previous.ckpt
+    done = load_stage_checkpoint(ctx.out_fs, ctx.run_dir)
+    if done is not None:
+        return done
     if len(corpus) == 0:
         raise AeError(f"source {redact_url(ctx.config.source)!r}: none of its "
                       f"{len(corpus.rejects)} objects could be decoded as an image; see the rejects")
-    model = plan.model
+    with ctx.timed("pretrain"):
+        return train_and_save(ctx.out_fs, ctx.run_dir, corpus.pixels(), corpus.spec, plan.model,
+                              ctx.config.train, ctx.run_id)
+
+
+def load_stage_checkpoint(fs: AbstractFileSystem, run_dir: str) -> checkpoint.Checkpoint | None:
+    """The checkpoint already in this run's folder, if a completed pretrain stage wrote it."""
+    path = join(run_dir, outputs.CHECKPOINT)
+    if not fs.exists(path):
+        return None
+    ckpt = checkpoint.from_bytes(fs.cat_file(path))
+    ckpt.extra.setdefault("train", {})["resumed_from_stage"] = True
+    return ckpt
+
+
+def train_and_save(fs: AbstractFileSystem, run_dir: str, pixels: np.ndarray, spec: Preprocess,
+                   model: ModelConfig, train: TrainConfig, run_id: str) -> checkpoint.Checkpoint:
+    """Train an autoencoder of the resolved `model` shape and write model.pt into `run_dir`."""
     arch = AEArch(dim=model.dim, image_size=model.image_size, channels=model.channels,
                   width=model.width, blocks_per_stage=model.blocks_per_stage)
-    with ctx.timed("pretrain"), tqdm(desc="pretrain", unit="epoch", disable=None) as bar:
+    with tqdm(desc="pretrain", unit="epoch", disable=None) as bar:
         def on_epoch(rec: dict) -> None:
             bar.update(1)
             bar.set_postfix(train=f"{rec['train_mse']:.5f}", val=f"{rec['val_mse'] or 0:.5f}")
-        result = train_autoencoder(corpus.pixels(), arch, ctx.config.train, on_epoch)
-        extra = {"train": result.summary(), "run_id": ctx.run_id}
-        data, version = checkpoint.to_bytes(result.model, corpus.spec, extra)
-        write_bytes_atomic(ctx.out_fs, ctx.out(outputs.CHECKPOINT), data)
-    return checkpoint.Checkpoint(result.model, corpus.spec, version, extra)
+        result = train_autoencoder(pixels, arch, train, on_epoch)
+    extra = {"train": result.summary(), "run_id": run_id}
+    data, version = checkpoint.to_bytes(result.model, spec, extra)
+    write_bytes_atomic(fs, join(run_dir, outputs.CHECKPOINT), data)
+    return checkpoint.Checkpoint(result.model, spec, version, extra)
+
+
+# ---- the pretrain stage on another work pool (GPU workers) ------------------------------------
+STAGE_DIR = "stage"
+
+
+def stage_pixels(ctx: RunContext, corpus: DecodedCorpus, plan: RunPlan) -> str:
+    """Copy the decoded pixels into the run folder so a pretrain stage elsewhere can read them."""
+    stage = join(ctx.run_dir, STAGE_DIR)
+    with ctx.timed("stage"):
+        shards = [s for s in corpus.shards if s.pixels_path]
+        for i, shard in enumerate(shards):
+            put_file_atomic(ctx.out_fs, shard.pixels_path, join(stage, f"pixels-{i:05d}.npy"))
+        meta = {"spec": corpus.spec.to_dict(), "model": plan.model.model_dump(mode="json"),
+                "train": ctx.config.train.model_dump(mode="json"), "shards": len(shards)}
+        write_bytes_atomic(ctx.out_fs, join(stage, "stage.json"), json.dumps(meta).encode())
+    return display_url(ctx.out_fs, stage)
+
+
+def pretrain_from_stage(run_url: str, run_id: str,
+                        storage_options: Mapping[str, dict] | None = None) -> str:
+    """Run by the pretrain stage's own flow (on a GPU pool): read the staged pixels from the run
+    folder, train, write model.pt beside them. Returns the model version."""
+    fs, run_dir = open_store(run_url, storage_options)
+    done = load_stage_checkpoint(fs, run_dir)
+    if done is not None:
+        return done.version
+    stage = join(run_dir, STAGE_DIR)
+    meta = json.loads(fs.cat_file(join(stage, "stage.json")))
+    with tempfile.TemporaryDirectory() as tmp:
+        parts = []
+        for i in range(meta["shards"]):
+            local = os.path.join(tmp, f"pixels-{i:05d}.npy")
+            fs.get_file(join(stage, f"pixels-{i:05d}.npy"), local)
+            parts.append(np.load(local))
+        pixels = np.concatenate(parts)
+    ckpt = train_and_save(fs, run_dir, pixels, Preprocess(**meta["spec"]), ModelConfig(**meta["model"]),
+                          TrainConfig(**meta["train"]), run_id)
+    return ckpt.version
 
 
 @dataclass
@@ -295,9 +355,45 @@ def build_index(ctx: RunContext, encoded: Encoded) -> dict:
             "ids": "row position in embeddings.parquet", "self_hit_rate": hit_rate}
 
 
+REPORT = "report.md"
+PICTURES = {"training loss": "loss.png", "originals (top) and reconstructions (bottom)": "reconstructions.png",
+            "sample images (left) and their nearest neighbours": "neighbours.png"}
+REPORT_SAMPLE = 8  # images in the reconstruction grid
+NEIGHBOUR_QUERIES, NEIGHBOURS_SHOWN = 4, 6
+
+
+def draw_report(ctx: RunContext, corpus: DecodedCorpus, ckpt: checkpoint.Checkpoint, plan: RunPlan) -> dict[str, str]:
+    """Draw the report's pictures into the run folder; returns title -> file name."""
+    drawn: dict[str, str] = {}
+    titles = list(PICTURES)
+    with ctx.timed("report"):
+        history = ckpt.extra.get("train", {}).get("history", [])
+        if history:
+            write_bytes_atomic(ctx.out_fs, ctx.out(PICTURES[titles[0]]), report.loss_curve(history))
+            drawn[titles[0]] = PICTURES[titles[0]]
+        pixels = corpus.pixels()
+        if len(pixels) == 0:
+            return drawn
+        rng = np.random.default_rng(ctx.config.train.seed)
+        rows = np.sort(rng.choice(len(pixels), size=min(REPORT_SAMPLE, len(pixels)), replace=False))
+        write_bytes_atomic(ctx.out_fs, ctx.out(PICTURES[titles[1]]),
+                           report.reconstruction_grid(ckpt.model, np.asarray(pixels[rows])))
+        drawn[titles[1]] = PICTURES[titles[1]]
+        if plan.retrain:  # every table row was decoded in this run, in table order
+            queries = rows[:NEIGHBOUR_QUERIES]
+            emb, _ = encode_pixels(ckpt.model, np.asarray(pixels[queries]))
+            idx = ae_index.from_bytes(ctx.out_fs.cat_file(ctx.out(outputs.INDEX)))
+            _, ids = ae_index.search(idx, emb, NEIGHBOURS_SHOWN)
+            grid = [[pixels[q]] + [pixels[i] for i in hits if i >= 0] for q, hits in zip(queries, ids)]
+            write_bytes_atomic(ctx.out_fs, ctx.out(PICTURES[titles[2]]), report.image_grid(grid))
+            drawn[titles[2]] = PICTURES[titles[2]]
+    return drawn
+
+
 def publish_run(ctx: RunContext, plan: RunPlan, ckpt: checkpoint.Checkpoint, encoded: Encoded,
-                index_info: dict) -> dict:
-    """Write the manifest, point OUTPUT/LATEST at this run, prune old runs. Returns the manifest."""
+                index_info: dict, pictures: dict[str, str] | None = None) -> dict:
+    """Write the report and the manifest, point OUTPUT/LATEST at this run, prune old runs.
+    Returns the manifest."""
     manifest = {
         "format": "ae-embed-run/1", "run_id": ctx.run_id, "started_at": ctx.started_at,
         "finished_at": datetime.now(timezone.utc).isoformat(),
@@ -308,18 +404,27 @@ def publish_run(ctx: RunContext, plan: RunPlan, ckpt: checkpoint.Checkpoint, enc
         "changes": {**plan.counts(), "encoded": encoded.encoded,
                     "previous_run": plan.previous.run_id if plan.previous else None},
         "files": {"embeddings": outputs.EMBEDDINGS, "rejects": outputs.REJECTS, "index": outputs.INDEX,
-                  "checkpoint": outputs.CHECKPOINT, "source": outputs.SOURCE},
+                  "checkpoint": outputs.CHECKPOINT, "source": outputs.SOURCE, "report": REPORT,
+                  "pictures": dict(pictures or {})},
         "index": index_info, "quality": encoded.quality, "train": ckpt.extra.get("train", {}),
         "timings_s": dict(ctx.timings), "config": ctx.config.model_dump(mode="json"),
         "versions": _versions(),
     }
     manifest["config"]["source"], manifest["config"]["output"] = manifest["source"], manifest["output"]
+    write_bytes_atomic(ctx.out_fs, ctx.out(REPORT), report.summary_markdown(manifest, dict(pictures or {})).encode())
     write_bytes_atomic(ctx.out_fs, ctx.out(outputs.MANIFEST), json.dumps(manifest, indent=2).encode())
     outputs.publish(ctx.out_fs, ctx.out_root, ctx.run_id)
+    if ctx.out_fs.exists(ctx.out(STAGE_DIR)):  # pixels staged for a pretrain stage elsewhere
+        ctx.out_fs.rm(ctx.out(STAGE_DIR), recursive=True)
     manifest["pruned_runs"] = outputs.prune_runs(ctx.out_fs, ctx.out_root, ctx.config.publish.keep_runs, ctx.run_id)
     shutil.rmtree(ctx.work_dir, ignore_errors=True)  # the pixel cache is only for resuming this run
     manifest["published_url"] = display_url(ctx.out_fs, ctx.run_dir)
     return manifest
+
+
+def read_rejects(ctx: RunContext, limit: int) -> list[dict]:
+    """The first `limit` rows of this run's rejects table, as plain dicts."""
+    return table.read_table(ctx.out_fs, ctx.out(outputs.REJECTS)).slice(0, limit).to_pylist()
 
 
 def _versions() -> dict:

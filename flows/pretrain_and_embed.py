@@ -1,19 +1,27 @@
-"""The `pretrain-and-embed` flow: list -> plan -> decode -> pretrain -> encode -> index -> publish.
+"""The `pretrain-and-embed` flow: list -> plan -> decode -> pretrain -> encode -> index -> report
+-> publish.
 
 Each task is one call into `ae_core.pipeline`; no torch, FAISS or Arrow logic lives here.
-Tasks pass in-process objects (pixels, models), so caching by inputs is off for all of them;
-the tasks that talk to the stores over the network retry.
+Tasks pass in-process objects (pixels, models), so caching by inputs is off for all of them; the
+tasks that talk to the stores retry. Stage results live in the run's folder in OUTPUT, so a retry
+of the flow run (same run id) resumes: it finds the checkpoint and does not train again.
+With `pretrain_deployment` set (a deployment of `pretrain-stage` on a GPU work pool), the pretrain
+stage runs there as its own flow run; listing, decoding, encoding and indexing stay here.
 """
 
 from __future__ import annotations
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.deployments import run_deployment
+from prefect.runtime import flow_run
 
 from ae_core import pipeline
-from flows.credentials import s3_options_from_block
 from ae_core.config import (EncodeConfig, IndexConfig, IngestConfig, ModelConfig, PublishConfig,
                             RunConfig, TrainConfig)
+from ae_core.storage import display_url
+from flows.credentials import s3_options_from_block
 
 _io = {"cache_policy": NO_CACHE, "retries": 2, "retry_delay_seconds": 5}
 list_task = task(pipeline.list_source, name="list", **_io)
@@ -22,33 +30,78 @@ decode_task = task(pipeline.decode_source, name="decode", **_io)
 pretrain_task = task(pipeline.pretrain, name="pretrain", cache_policy=NO_CACHE)
 encode_task = task(pipeline.encode_corpus, name="encode", cache_policy=NO_CACHE)
 index_task = task(pipeline.build_index, name="index", cache_policy=NO_CACHE)
+report_task = task(pipeline.draw_report, name="report", cache_policy=NO_CACHE)
 publish_task = task(pipeline.publish_run, name="publish", **_io)
+REJECTS_IN_ARTIFACT = 500
 
 
-@flow(name="pretrain-and-embed", log_prints=False)
+@task(name="pretrain-on-pool", cache_policy=NO_CACHE)
+def pretrain_on_pool(ctx: pipeline.RunContext, corpus, plan: pipeline.RunPlan, deployment: str,
+                     aws_credentials_block: str | None) -> None:
+    """Stage the pixels in the run folder and run the pretrain stage's deployment; it writes the
+    checkpoint that the local pretrain task then picks up."""
+    if not plan.retrain or pipeline.load_stage_checkpoint(ctx.out_fs, ctx.run_dir) is not None:
+        return
+    pipeline.stage_pixels(ctx, corpus, plan)
+    child = run_deployment(deployment, timeout=None, parameters={
+        "run_url": display_url(ctx.out_fs, ctx.run_dir), "run_id": ctx.run_id,
+        "aws_credentials_block": aws_credentials_block})
+    if child.state is None or not child.state.is_completed():
+        raise RuntimeError(f"pretrain stage {deployment!r} ended {child.state.name if child.state else 'unknown'}"
+                           f" (flow run {child.id})")
+
+
+@task(name="artifacts", cache_policy=NO_CACHE)
+def publish_artifacts(ctx: pipeline.RunContext, manifest: dict) -> None:
+    """The run report in the Prefect UI: the markdown summary and a table of the rejects."""
+    pictures = {title: display_url(ctx.out_fs, ctx.out(name)) for title, name in manifest["files"]["pictures"].items()}
+    from ae_core.report import summary_markdown
+
+    create_markdown_artifact(summary_markdown(manifest, pictures), key="ae-run-report",
+                             description=f"pretrain-and-embed run {ctx.run_id}")
+    rejects = pipeline.read_rejects(ctx, REJECTS_IN_ARTIFACT)
+    create_table_artifact(rejects or [{"key": "", "reason": "no rejects", "detail": ""}],
+                          key="ae-run-rejects", description=f"rejected objects (first {REJECTS_IN_ARTIFACT})")
+
+
+def _run_id() -> str | None:
+    """Stable across retries of one flow run, so a retry resumes in the same run folder."""
+    if flow_run.id is None:
+        return None
+    start = flow_run.scheduled_start_time
+    return f"{start:%Y%m%dT%H%M%SZ}-{flow_run.id.replace('-', '')[:8]}"
+
+
+@flow(name="pretrain-and-embed", log_prints=False, retries=1, retry_delay_seconds=10)
 def pretrain_and_embed(source: str, output: str, ingest: IngestConfig = IngestConfig(),
                        model: ModelConfig = ModelConfig(), train: TrainConfig = TrainConfig(),
                        encode: EncodeConfig = EncodeConfig(), index: IndexConfig = IndexConfig(),
                        publish: PublishConfig = PublishConfig(), work_dir: str | None = None,
-                       aws_credentials_block: str | None = None) -> dict:
+                       aws_credentials_block: str | None = None,
+                       pretrain_deployment: str | None = None) -> dict:
     """Pretrain an autoencoder on every image under SOURCE and publish embeddings to OUTPUT.
 
     `aws_credentials_block` names a prefect-aws AwsCredentials block for s3:// URLs; without it
-    the AWS variables, profiles and fsspec's configuration apply.
+    the AWS variables, profiles and fsspec's configuration apply. `pretrain_deployment` (for
+    example "pretrain-stage/gpu") runs the pretrain stage on that deployment's work pool.
     """
     config = RunConfig(source=source, output=output, ingest=ingest, model=model, train=train,
                        encode=encode, index=index, publish=publish, work_dir=work_dir)
     options = s3_options_from_block(aws_credentials_block) if aws_credentials_block else None
-    ctx = pipeline.prepare_run(config, options)
+    ctx = pipeline.prepare_run(config, options, run_id=_run_id())
     logger = get_run_logger()
     logger.info("run %s: %s -> %s", ctx.run_id, pipeline.redact_url(source), pipeline.redact_url(output))
     objects = list_task(ctx)
     plan = plan_task(ctx, objects)
     logger.info("plan: %s", plan.counts())
     corpus = decode_task(ctx, plan)
+    if pretrain_deployment:
+        pretrain_on_pool(ctx, corpus, plan, pretrain_deployment, aws_credentials_block)
     ckpt = pretrain_task(ctx, corpus, plan)
     encoded = encode_task(ctx, corpus, ckpt, plan)
     index_info = index_task(ctx, encoded)
-    manifest = publish_task(ctx, plan, ckpt, encoded, index_info)
+    pictures = report_task(ctx, corpus, ckpt, plan)
+    manifest = publish_task(ctx, plan, ckpt, encoded, index_info, pictures)
+    publish_artifacts(ctx, manifest)
     logger.info("published run %s: %d rows, %d rejected", ctx.run_id, manifest["rows"], manifest["rejected"])
     return manifest

@@ -1,0 +1,100 @@
+"""The scheduled deployment on a real Prefect server with real process workers, driven through
+infra/local.sh exactly as the README tells a user; plus the GPU-pool path (the pretrain stage as
+its own flow run on a second pool) and a retried flow run that resumes without retraining."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import MNIST, ROOT, _free_port
+
+pytestmark = pytest.mark.slow
+
+LOCAL = ROOT / "infra" / "local.sh"
+
+
+@pytest.fixture(scope="module")
+def local_prefect(tmp_path_factory):
+    """A Prefect server on a free loopback port, two process pools and their workers."""
+    state = tmp_path_factory.mktemp("prefect-local")
+    port = _free_port()
+    env = {**os.environ, "AE_STATE_DIR": str(state), "AE_PREFECT_PORT": str(port),
+           "AE_BIN": str(Path(os.sys.executable).parent), "PREFECT_WORKER_QUERY_SECONDS": "1",
+           "AE_POOLS": "ae-cpu ae-gpu-standin", "AE_WATCH_TIMEOUT": "600"}
+    env.pop("PREFECT_HOME", None)  # the server gets its own home under AE_STATE_DIR
+    env["PREFECT_HOME"] = str(state / "home")
+    env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+
+    def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run([str(LOCAL), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"local.sh {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        return proc
+
+    try:
+        sh("server-start")
+        sh("pools")
+        sh("deploy", "nightly", "nightly-gpu")
+        # The GPU settings pointed at a second local pool: the pretrain stage's deployment `gpu`.
+        prefect = str(Path(os.sys.executable).parent / "prefect")
+        subprocess.run([prefect, "--no-prompt", "deploy", "flows/pretrain_stage.py:pretrain_stage",
+                        "--name", "gpu", "--pool", "ae-gpu-standin"], cwd=ROOT, env=env, check=True,
+                       capture_output=True, timeout=300)
+        sh("worker-start", "ae-cpu")
+        sh("worker-start", "ae-gpu-standin")
+        yield sh, env, prefect
+    finally:
+        sh("stop", check=False)
+    assert not list(state.glob("*.pid")), "a worker or the server did not stop"
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("deploy-src") / "digits"
+    folder.mkdir()
+    for name in sorted(os.listdir(MNIST))[:120]:
+        (folder / name).write_bytes((MNIST / name).read_bytes())
+    return folder
+
+
+def _manifest(output: Path) -> dict:
+    run_id = (output / "LATEST").read_text().strip()
+    return json.loads((output / "runs" / run_id / "manifest.json").read_text())
+
+
+def test_nightly_deployment_run_completes_and_publishes(local_prefect, small_corpus, tmp_path):
+    sh, env, prefect = local_prefect
+    out = tmp_path / "out"
+    proc = sh("run", "pretrain-and-embed/nightly", "--param", f"source={small_corpus}",
+              "--param", f"output={out}", "--param", 'train={"epochs": 2}')
+    assert "Completed" in proc.stdout
+    m = _manifest(out)
+    assert m["rows"] == 120 and m["index"]["ntotal"] == 120
+    run_dir = out / "runs" / m["run_id"]
+    for name in ("embeddings.parquet", "index.faiss", "model.pt", "report.md", "loss.png",
+                 "reconstructions.png", "neighbours.png"):
+        assert (run_dir / name).stat().st_size > 0, name
+    assert "PCA" in (run_dir / "report.md").read_text()
+    artifacts = subprocess.run([prefect, "artifact", "ls"], env=env, capture_output=True, text=True,
+                               timeout=120, check=True).stdout
+    assert "ae-run-report" in artifacts or "ae-run-repo" in artifacts
+
+
+def test_gpu_pool_path_runs_pretrain_as_its_own_flow_run(local_prefect, small_corpus, tmp_path):
+    sh, env, prefect = local_prefect
+    out = tmp_path / "out"
+    proc = sh("run", "pretrain-and-embed/nightly-gpu", "--param", f"source={small_corpus}",
+              "--param", f"output={out}", "--param", 'train={"epochs": 2}')
+    assert "Completed" in proc.stdout
+    runs = subprocess.run([prefect, "flow-run", "ls", "--flow-name", "pretrain-stage", "--state", "COMPLETED"],
+                          env=env, capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "pretrain" in runs.lower()
+    m = _manifest(out)
+    assert m["rows"] == 120 and m["train"].get("resumed_from_stage") is True
+    assert "pretrain" not in m["timings_s"]  # the parent did not train; the stage did
+    assert not (out / "runs" / m["run_id"] / "stage").exists()  # staged pixels are cleaned up
