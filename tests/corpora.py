@@ -60,6 +60,8 @@ def good_files(coil: Path, mnist: Path) -> dict[str, bytes]:
         "tiff/float.tiff": _save(Image.fromarray(np.asarray(obj, np.float32) / 255.0), "TIFF"),
         "gif/anim.gif": gif.getvalue(),
         "bmp/digit.bmp": _save(digit, "BMP"),
+        "pgm/face-like.pgm": _save(obj.resize((92, 112)), "PPM"),  # the format of classic face sets
+        "ppm/photo.ppm": _save(rgb, "PPM"),
         "no-extension-jpeg": _save(rgb, "JPEG"),
         "misnamed.txt": _save(obj, "PNG"),
         "tiny/1x1.png": _save(Image.new("L", (1, 1), 128), "PNG"),
