@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 from pydantic import ValidationError
@@ -156,6 +157,58 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ae_core.config import TrainConfig
+    from ae_core.evaluate import evaluate_corpus, evaluation_markdown
+
+    try:
+        dims = [int(d) for d in args.dims.split(",") if d.strip()]
+    except ValueError as err:
+        raise AeError(f"--dims {args.dims!r}: give comma-separated integers, e.g. 10,32,64") from err
+    train = TrainConfig(**{k: v for k, v in {"epochs": args.epochs, "max_minutes": args.max_minutes,
+                                              "seed": args.seed}.items() if v is not None})
+    t0 = time.perf_counter()
+    rows = evaluate_corpus(args.source, args.labels, args.key_col, args.label_col, dims, train)
+    text = evaluation_markdown(args.source, rows) + f"\nWall time: {time.perf_counter() - t0:.0f} s\n"
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text)
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from ae_core.evaluate import probe
+
+    out = probe(args.output, args.labels, args.key_col, args.label_col)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{out['rows_labelled']} labelled rows ({out['rows_without_label']} without a label), "
+              f"{out['classes']} classes, {out['folds']}-fold cross-validation:")
+        print(f"  5-NN accuracy                {out['knn5_accuracy']:.4f}")
+        print(f"  logistic regression accuracy {out['logreg_accuracy']:.4f}")
+    return 0
+
+
+def cmd_outliers(args: argparse.Namespace) -> int:
+    from ae_core.evaluate import outlier_grid, outliers
+
+    worst = outliers(args.output, args.n)
+    if args.grid:
+        with open(args.grid, "wb") as f:
+            f.write(outlier_grid(args.output, [w["key"] for w in worst]))
+    if args.json:
+        print(json.dumps({"outliers": worst, "grid": args.grid}))
+        return 0
+    print(f"{len(worst)} worst-reconstructed images (recon_error = anomaly score):")
+    for w in worst:
+        print(f"  {w['rank']:>3}  {w['recon_error']:.5f}  {w['key']}")
+    if args.grid:
+        print(f"picture (originals above reconstructions): {args.grid}")
+    return 0
+
+
 def _demo_train(args: argparse.Namespace):
     from ae_core.config import TrainConfig
 
@@ -207,6 +260,33 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("-k", type=int, default=10, help="neighbours to return (default 10)")
     n.add_argument("--json", action="store_true")
     n.set_defaults(func=cmd_neighbours)
+
+    e = sub.add_parser("evaluate", help="AE vs PCA vs raw pixels on a labelled corpus")
+    e.add_argument("source")
+    e.add_argument("--labels", required=True, help="CSV with a key column and a label column")
+    e.add_argument("--key-col", default="filename")
+    e.add_argument("--label-col", default="label")
+    e.add_argument("--dims", default="10,32,64", help="comma-separated embedding sizes (default 10,32,64)")
+    e.add_argument("--epochs", type=int)
+    e.add_argument("--max-minutes", type=float)
+    e.add_argument("--seed", type=int)
+    e.add_argument("--markdown", metavar="FILE", help="also write the table to FILE")
+    e.set_defaults(func=cmd_evaluate)
+
+    pr = sub.add_parser("probe", help="k-NN and logistic-regression accuracy of published embeddings")
+    pr.add_argument("output")
+    pr.add_argument("--labels", required=True, help="CSV joined to the table by key")
+    pr.add_argument("--key-col", default="filename")
+    pr.add_argument("--label-col", default="label")
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(func=cmd_probe)
+
+    o = sub.add_parser("outliers", help="the worst-reconstructed images (highest anomaly scores)")
+    o.add_argument("output")
+    o.add_argument("-n", type=int, default=20)
+    o.add_argument("--grid", metavar="PNG", help="write a picture of them above their reconstructions")
+    o.add_argument("--json", action="store_true")
+    o.set_defaults(func=cmd_outliers)
 
     d = sub.add_parser("demo", help="embed scikit-learn's digits and show neighbours")
     d.add_argument("output", nargs="?", default="demo-out", help="folder for the corpus and result")

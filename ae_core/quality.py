@@ -11,18 +11,23 @@ import numpy as np
 PCA_SAMPLE = 2000  # images; PCA on more adds seconds, not precision, to a per-run comparison
 
 
-def pca_mse(x: np.ndarray, n_components: int) -> float:
-    """Mean squared error per value of x's reconstruction from its top principal components.
+def pca_fit(x: np.ndarray, n_components: int) -> tuple[np.ndarray, float]:
+    """PCA fitted on x itself (as a linear autoencoder would be): (codes, MSE per value).
 
-    x is (n, features) float on [0, 1]; PCA is fitted on x itself (as a linear autoencoder would).
+    x is (n, features) float on [0, 1].
     """
     x = x.astype(np.float64)
     centred = x - x.mean(axis=0)
     k = min(n_components, min(centred.shape))
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
     basis = vt[:k]
-    recon = centred @ basis.T @ basis
-    return float(((centred - recon) ** 2).mean())
+    codes = centred @ basis.T
+    return codes.astype(np.float32), float(((centred - codes @ basis) ** 2).mean())
+
+
+def pca_mse(x: np.ndarray, n_components: int) -> float:
+    """Mean squared error per value of x's reconstruction from its top principal components."""
+    return pca_fit(x, n_components)[1]
 
 
 def pca_comparison(pixels: np.ndarray, recon_error: np.ndarray, dim: int, seed: int = 0) -> dict:

@@ -1,0 +1,184 @@
+"""Measuring embeddings with labels kept outside the corpus: k-NN and linear-probe accuracy with
+cross-validation, the autoencoder against PCA on the same preprocessed images, and the most
+poorly reconstructed images (anomaly scores).
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ae_core import outputs, table
+from ae_core.config import TrainConfig
+from ae_core.errors import AeError
+from ae_core.storage import open_store
+
+KNN_K, FOLDS = 5, 5
+
+
+def knn_accuracy(x: np.ndarray, y: np.ndarray, k: int = KNN_K, folds: int = FOLDS, seed: int = 0) -> float:
+    """Mean accuracy of a k-nearest-neighbour classifier in stratified k-fold cross-validation."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    cv = StratifiedKFold(n_splits=_folds(y, folds), shuffle=True, random_state=seed)
+    return float(cross_val_score(KNeighborsClassifier(n_neighbors=k), x, y, cv=cv).mean())
+
+
+def linear_probe_accuracy(x: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed: int = 0) -> float:
+    """Mean accuracy of standardised logistic regression in stratified k-fold cross-validation."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    cv = StratifiedKFold(n_splits=_folds(y, folds), shuffle=True, random_state=seed)
+    return float(cross_val_score(model, x, y, cv=cv).mean())
+
+
+def _folds(y: np.ndarray, folds: int) -> int:
+    smallest = int(np.unique(y, return_counts=True)[1].min())
+    if smallest < 2:
+        raise AeError("every label needs at least 2 examples for cross-validation")
+    return min(folds, smallest)
+
+
+def read_labels(url: str, key_col: str, label_col: str) -> dict[str, str]:
+    """key -> label from a CSV (any fsspec URL)."""
+    fs, path = open_store(url)
+    try:
+        text = fs.cat_file(path).decode("utf-8")
+    except FileNotFoundError as err:
+        raise AeError(f"labels file {url!r} not found") from err
+    rows = list(csv.DictReader(text.splitlines()))
+    if not rows or key_col not in rows[0] or label_col not in rows[0]:
+        cols = ", ".join(rows[0]) if rows else "none"
+        raise AeError(f"labels file {url!r} needs columns {key_col!r} and {label_col!r} (it has: {cols}); "
+                      "pass --key-col / --label-col")
+    return {r[key_col]: r[label_col] for r in rows}
+
+
+@dataclass
+class Labelled:
+    keys: list[str]
+    x: np.ndarray
+    y: np.ndarray
+    unmatched_rows: int
+
+
+def join_labels(tbl: pa.Table, labels: dict[str, str]) -> Labelled:
+    """Rows of the embedding table whose key has a label (the key itself, or its file name)."""
+    keys = tbl.column("key").to_pylist()
+    matched = [(i, labels.get(k, labels.get(k.rsplit("/", 1)[-1]))) for i, k in enumerate(keys)]
+    matched = [(i, lab) for i, lab in matched if lab is not None]
+    if not matched:
+        raise AeError("no key of the table matches a key of the labels file; check --key-col")
+    rows = np.array([i for i, _ in matched])
+    emb = table.embeddings_matrix(tbl)[rows]
+    return Labelled([keys[i] for i in rows], emb, np.array([lab for _, lab in matched]), len(keys) - len(rows))
+
+
+def probe(output: str, labels_url: str, key_col: str = "filename", label_col: str = "label") -> dict:
+    """Downstream accuracy of the published embeddings: k-NN and logistic regression, 5-fold CV."""
+    pub = outputs.resolve(output)
+    tbl = table.read_table(pub.fs, pub.file(pub.manifest["files"]["embeddings"]), ["key", "embedding"])
+    data = join_labels(tbl, read_labels(labels_url, key_col, label_col))
+    return {"output": output, "run_id": pub.run_id, "model_version": pub.manifest["model_version"],
+            "rows_labelled": len(data.keys), "rows_without_label": data.unmatched_rows,
+            "classes": int(len(np.unique(data.y))),
+            f"knn{KNN_K}_accuracy": knn_accuracy(data.x, data.y),
+            "logreg_accuracy": linear_probe_accuracy(data.x, data.y), "folds": FOLDS}
+
+
+def outliers(output: str, n: int = 20) -> list[dict]:
+    """The n images the model reconstructs worst: the highest anomaly scores (recon_error)."""
+    pub = outputs.resolve(output)
+    tbl = table.read_table(pub.fs, pub.file(pub.manifest["files"]["embeddings"]), ["key", "recon_error"])
+    order = pc.sort_indices(tbl, sort_keys=[("recon_error", "descending"), ("key", "ascending")])
+    worst = tbl.take(order.slice(0, n))
+    return [{"rank": i + 1, "key": k, "recon_error": e}
+            for i, (k, e) in enumerate(zip(worst.column("key").to_pylist(), worst.column("recon_error").to_pylist()))]
+
+
+def outlier_grid(output: str, keys: Sequence[str]) -> bytes:
+    """A picture of the given keys (top) above their reconstructions, read from the source again."""
+    from ae_core import checkpoint, report
+    from ae_core.decode import decode_image
+
+    pub = outputs.resolve(output)
+    ckpt = checkpoint.from_bytes(pub.fs.cat_file(pub.file(pub.manifest["files"]["checkpoint"])))
+    fs, root = open_store(pub.manifest["config"]["source"])
+    pixels = np.stack([decode_image(fs.cat_file(f"{root}/{k}"), ckpt.preprocess).pixels for k in keys])
+    return report.reconstruction_grid(ckpt.model, pixels)
+
+
+def timed(fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0
+
+
+def evaluate_corpus(source: str, labels_url: str, key_col: str, label_col: str, dims: Sequence[int],
+                    train: TrainConfig | None = None, work_dir: str | None = None) -> list[dict]:
+    """Train with the product's defaults once per dimension and compare with PCA and raw pixels
+    on the same preprocessed images. Labels are used only to score the codes."""
+    import tempfile
+
+    from ae_core import pipeline
+    from ae_core.config import ModelConfig, RunConfig
+    from ae_core.encode import encode_pixels
+    from ae_core.model import AEArch
+    from ae_core.quality import pca_fit
+    from ae_core.train import train_autoencoder
+
+    train = train or TrainConfig()
+    with tempfile.TemporaryDirectory() as scratch:
+        ctx = pipeline.prepare_run(RunConfig(source=source, output=f"{scratch}/out", train=train,
+                                             work_dir=work_dir or f"{scratch}/work"))
+        plan = pipeline.plan_run(ctx, pipeline.list_source(ctx))
+        corpus = pipeline.decode_source(ctx, plan)
+        pixels = np.asarray(corpus.pixels())
+    labels = read_labels(labels_url, key_col, label_col)
+    keys = [img["key"] for img in corpus.images]
+    have = np.array([labels.get(k, labels.get(k.rsplit("/", 1)[-1])) is not None for k in keys])
+    if not have.any():
+        raise AeError("no image key matches a key of the labels file; check --key-col")
+    y = np.array([labels.get(k, labels.get(k.rsplit("/", 1)[-1])) for k in np.array(keys)[have]])
+    raw = pixels.reshape(len(pixels), -1).astype(np.float32) / 255.0
+    raw_knn = knn_accuracy(raw[have], y)
+    rows = []
+    for dim in dims:
+        model: ModelConfig = plan.model.model_copy(update={"dim": dim})
+        arch = AEArch(dim=dim, image_size=model.image_size, channels=model.channels,
+                      width=model.width, blocks_per_stage=model.blocks_per_stage)
+        result, seconds = timed(train_autoencoder, pixels, arch, train)
+        emb, err = encode_pixels(result.model, pixels)
+        pca_codes, pca_err = pca_fit(raw, dim)
+        rows.append({
+            "dim": dim, "images": len(pixels), "image_size": arch.image_size, "channels": arch.channels,
+            "ae_mse": float(err.mean()), "pca_mse": pca_err, "ae_over_pca": float(err.mean()) / pca_err,
+            "knn_ae": knn_accuracy(emb[have], y), "knn_pca": knn_accuracy(pca_codes[have], y), "knn_raw": raw_knn,
+            "logreg_ae": linear_probe_accuracy(emb[have], y), "logreg_pca": linear_probe_accuracy(pca_codes[have], y),
+            "train_seconds": round(seconds, 1), "epochs_run": len(result.history),
+        })
+    return rows
+
+
+def evaluation_markdown(source: str, rows: Sequence[dict]) -> str:
+    head = ("| dim | images | input | AE MSE | PCA MSE | AE/PCA | 5-NN AE | 5-NN PCA | 5-NN raw "
+            "| logreg AE | logreg PCA | train s | epochs |")
+    lines = [f"Evaluation of `{source}` (MSE per pixel on [0,1] at the model's input size; accuracies "
+             f"are means of {FOLDS}-fold cross-validation)", "", head, "|" + "---|" * 13]
+    for r in rows:
+        lines.append(f"| {r['dim']} | {r['images']} | {r['image_size']}x{r['image_size']}x{r['channels']} "
+                     f"| {r['ae_mse']:.5f} | {r['pca_mse']:.5f} | {r['ae_over_pca']:.3f} | {r['knn_ae']:.4f} "
+                     f"| {r['knn_pca']:.4f} | {r['knn_raw']:.4f} | {r['logreg_ae']:.4f} | {r['logreg_pca']:.4f} "
+                     f"| {r['train_seconds']} | {r['epochs_run']} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,91 @@
+"""The downstream path: `ae probe`, the README's classifier snippet, `ae outliers` ranking mixed-in
+images of another kind near the top, and `ae evaluate` side by side with PCA and raw pixels."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+
+import pytest
+
+from conftest import COIL, MNIST, ROOT
+from test_cli_e2e import ae
+
+pytestmark = pytest.mark.slow
+INTRUDERS = [f"obj{i}__0.png" for i in (3, 7, 11, 15, 19)]
+
+
+@pytest.fixture(scope="module")
+def labelled_run(tmp_path_factory):
+    """300 digits with 5 object photos mixed in, run once; labels in a CSV beside the folder."""
+    base = tmp_path_factory.mktemp("quality")
+    src = base / "src"
+    src.mkdir()
+    names = sorted(p.name for p in MNIST.iterdir())[:300]
+    for name in names:
+        shutil.copy(MNIST / name, src / name)
+    for name in INTRUDERS:
+        shutil.copy(COIL / name, src / name)
+    digits = {r["filename"]: r["label"] for r in csv.DictReader(open(MNIST.parent / "mnist-test-labels.csv"))}
+    labels = base / "labels.csv"
+    with open(labels, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["filename", "label"])
+        w.writerows((n, digits[n]) for n in names)
+    out = base / "out"
+    ae("run", src, out, "--epochs", 15, "--dim", 16)
+    return src, out, labels
+
+
+def test_probe_reports_cross_validated_accuracy(labelled_run):
+    _, out, labels = labelled_run
+    res = json.loads(ae("probe", out, "--labels", labels, "--json").stdout)
+    assert res["rows_labelled"] == 300 and res["rows_without_label"] == 5 and res["classes"] == 10
+    assert 0.5 < res["knn5_accuracy"] <= 1.0  # ten classes: chance is 0.1
+    assert 0.5 < res["logreg_accuracy"] <= 1.0
+
+
+def test_readme_classifier_snippet_runs(labelled_run, tmp_path):
+    _, out, labels = labelled_run
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- classifier-snippet.*?-->\n```python\n(.*?)```", readme, re.S).group(1)
+    script = tmp_path / "snippet.py"
+    script.write_text(f"OUTPUT = {str(out)!r}\nLABELS = {str(labels)!r}\n" + block)
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    acc = float(re.search(r"on 300 embeddings: ([0-9.]+) accuracy", proc.stdout).group(1))
+    assert 0.5 < acc <= 1.0
+
+
+def test_outliers_lists_the_worst_reconstructed_with_a_picture(labelled_run, tmp_path):
+    import pandas as pd
+
+    _, out, _ = labelled_run
+    grid = tmp_path / "outliers.png"
+    res = json.loads(ae("outliers", out, "-n", 10, "--grid", grid, "--json").stdout)
+    info = json.loads(ae("info", out, "--json").stdout)
+    table = pd.read_parquet(info["embeddings"]).sort_values(["recon_error", "key"], ascending=[False, True])
+    assert [o["key"] for o in res["outliers"]] == table.key.head(10).tolist()
+    assert [o["recon_error"] for o in res["outliers"]] == pytest.approx(table.recon_error.head(10).tolist())
+    assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Known limit, measured (see issue 5): a well-trained model also reconstructs smooth object
+    # photos mixed into digits well, so reconstruction error alone ranks only some of them high.
+
+
+def test_evaluate_prints_ae_pca_and_raw_side_by_side(mnist_subset, tmp_path):
+    labels = MNIST.parent / "mnist-test-labels.csv"
+    md = tmp_path / "eval.md"
+    proc = ae("evaluate", mnist_subset, "--labels", labels, "--label-col", "label", "--dims", "8",
+              "--epochs", 3, "--markdown", md)
+    row = [line for line in proc.stdout.splitlines() if line.startswith("| 8 |")]
+    assert len(row) == 1
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    assert cells[1] == "300" and cells[2] == "28x28x1"
+    ae_mse, pca_mse, ratio = map(float, cells[3:6])
+    assert ratio == pytest.approx(ae_mse / pca_mse, rel=1e-2)
+    assert all(0.0 < float(c) <= 1.0 for c in cells[6:11])
+    assert md.read_text().startswith("Evaluation of")
