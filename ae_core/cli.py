@@ -215,6 +215,13 @@ def _demo_train(args: argparse.Namespace):
     return TrainConfig(epochs=args.epochs) if args.epochs else TrainConfig()
 
 
+def _label_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--labels", required=True, help="CSV with a key column and a label column, "
+                   "joined to the images by key (or by file name)")
+    p.add_argument("--key-col", default="filename")
+    p.add_argument("--label-col", default="label")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ae", description="Autoencoder image embeddings: pretrain, "
                                 "embed to Parquet, search with FAISS.")
@@ -263,9 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="AE vs PCA vs raw pixels on a labelled corpus")
     e.add_argument("source")
-    e.add_argument("--labels", required=True, help="CSV with a key column and a label column")
-    e.add_argument("--key-col", default="filename")
-    e.add_argument("--label-col", default="label")
+    _label_args(e)
     e.add_argument("--dims", default="10,32,64", help="comma-separated embedding sizes (default 10,32,64)")
     e.add_argument("--epochs", type=int)
     e.add_argument("--max-minutes", type=float)
@@ -275,9 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("probe", help="k-NN and logistic-regression accuracy of published embeddings")
     pr.add_argument("output")
-    pr.add_argument("--labels", required=True, help="CSV joined to the table by key")
-    pr.add_argument("--key-col", default="filename")
-    pr.add_argument("--label-col", default="label")
+    _label_args(pr)
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_probe)
 
