@@ -31,7 +31,7 @@ def _offline_prefect_env(verbose: bool) -> None:
 
 
 def _run_config_kwargs(args: argparse.Namespace) -> dict:
-    from ae_core.config import IngestConfig, ModelConfig, PublishConfig, TrainConfig
+    from ae_core.config import IndexConfig, IngestConfig, ModelConfig, PublishConfig, TrainConfig
 
     model = {k: v for k, v in {"dim": args.dim, "image_size": args.image_size,
                                 "channels": args.channels}.items() if v is not None}
@@ -42,8 +42,11 @@ def _run_config_kwargs(args: argparse.Namespace) -> dict:
     ingest = {k: v for k, v in {"include": args.include, "exclude": args.exclude,
                                  "resize": args.resize, "workers": args.workers}.items() if v}
     publish = {"keep_runs": args.keep_runs} if args.keep_runs is not None else {}
+    index = {k: v for k, v in {"kind": args.index_kind, "memory_budget_mb": args.index_memory_mb,
+                                "recall_floor": args.recall_floor}.items() if v is not None}
     return {"ingest": IngestConfig(**ingest), "model": ModelConfig(**model),
-            "train": TrainConfig(**train), "publish": PublishConfig(**publish), "work_dir": args.work_dir,
+            "train": TrainConfig(**train), "publish": PublishConfig(**publish), "index": IndexConfig(**index),
+            "work_dir": args.work_dir,
             "aws_credentials_block": args.aws_credentials_block}
 
 
@@ -83,8 +86,8 @@ def _print_summary(m: dict) -> None:
         print(f"  quality  reconstruction MSE {q['ae_mse']:.5f} vs PCA-{m['dim']} {q['pca_mse']:.5f}"
               f" = {q['ae_over_pca']:.2f}x PCA's error, on {q['sample']} images")
     ix = m["index"]
-    print(f"  index    {ix['kind']} {ix['metric']}, {ix['ntotal']} vectors, "
-          f"self-hit rate {ix['self_hit_rate']:.3f}")
+    print(f"  index    {ix['kind']} {ix['metric']}, {ix['ntotal']} vectors, recall@10 "
+          f"{ix.get('recall_at_10', 1.0):.3f}, self-hit rate {ix['self_hit_rate']:.3f}")
     print("  stages   " + ", ".join(f"{k} {v:.1f}s" for k, v in m["timings_s"].items()))
 
 
@@ -247,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default): reuse the published model unless the corpus changed by more "
                    "than --retrain-fraction")
     r.add_argument("--retrain-fraction", type=float, help="default 0.2")
+    r.add_argument("--index-kind", choices=("auto", "flat", "hnsw", "ivf"),
+                   help="auto (default): exact search up to 200,000 vectors, then HNSW or IVF by memory")
+    r.add_argument("--index-memory-mb", type=int, help="memory budget of the index (default 4096)")
+    r.add_argument("--recall-floor", type=float, help="approximate indexes under this recall@10 are "
+                   "not published (default 0.95)")
     r.add_argument("--keep-runs", type=int, help="finished runs kept under OUTPUT/runs (default 3)")
     r.add_argument("--aws-credentials-block", metavar="NAME",
                    help="a prefect-aws AwsCredentials block to use for s3:// URLs")

@@ -346,12 +346,12 @@ def encode_corpus(ctx: RunContext, corpus: DecodedCorpus, ckpt: checkpoint.Check
 
 
 def build_index(ctx: RunContext, encoded: Encoded) -> dict:
-    """Build and write the FAISS index; measure that each sampled row finds itself."""
+    """Build the chosen FAISS index, check its recall against exact search, and write it."""
     with ctx.timed("index"):
-        idx = ae_index.build_index(encoded.embeddings, ctx.config.index)
-        write_bytes_atomic(ctx.out_fs, ctx.out(outputs.INDEX), ae_index.to_bytes(idx))
+        idx, info = ae_index.build_index(encoded.embeddings, ctx.config.index)
         hit_rate = ae_index.self_hit_rate(idx, encoded.embeddings)
-    return {"kind": ctx.config.index.kind, "metric": ctx.config.index.metric, "ntotal": int(idx.ntotal),
+        write_bytes_atomic(ctx.out_fs, ctx.out(outputs.INDEX), ae_index.to_bytes(idx))
+    return {**info, "metric": ctx.config.index.metric, "ntotal": int(idx.ntotal),
             "ids": "row position in embeddings.parquet", "self_hit_rate": hit_rate}
 
 
@@ -383,8 +383,9 @@ def draw_report(ctx: RunContext, corpus: DecodedCorpus, ckpt: checkpoint.Checkpo
             queries = rows[:NEIGHBOUR_QUERIES]
             emb, _ = encode_pixels(ckpt.model, np.asarray(pixels[queries]))
             idx = ae_index.from_bytes(ctx.out_fs.cat_file(ctx.out(outputs.INDEX)))
-            _, ids = ae_index.search(idx, emb, NEIGHBOURS_SHOWN)
-            grid = [[pixels[q]] + [pixels[i] for i in hits if i >= 0] for q, hits in zip(queries, ids)]
+            _, ids = ae_index.search(idx, emb, NEIGHBOURS_SHOWN + 1)
+            grid = [[pixels[q]] + [pixels[i] for i in hits if i >= 0 and i != q][:NEIGHBOURS_SHOWN]
+                    for q, hits in zip(queries, ids)]
             write_bytes_atomic(ctx.out_fs, ctx.out(PICTURES[titles[2]]), report.image_grid(grid))
             drawn[titles[2]] = PICTURES[titles[2]]
     return drawn

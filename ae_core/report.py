@@ -107,8 +107,9 @@ def summary_markdown(m: dict, pictures: dict[str, str]) -> str:
                   f"| autoencoder | {q['ae_mse']:.5f} |", f"| PCA, {m['dim']} components | {q['pca_mse']:.5f} |",
                   "", f"The autoencoder's error is **{q['ae_over_pca']:.2f}x** PCA's on the same "
                   f"{q['sample']} images" + (f" (measured in run {q['measured_in_run']})" if q.get("measured_in_run") else "") + "."]
-    lines += ["", f"Index: {ix.get('kind')} ({ix.get('metric')}), {ix.get('ntotal')} vectors; measured "
-              f"recall@1 of rows on themselves: {ix.get('self_hit_rate', 0):.3f}."]
+    lines += ["", f"Index: {ix.get('kind')} ({ix.get('metric')}, {ix.get('reason')}), {ix.get('ntotal')} vectors; "
+              f"recall@10 against exact search {ix.get('recall_at_10', 0):.3f} (floor {ix.get('recall_floor')}), "
+              f"rows finding themselves first {ix.get('self_hit_rate', 0):.3f}."]
     if t.get("epochs_run") is not None:
         lines += ["", f"Training: {t.get('epochs_run')} epochs in {t.get('seconds')} s on {t.get('device')} "
                   f"({t.get('stop_reason')}), best held-out MSE {t.get('best_val_mse')}."]

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from ae_core import index as ae_index, table
 from ae_core.config import IndexConfig
@@ -53,7 +54,7 @@ def test_rejects_table_schema():
 def test_index_matches_brute_force_and_finds_self():
     rng = np.random.default_rng(1)
     emb = rng.standard_normal((500, 16)).astype(np.float32)
-    index = ae_index.from_bytes(ae_index.to_bytes(ae_index.build_index(emb, IndexConfig())))
+    index = ae_index.from_bytes(ae_index.to_bytes(ae_index.build_index(emb, IndexConfig())[0]))
     assert isinstance(index, faiss.Index) and index.ntotal == 500
     d, ids = ae_index.search(index, emb, 5)
     assert (ids[:, 0] == np.arange(500)).all()
@@ -69,8 +70,57 @@ def test_a_key_ranks_first_among_its_exact_duplicates():
 
     keys = pa.array([f"k{i}" for i in range(12)])
     emb = np.zeros((12, 4), np.float32)  # twelve identical images
-    index = ae_index.build_index(emb, IndexConfig())
+    index = ae_index.build_index(emb, IndexConfig())[0]
     d, ids = ae_index.search(index, emb[7:8], 3)
     hits = _rank(d[0], ids[0], keys, 3, self_row=7)
     assert [h.key for h in hits][0] == "k7" and len(hits) == 3
     assert len({h.key for h in hits}) == 3 and all(h.distance == 0 for h in hits)
+
+
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize("n,dim,budget_mb,kind", [
+    (1_000, 32, 4096, "flat"), (200_000, 32, 4096, "flat"), (200_001, 32, 4096, "hnsw"),
+    (1_000_000, 32, 4096, "hnsw"), (1_000_000, 32, 300, "ivf"), (10_000_000, 64, 4096, "ivf"),
+    (100_000_000, 32, 20_000, "ivf"),
+])
+def test_choose_index_table(n, dim, budget_mb, kind):
+    choice = ae_index.choose_index(n, dim, budget_mb * MiB)
+    assert choice.kind == kind
+    assert choice.bytes_estimate <= budget_mb * MiB
+
+
+def test_choose_index_refuses_what_cannot_fit():
+    from ae_core.errors import AeError
+    with pytest.raises(AeError, match="memory_budget_mb"):
+        ae_index.choose_index(10_000_000, 64, 1024 * MiB)
+
+
+@pytest.mark.parametrize("ivf_n,lists", [(100, 2), (10_000, 256), (1_000_000, 4000)])
+def test_ivf_lists(ivf_n, lists):
+    assert ae_index.ivf_lists(ivf_n) == lists
+
+
+def _clusters(n, dim, centres=50, spread=0.6, seed=0):
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((centres, dim)).astype(np.float32)
+    return (c[rng.integers(0, centres, n)] + spread * rng.standard_normal((n, dim))).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_approximate_index_is_tuned_to_the_recall_floor(kind):
+    emb = _clusters(20_000, 32)
+    index, info = ae_index.build_index(emb, IndexConfig(kind=kind, recall_queries=300))
+    assert info["kind"] == kind and index.ntotal == 20_000
+    assert info["recall_at_10"] >= 0.95
+    assert info["recall_at_10"] == pytest.approx(ae_index.measure_recall(index, emb, 300), abs=1e-9)
+    back = ae_index.from_bytes(ae_index.to_bytes(index))
+    assert ae_index.search_params(back) == info["search_params"]  # the tuned setting travels with it
+
+
+def test_index_under_the_recall_floor_is_refused(monkeypatch):
+    from ae_core.errors import AeError
+    monkeypatch.setattr(ae_index, "measure_recall", lambda *a, **k: 0.5)
+    with pytest.raises(AeError, match="under the floor 0.95; not published"):
+        ae_index.build_index(_clusters(5_000, 16), IndexConfig(kind="hnsw"))
