@@ -40,8 +40,8 @@ def qps(index: faiss.Index, queries: np.ndarray, k: int = 10) -> float:
 
 
 def bench(n: int, dim: int, n_queries: int, budget_mb: int) -> list[dict]:
-    emb = overlapping_clusters(n, dim)
-    queries = overlapping_clusters(n_queries, dim, seed=1)
+    data = overlapping_clusters(n + n_queries, dim)  # one distribution; queries held out of the index
+    emb, queries = data[:n], np.ascontiguousarray(data[n:])
     exact = faiss.IndexFlatL2(dim)
     exact.add(emb)
     exact_qps = qps(exact, queries)

@@ -112,7 +112,7 @@ def test_mixed_formats_and_broken_files_complete(mixed_corpus, tmp_path):
     assert rejects.detail.str.len().gt(0).all()
 
 
-def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ae: error:"), proc.stderr
@@ -123,16 +123,16 @@ def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
 
 def test_user_errors_are_one_line_and_write_nothing(mnist_subset, tmp_path):
     out = tmp_path / "never-written"
-    _one_line_error(ae("run", tmp_path / "no-such-dir", out, check=False), "no-such-dir", "missing")
-    _one_line_error(ae("run", mnist_subset, out, "--image-size", 30, check=False), "image_size", "multiple of 4")
-    _one_line_error(ae("run", mnist_subset, out, "--dim", 0, check=False), "dim")
-    _one_line_error(ae("run", mnist_subset, mnist_subset / "out", check=False), "inside source")
-    _one_line_error(ae("run", mnist_subset, "nosuchproto://x/y", check=False), "nosuchproto")
+    assert_one_line_error(ae("run", tmp_path / "no-such-dir", out, check=False), "no-such-dir", "missing")
+    assert_one_line_error(ae("run", mnist_subset, out, "--image-size", 30, check=False), "image_size", "multiple of 4")
+    assert_one_line_error(ae("run", mnist_subset, out, "--dim", 0, check=False), "dim")
+    assert_one_line_error(ae("run", mnist_subset, mnist_subset / "out", check=False), "inside source")
+    assert_one_line_error(ae("run", mnist_subset, "nosuchproto://x/y", check=False), "nosuchproto")
     assert not out.exists() and not (mnist_subset / "out").exists()
-    _one_line_error(ae("info", out, check=False), "no published result", "ae run")
-    _one_line_error(ae("neighbours", out, "--key", "x", check=False), "no published result")
+    assert_one_line_error(ae("info", out, check=False), "no published result", "ae run")
+    assert_one_line_error(ae("neighbours", out, "--key", "x", check=False), "no published result")
 
 
 def test_unknown_key_is_a_clear_error(digits_run):
     out, _ = digits_run
-    _one_line_error(ae("neighbours", out, "--key", "nope.png", check=False), "nope.png", "not in the table")
+    assert_one_line_error(ae("neighbours", out, "--key", "nope.png", check=False), "nope.png", "not in the table")

@@ -72,6 +72,12 @@ print(json.dumps([r.state_type.value for r in runs]))
 """
 
 
+def _run_to_completion(sh, deployment: str, source: Path, output: Path) -> None:
+    proc = sh("run", deployment, "--param", f"source={source}", "--param", f"output={output}",
+              "--param", 'train={"epochs": 2}')
+    assert "Completed" in proc.stdout
+
+
 def _manifest(output: Path) -> dict:
     run_id = (output / "LATEST").read_text().strip()
     return json.loads((output / "runs" / run_id / "manifest.json").read_text())
@@ -80,9 +86,7 @@ def _manifest(output: Path) -> dict:
 def test_nightly_deployment_run_completes_and_publishes(local_prefect, small_corpus, tmp_path):
     sh, env, prefect = local_prefect
     out = tmp_path / "out"
-    proc = sh("run", "pretrain-and-embed/nightly", "--param", f"source={small_corpus}",
-              "--param", f"output={out}", "--param", 'train={"epochs": 2}')
-    assert "Completed" in proc.stdout
+    _run_to_completion(sh, "pretrain-and-embed/nightly", small_corpus, out)
     m = _manifest(out)
     assert m["rows"] == 120 and m["index"]["ntotal"] == 120
     run_dir = out / "runs" / m["run_id"]
@@ -98,9 +102,7 @@ def test_nightly_deployment_run_completes_and_publishes(local_prefect, small_cor
 def test_gpu_pool_path_runs_pretrain_as_its_own_flow_run(local_prefect, small_corpus, tmp_path):
     sh, env, prefect = local_prefect
     out = tmp_path / "out"
-    proc = sh("run", "pretrain-and-embed/nightly-gpu", "--param", f"source={small_corpus}",
-              "--param", f"output={out}", "--param", 'train={"epochs": 2}')
-    assert "Completed" in proc.stdout
+    _run_to_completion(sh, "pretrain-and-embed/nightly-gpu", small_corpus, out)
     states = json.loads(subprocess.run([os.sys.executable, "-c", _STAGE_RUNS], env=env, capture_output=True,
                                        text=True, timeout=120, check=True).stdout)
     assert states and set(states) == {"COMPLETED"}

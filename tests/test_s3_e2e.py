@@ -14,7 +14,7 @@ import pytest
 import s3fs
 
 from conftest import MNIST, SECRET, _free_port, _start_moto, upload_folder
-from test_cli_e2e import _one_line_error, ae
+from test_cli_e2e import assert_one_line_error, ae
 
 pytestmark = pytest.mark.slow
 
@@ -123,17 +123,17 @@ def test_store_errors_stop_before_writing(s3_bucket, tmp_path):
     src = f"s3://{s3_bucket}/src"
 
     proc = ae("run", src, "s3://no-such-bucket-here/out", check=False)
-    _one_line_error(proc, "no-such-bucket-here", "does not exist")
+    assert_one_line_error(proc, "no-such-bucket-here", "does not exist")
     proc = ae("run", "s3://no-such-bucket-here/src", tmp_path / "out", check=False)
-    _one_line_error(proc, "no-such-bucket-here", "does not exist")
+    assert_one_line_error(proc, "no-such-bucket-here", "does not exist")
     proc = ae("run", src, f"s3://{s3_bucket}/src/results", check=False)
-    _one_line_error(proc, "inside source")
+    assert_one_line_error(proc, "inside source")
     _assert_nothing_written(s3_bucket)
     assert not (tmp_path / "out").exists()
 
     dead = f"http://127.0.0.1:{_free_port()}"
     proc = _with_env(["run", src, tmp_path / "out"], AWS_ENDPOINT_URL=dead)
-    _one_line_error(proc, src, "cannot reach", dead)
+    assert_one_line_error(proc, src, "cannot reach", dead)
     assert not (tmp_path / "out").exists()
     for p in [proc]:
         assert SECRET not in p.stdout + p.stderr
@@ -143,7 +143,7 @@ def test_bad_credentials_are_one_line_without_secrets(tmp_path):
     proc_server, url = _start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})  # moto checks keys here
     try:
         proc = _with_env(["run", "s3://corpus/faces", tmp_path / "out"], AWS_ENDPOINT_URL=url)
-        _one_line_error(proc, "s3://corpus/faces", "access denied", "AWS_ACCESS_KEY_ID")
+        assert_one_line_error(proc, "s3://corpus/faces", "access denied", "AWS_ACCESS_KEY_ID")
         assert SECRET not in proc.stdout + proc.stderr
         assert not (tmp_path / "out").exists()
     finally:
