@@ -38,7 +38,7 @@ def embeddings_table(images: Sequence[dict], emb: np.ndarray, recon_error: np.nd
         raise ValueError("images, embeddings and errors differ in length")
     cols = {
         "key": pa.array([i["key"] for i in images], pa.string()),
-        "embedding": embedding_array(emb.reshape(len(images), -1)),
+        "embedding": embedding_array(np.asarray(emb).reshape(len(images), emb.shape[-1])),
         "recon_error": pa.array(np.asarray(recon_error, np.float32), pa.float32()),
         "width": pa.array([i["width"] for i in images], pa.int32()),
         "height": pa.array([i["height"] for i in images], pa.int32()),

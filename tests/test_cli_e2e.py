@@ -136,3 +136,21 @@ def test_user_errors_are_one_line_and_write_nothing(mnist_subset, tmp_path):
 def test_unknown_key_is_a_clear_error(digits_run):
     out, _ = digits_run
     assert_one_line_error(ae("neighbours", out, "--key", "nope.png", check=False), "nope.png", "not in the table")
+
+
+def test_rerun_without_changes_encodes_nothing_and_keeps_every_row(mnist_subset, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in sorted(os.listdir(mnist_subset))[:30]:
+        (src / name).write_bytes((mnist_subset / name).read_bytes())
+    (src / "broken.png").write_bytes(b"")
+    out = tmp_path / "out"
+    first = json.loads(ae("run", src, out, "--epochs", 1, "--dim", 4, "--json").stdout)
+    again = json.loads(ae("run", src, out, "--dim", 4, "--json").stdout)
+    c = again["changes"]
+    assert (c["new"], c["changed"], c["deleted"], c["unchanged"], c["encoded"]) == (0, 0, 0, 31, 0)
+    assert c["retrained"] is False and again["model_version"] == first["model_version"]
+    assert (again["rows"], again["rejected"]) == (30, 1)
+    a = pd.read_parquet(query.info(str(out))["embeddings"])
+    assert len(a) == 30 and a.key.is_unique
+    assert pd.read_parquet(query.info(str(out))["rejects"]).key.tolist() == ["broken.png"]

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -55,7 +57,9 @@ def test_readme_classifier_snippet_runs(labelled_run, tmp_path):
     script.write_text(f"OUTPUT = {str(out)!r}\nLABELS = {str(labels)!r}\n" + block)
     import subprocess
     import sys
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    # as in the README, with the project's environment activated (its `ae` first on PATH)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     acc = float(re.search(r"on 300 embeddings: ([0-9.]+) accuracy", proc.stdout).group(1))
     assert 0.5 < acc <= 1.0
