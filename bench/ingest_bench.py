@@ -1,0 +1,117 @@
+"""Ingest throughput (list, fetch, decode, preprocess) from a local folder and from an S3 server
+(moto on loopback): the product's stage against a sequential fetch-then-decode loop, and, for S3,
+against the raw concurrent fetch rate of the same server (what the pipeline adds on top of I/O).
+
+    .venv/bin/python bench/ingest_bench.py [--source ../shared/data/mnist-test] [--s3-objects 2000]
+
+moto is slow (~150 objects/s on 2 cores): the S3 figures test the pipeline's overhead against the
+same server, not S3's speed. Medians over --repeats runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import fsspec
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ae_core.decode import Preprocess, decode_image  # noqa: E402
+from ae_core.ingest import decode_corpus  # noqa: E402
+from ae_core.storage import iter_batches, list_objects, open_store  # noqa: E402
+from bench.common import machine, median_time, table  # noqa: E402
+
+SPEC = Preprocess(image_size=28, channels=1)
+
+
+def product(url: str) -> int:
+    fs, root = open_store(url)
+    objects = sorted(list_objects(fs, root), key=lambda o: o.key)
+    with tempfile.TemporaryDirectory() as work:
+        return len(decode_corpus(objects, fs, SPEC, work))
+
+
+def sequential(url: str) -> int:
+    fs, root = open_store(url)
+    done = 0
+    for o in sorted(list_objects(fs, root), key=lambda o: o.key):
+        decode_image(fs.cat_file(o.path), SPEC)
+        done += 1
+    return done
+
+
+def raw_concurrent_fetch(url: str) -> int:
+    fs, root = open_store(url)
+    paths = [o.path for o in list_objects(fs, root)]
+    for batch in iter_batches(paths, 64):
+        fs.cat(batch)
+    return len(paths)
+
+
+def rate(fn, url: str, n: int, repeats: int) -> float:
+    return n / median_time(lambda: fn(url), repeats)
+
+
+def start_moto() -> tuple[subprocess.Popen, str]:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(url + "/moto-api/", timeout=1)
+            return proc, url
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("moto_server did not start")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--source", default=str(Path(__file__).resolve().parents[2] / "shared/data/mnist-test"))
+    p.add_argument("--s3-objects", type=int, default=2000)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    local_n = len(os.listdir(args.source))
+    rows = [
+        {"source": "local folder", "pipeline": "sequential fetch-then-decode", "images_per_s": rate(sequential, args.source, local_n, args.repeats)},
+        {"source": "local folder", "pipeline": "product (decode processes, shard cache)", "images_per_s": rate(product, args.source, local_n, args.repeats)},
+    ]
+    rows[1]["ratio"] = rows[1]["images_per_s"] / rows[0]["images_per_s"]
+    rows[0]["ratio"] = 1.0
+
+    moto, endpoint = start_moto()
+    try:
+        os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench")
+        fs = fsspec.filesystem("s3", skip_instance_cache=True)
+        fs.mkdir("bench")
+        names = sorted(os.listdir(args.source))[: args.s3_objects]
+        fs.put([os.path.join(args.source, n) for n in names], [f"bench/src/{n}" for n in names])
+        url, n = "s3://bench/src", len(names)
+        raw = rate(raw_concurrent_fetch, url, n, args.repeats)
+        seq = rate(sequential, url, n, args.repeats)
+        prod = rate(product, url, n, args.repeats)
+        rows += [
+            {"source": f"moto S3 ({n} objects)", "pipeline": "raw concurrent fetch (fs.cat, 64 at a time)", "images_per_s": raw, "ratio": 1.0},
+            {"source": f"moto S3 ({n} objects)", "pipeline": "sequential fetch-then-decode", "images_per_s": seq, "ratio": seq / raw},
+            {"source": f"moto S3 ({n} objects)", "pipeline": "product (concurrent fetch + decode processes)", "images_per_s": prod, "ratio": prod / raw},
+        ]
+    finally:
+        moto.terminate()
+        moto.wait(10)
+    print(f"machine: {machine()}; {local_n} local images from {args.source}; input 28x28x1; "
+          f"median of {args.repeats}; local ratios against the sequential loop, S3 ratios against raw fetch\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
