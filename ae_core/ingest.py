@@ -23,6 +23,7 @@ from ae_core.errors import DecodeError
 from ae_core.storage import ObjectInfo, iter_batches, read_many
 
 _IN_PROCESS_BELOW = 512  # objects; below this a process pool costs more to start than it saves
+_IN_PROCESS_MEDIAN_BYTES = 4096  # files smaller than this decode faster than they travel to a worker
 _IMAGE_FIELDS = ("key", "width", "height", "size_bytes", "fingerprint", "mode", "format")
 
 
@@ -109,11 +110,19 @@ class _InlineExecutor(Executor):
         return fut
 
 
-def decode_workers(n_objects: int, requested: int) -> int:
-    """Worker processes for decoding: 0 = in this process. Pure."""
-    if requested == 1 or n_objects < _IN_PROCESS_BELOW:
+def decode_workers(n_objects: int, requested: int, median_bytes: float = float("inf")) -> int:
+    """Worker processes for decoding: 0 = in this process. Pure.
+
+    `requested` > 0 is the user's choice (1 = in this process). Otherwise: in this process for
+    small corpora and for tiny files, where shipping bytes and pixels between processes costs
+    more than decoding (bench/ingest_bench.py: 28x28 PNGs decode at 15k/s in one process and at
+    12k/s through two workers); one worker per core otherwise.
+    """
+    if requested:
+        return 0 if requested == 1 else requested
+    if n_objects < _IN_PROCESS_BELOW or median_bytes < _IN_PROCESS_MEDIAN_BYTES:
         return 0
-    return requested or (os.cpu_count() or 1)
+    return os.cpu_count() or 1
 
 
 def _shard_paths(work_dir: str, index: int) -> tuple[str, str]:
@@ -199,7 +208,8 @@ def decode_corpus(objects: Sequence[ObjectInfo], fs: AbstractFileSystem, spec: P
     """Decode every object into cached uint8 shards; finished shards from an earlier try are reused."""
     os.makedirs(work_dir, exist_ok=True)
     plans = plan_shards(objects, shard_size)
-    n_workers = decode_workers(len(objects), workers)
+    sizes = sorted(o.size for o in objects)
+    n_workers = decode_workers(len(objects), workers, sizes[len(sizes) // 2] if sizes else 0)
     pool: Executor = (ProcessPoolExecutor(n_workers, mp_context=mp.get_context("spawn"))
                       if n_workers else _InlineExecutor())
     shards = []

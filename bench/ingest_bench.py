@@ -84,7 +84,7 @@ def main() -> None:
     local_n = len(os.listdir(args.source))
     rows = [
         {"source": "local folder", "pipeline": "sequential fetch-then-decode", "images_per_s": rate(sequential, args.source, local_n, args.repeats)},
-        {"source": "local folder", "pipeline": "product (decode processes, shard cache)", "images_per_s": rate(product, args.source, local_n, args.repeats)},
+        {"source": "local folder", "pipeline": "product ingest stage (decode_corpus)", "images_per_s": rate(product, args.source, local_n, args.repeats)},
     ]
     rows[1]["ratio"] = rows[1]["images_per_s"] / rows[0]["images_per_s"]
     rows[0]["ratio"] = 1.0
@@ -103,7 +103,7 @@ def main() -> None:
         rows += [
             {"source": f"moto S3 ({n} objects)", "pipeline": "raw concurrent fetch (fs.cat, 64 at a time)", "images_per_s": raw, "ratio": 1.0},
             {"source": f"moto S3 ({n} objects)", "pipeline": "sequential fetch-then-decode", "images_per_s": seq, "ratio": seq / raw},
-            {"source": f"moto S3 ({n} objects)", "pipeline": "product (concurrent fetch + decode processes)", "images_per_s": prod, "ratio": prod / raw},
+            {"source": f"moto S3 ({n} objects)", "pipeline": "product ingest stage (decode_corpus)", "images_per_s": prod, "ratio": prod / raw},
         ]
     finally:
         moto.terminate()

@@ -58,14 +58,17 @@ def test_key_matches(key, include, exclude, ok):
     assert key_matches(key, include, exclude) is ok
 
 
-@pytest.mark.parametrize("n,requested,workers", [(10, 0, 0), (10_000, 1, 0), (10_000, 3, 3)])
-def test_decode_workers(n, requested, workers):
-    assert decode_workers(n, requested) == workers
+@pytest.mark.parametrize("n,requested,median_bytes,workers", [
+    (10, 0, 50_000, 0), (10_000, 1, 50_000, 0), (10_000, 3, 50_000, 3), (10_000, 3, 300, 3),
+    (10_000, 0, 300, 0), (100, 2, 300, 2),
+])
+def test_decode_workers(n, requested, median_bytes, workers):
+    assert decode_workers(n, requested, median_bytes) == workers
 
 
-def test_decode_workers_default_is_core_count():
+def test_decode_workers_default_is_core_count_for_large_files():
     import os
-    assert decode_workers(10_000, 0) == (os.cpu_count() or 1)
+    assert decode_workers(10_000, 0, 50_000) == (os.cpu_count() or 1)
 
 
 def test_lr_schedule_warms_up_and_anneals():
