@@ -65,6 +65,11 @@ def read_labels(url: str, key_col: str, label_col: str) -> dict[str, str]:
     return {r[key_col]: r[label_col] for r in rows}
 
 
+def label_of(labels: dict[str, str], key: str) -> str | None:
+    """A key's label: by the key itself, else by its file name (labels files often hold names)."""
+    return labels.get(key, labels.get(key.rsplit("/", 1)[-1]))
+
+
 @dataclass
 class Labelled:
     keys: list[str]
@@ -76,7 +81,7 @@ class Labelled:
 def join_labels(tbl: pa.Table, labels: dict[str, str]) -> Labelled:
     """Rows of the embedding table whose key has a label (the key itself, or its file name)."""
     keys = tbl.column("key").to_pylist()
-    matched = [(i, labels.get(k, labels.get(k.rsplit("/", 1)[-1]))) for i, k in enumerate(keys)]
+    matched = [(i, label_of(labels, k)) for i, k in enumerate(keys)]
     matched = [(i, lab) for i, lab in matched if lab is not None]
     if not matched:
         raise AeError("no key of the table matches a key of the labels file; check --key-col")
@@ -135,7 +140,7 @@ def evaluate_corpus(source: str, labels_url: str, key_col: str, label_col: str, 
     from ae_core.config import ModelConfig, RunConfig
     from ae_core.encode import encode_pixels
     from ae_core.model import AEArch
-    from ae_core.quality import pca_fit
+    from ae_core.quality import pca_fits
     from ae_core.train import train_autoencoder
 
     train = train or TrainConfig()
@@ -147,12 +152,14 @@ def evaluate_corpus(source: str, labels_url: str, key_col: str, label_col: str, 
         pixels = np.asarray(corpus.pixels())
     labels = read_labels(labels_url, key_col, label_col)
     keys = [img["key"] for img in corpus.images]
-    have = np.array([labels.get(k, labels.get(k.rsplit("/", 1)[-1])) is not None for k in keys])
+    found = [label_of(labels, k) for k in keys]
+    have = np.array([lab is not None for lab in found])
     if not have.any():
         raise AeError("no image key matches a key of the labels file; check --key-col")
-    y = np.array([labels.get(k, labels.get(k.rsplit("/", 1)[-1])) for k in np.array(keys)[have]])
+    y = np.array([lab for lab in found if lab is not None])
     raw = pixels.reshape(len(pixels), -1).astype(np.float32) / 255.0
     raw_knn = knn_accuracy(raw[have], y)
+    pca = pca_fits(raw, dims)  # one SVD serves every dimension
     rows = []
     for dim in dims:
         model: ModelConfig = plan.model.model_copy(update={"dim": dim})
@@ -160,7 +167,7 @@ def evaluate_corpus(source: str, labels_url: str, key_col: str, label_col: str, 
                       width=model.width, blocks_per_stage=model.blocks_per_stage)
         result, seconds = timed(train_autoencoder, pixels, arch, train)
         emb, err = encode_pixels(result.model, pixels)
-        pca_codes, pca_err = pca_fit(raw, dim)
+        pca_codes, pca_err = pca[dim]
         rows.append({
             "dim": dim, "images": len(pixels), "image_size": arch.image_size, "channels": arch.channels,
             "ae_mse": float(err.mean()), "pca_mse": pca_err, "ae_over_pca": float(err.mean()) / pca_err,

@@ -59,6 +59,16 @@ class DecodedCorpus:
     def __len__(self) -> int:
         return sum(len(s.images) for s in self.shards)
 
+    def take(self, rows: Sequence[int]) -> np.ndarray:
+        """Some images by table row, read from the memory-mapped shards (no copy of the rest)."""
+        parts = [np.load(s.pixels_path, mmap_mode="r") for s in self.shards if s.pixels_path]
+        starts = np.cumsum([0] + [len(p) for p in parts])
+        out = np.empty((len(rows), self.spec.channels, self.spec.image_size, self.spec.image_size), np.uint8)
+        for j, row in enumerate(rows):
+            shard = int(np.searchsorted(starts, row, side="right")) - 1
+            out[j] = parts[shard][row - starts[shard]]
+        return out
+
     def pixels(self) -> np.ndarray:
         """All good images, (N, channels, size, size) uint8, in table order."""
         parts = [np.load(s.pixels_path, mmap_mode="r") for s in self.shards if s.pixels_path]

@@ -362,7 +362,8 @@ REPORT_SAMPLE = 8  # images in the reconstruction grid
 NEIGHBOUR_QUERIES, NEIGHBOURS_SHOWN = 4, 6
 
 
-def draw_report(ctx: RunContext, corpus: DecodedCorpus, ckpt: checkpoint.Checkpoint, plan: RunPlan) -> dict[str, str]:
+def draw_report(ctx: RunContext, corpus: DecodedCorpus, ckpt: checkpoint.Checkpoint, plan: RunPlan,
+                encoded: Encoded) -> dict[str, str]:
     """Draw the report's pictures into the run folder; returns title -> file name."""
     drawn: dict[str, str] = {}
     titles = list(PICTURES)
@@ -371,21 +372,20 @@ def draw_report(ctx: RunContext, corpus: DecodedCorpus, ckpt: checkpoint.Checkpo
         if history:
             write_bytes_atomic(ctx.out_fs, ctx.out(PICTURES[titles[0]]), report.loss_curve(history))
             drawn[titles[0]] = PICTURES[titles[0]]
-        pixels = corpus.pixels()
-        if len(pixels) == 0:
+        if len(corpus) == 0:
             return drawn
         rng = np.random.default_rng(ctx.config.train.seed)
-        rows = np.sort(rng.choice(len(pixels), size=min(REPORT_SAMPLE, len(pixels)), replace=False))
+        rows = np.sort(rng.choice(len(corpus), size=min(REPORT_SAMPLE, len(corpus)), replace=False))
         write_bytes_atomic(ctx.out_fs, ctx.out(PICTURES[titles[1]]),
-                           report.reconstruction_grid(ckpt.model, np.asarray(pixels[rows])))
+                           report.reconstruction_grid(ckpt.model, corpus.take(rows)))
         drawn[titles[1]] = PICTURES[titles[1]]
         if plan.retrain:  # every table row was decoded in this run, in table order
             queries = rows[:NEIGHBOUR_QUERIES]
-            emb, _ = encode_pixels(ckpt.model, np.asarray(pixels[queries]))
-            idx = ae_index.from_bytes(ctx.out_fs.cat_file(ctx.out(outputs.INDEX)))
-            _, ids = ae_index.search(idx, emb, NEIGHBOURS_SHOWN + 1)
-            grid = [[pixels[q]] + [pixels[i] for i in hits if i >= 0 and i != q][:NEIGHBOURS_SHOWN]
-                    for q, hits in zip(queries, ids)]
+            idx = ae_index.from_bytes(ctx.out_fs.cat_file(ctx.out(outputs.INDEX)))  # what was published
+            _, ids = ae_index.search(idx, encoded.embeddings[queries], NEIGHBOURS_SHOWN + 1)
+            hits = [[q] + [int(i) for i in found if i >= 0 and i != q][:NEIGHBOURS_SHOWN]
+                    for q, found in zip(queries, ids)]
+            grid = [list(corpus.take(row)) for row in hits]
             write_bytes_atomic(ctx.out_fs, ctx.out(PICTURES[titles[2]]), report.image_grid(grid))
             drawn[titles[2]] = PICTURES[titles[2]]
     return drawn

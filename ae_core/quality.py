@@ -6,23 +6,30 @@ so it is the baseline every run is compared with.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 PCA_SAMPLE = 2000  # images; PCA on more adds seconds, not precision, to a per-run comparison
 
 
-def pca_fit(x: np.ndarray, n_components: int) -> tuple[np.ndarray, float]:
-    """PCA fitted on x itself (as a linear autoencoder would be): (codes, MSE per value).
-
-    x is (n, features) float on [0, 1].
-    """
+def pca_fits(x: np.ndarray, dims: Sequence[int]) -> dict[int, tuple[np.ndarray, float]]:
+    """PCA fitted on x itself (as a linear autoencoder would be), for several component counts
+    from one SVD: dim -> (codes, MSE per value). x is (n, features) float on [0, 1]."""
     x = x.astype(np.float64)
     centred = x - x.mean(axis=0)
-    k = min(n_components, min(centred.shape))
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    basis = vt[:k]
-    codes = centred @ basis.T
-    return codes.astype(np.float32), float(((centred - codes @ basis) ** 2).mean())
+    out = {}
+    for dim in dims:
+        basis = vt[:min(dim, len(vt))]
+        codes = centred @ basis.T
+        out[dim] = (codes.astype(np.float32), float(((centred - codes @ basis) ** 2).mean()))
+    return out
+
+
+def pca_fit(x: np.ndarray, n_components: int) -> tuple[np.ndarray, float]:
+    """PCA with one component count: (codes, MSE per value)."""
+    return pca_fits(x, [n_components])[n_components]
 
 
 def pca_mse(x: np.ndarray, n_components: int) -> float:

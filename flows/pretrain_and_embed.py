@@ -100,7 +100,7 @@ def pretrain_and_embed(source: str, output: str, ingest: IngestConfig = IngestCo
     ckpt = pretrain_task(ctx, corpus, plan)
     encoded = encode_task(ctx, corpus, ckpt, plan)
     index_info = index_task(ctx, encoded)
-    pictures = report_task(ctx, corpus, ckpt, plan)
+    pictures = report_task(ctx, corpus, ckpt, plan, encoded)
     manifest = publish_task(ctx, plan, ckpt, encoded, index_info, pictures)
     publish_artifacts(ctx, manifest)
     logger.info("published run %s: %d rows, %d rejected", ctx.run_id, manifest["rows"], manifest["rejected"])
