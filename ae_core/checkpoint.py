@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,13 +24,21 @@ class Checkpoint:
     preprocess: Preprocess
     version: str
     extra: dict
+    # the two fold models behind anomaly_score (ae_core.encode.anomaly_scores); may be empty
+    anomaly_models: list[ConvAutoencoder] = field(default_factory=list)
 
 
-def to_bytes(model: ConvAutoencoder, preprocess: Preprocess, extra: dict | None = None) -> tuple[bytes, str]:
+def _state(model: ConvAutoencoder) -> dict:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def to_bytes(model: ConvAutoencoder, preprocess: Preprocess, extra: dict | None = None,
+             anomaly_models: list[ConvAutoencoder] | None = None) -> tuple[bytes, str]:
     """Serialise (plain tensors, dicts, numbers and strings only) and return (bytes, version)."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {"format": FORMAT, "arch": model.arch.to_dict(), "preprocess": preprocess.to_dict(),
-               "state_dict": state, "extra": extra or {}}
+               "state_dict": _state(model), "extra": extra or {},
+               "anomaly_state_dicts": [_state(m) for m in anomaly_models or []],
+               "anomaly_archs": [m.arch.to_dict() for m in anomaly_models or []]}
     buf = io.BytesIO()
     torch.save(payload, buf)
     data = buf.getvalue()
@@ -42,8 +50,12 @@ def from_bytes(data: bytes, device: str | torch.device = "cpu") -> Checkpoint:
     payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     if payload.get("format") != FORMAT:
         raise ValueError(f"not an {FORMAT} checkpoint (format={payload.get('format')!r})")
-    model = ConvAutoencoder(AEArch(**payload["arch"]))
-    model.load_state_dict(payload["state_dict"])
-    model.to(device).eval()
+    models = []
+    states = [payload["state_dict"], *payload.get("anomaly_state_dicts", [])]
+    archs = [payload["arch"], *payload.get("anomaly_archs", [])]
+    for state, arch in zip(states, archs, strict=True):
+        model = ConvAutoencoder(AEArch(**arch))
+        model.load_state_dict(state)
+        models.append(model.to(device).eval())
     version = "ae-" + hashlib.sha256(data).hexdigest()[:12]
-    return Checkpoint(model, Preprocess(**payload["preprocess"]), version, payload.get("extra", {}))
+    return Checkpoint(models[0], Preprocess(**payload["preprocess"]), version, payload.get("extra", {}), models[1:])

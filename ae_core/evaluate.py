@@ -102,14 +102,23 @@ def probe(output: str, labels_url: str, key_col: str = "filename", label_col: st
             "logreg_accuracy": linear_probe_accuracy(data.x, data.y), "folds": FOLDS}
 
 
-def outliers(output: str, n: int = 20) -> list[dict]:
-    """The n images the model reconstructs worst: the highest anomaly scores (recon_error)."""
+def outliers(output: str, n: int = 20, by: str = "anomaly_score") -> list[dict]:
+    """The n most anomalous images: highest `by`, either anomaly_score (reconstruction error under
+    a model that never trained on the image; the default) or recon_error (the published model's
+    own error, which is low for rare images it memorised). Tables written before anomaly_score
+    existed, or without it, are ranked by recon_error."""
+    if by not in ("anomaly_score", "recon_error"):
+        raise AeError(f"--by {by!r}: choose anomaly_score or recon_error")
     pub = outputs.resolve(output)
-    tbl = table.read_table(pub.fs, pub.file(pub.manifest["files"]["embeddings"]), ["key", "recon_error"])
-    order = pc.sort_indices(tbl, sort_keys=[("recon_error", "descending"), ("key", "ascending")])
-    worst = tbl.take(order.slice(0, n))
-    return [{"rank": i + 1, "key": k, "recon_error": e}
-            for i, (k, e) in enumerate(zip(worst.column("key").to_pylist(), worst.column("recon_error").to_pylist()))]
+    path = pub.file(pub.manifest["files"]["embeddings"])
+    names = set(table.read_schema(pub.fs, path).names)
+    cols = ["key", "recon_error"] + (["anomaly_score"] if "anomaly_score" in names else [])
+    tbl = table.read_table(pub.fs, path, cols)
+    if by == "anomaly_score" and ("anomaly_score" not in names or tbl.column("anomaly_score").null_count):
+        by = "recon_error"
+    order = pc.sort_indices(tbl, sort_keys=[(by, "descending"), ("key", "ascending")])
+    worst = tbl.take(order.slice(0, n)).to_pylist()
+    return [{"rank": i + 1, "ranked_by": by, **row} for i, row in enumerate(worst)]
 
 
 def outlier_grid(output: str, keys: Sequence[str]) -> bytes:

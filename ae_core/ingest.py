@@ -20,10 +20,11 @@ from fsspec.spec import AbstractFileSystem
 
 from ae_core.decode import Preprocess, decode_image, fingerprint
 from ae_core.errors import DecodeError
-from ae_core.storage import ObjectInfo, iter_batches, read_many
+from ae_core.storage import ObjectInfo, is_local, iter_batches, read_many
 
 _IN_PROCESS_BELOW = 512  # objects; below this a process pool costs more to start than it saves
 _IN_PROCESS_MEDIAN_BYTES = 4096  # files smaller than this decode faster than they travel to a worker
+_TINY_FILES_IN_PROCESS_BELOW = 20_000  # ...unless there are so many that two cores pay off
 _IMAGE_FIELDS = ("key", "width", "height", "size_bytes", "fingerprint", "mode", "format")
 
 
@@ -124,13 +125,14 @@ def decode_workers(n_objects: int, requested: int, median_bytes: float = float("
     """Worker processes for decoding: 0 = in this process. Pure.
 
     `requested` > 0 is the user's choice (1 = in this process). Otherwise: in this process for
-    small corpora and for tiny files, where shipping bytes and pixels between processes costs
-    more than decoding (bench/ingest_bench.py: 28x28 PNGs decode at 15k/s in one process and at
-    12k/s through two workers); one worker per core otherwise.
+    small corpora, and for tiny files unless there are many of them: starting the workers
+    (~0.5 s) costs more than two cores save there (bench/ingest_bench.py: 10,000 28x28 PNGs at
+    14.1k/s in one process, 13.9k/s with two workers; 100,000 of them at 9.6k/s and 21.7k/s).
+    One worker per core otherwise.
     """
     if requested:
         return 0 if requested == 1 else requested
-    if n_objects < _IN_PROCESS_BELOW or median_bytes < _IN_PROCESS_MEDIAN_BYTES:
+    if n_objects < _IN_PROCESS_BELOW or (median_bytes < _IN_PROCESS_MEDIAN_BYTES and n_objects < _TINY_FILES_IN_PROCESS_BELOW):
         return 0
     return os.cpu_count() or 1
 
@@ -187,9 +189,17 @@ def _fetch(fs: AbstractFileSystem, batch: list[ObjectInfo]) -> list[tuple[str, i
     return items
 
 
+def fetch_and_decode(fs: AbstractFileSystem, batch: list[ObjectInfo], spec: Preprocess) -> list[tuple[dict, np.ndarray | None]]:
+    """Read and decode a batch in a worker process: for local files, where shipping the bytes
+    to the worker would cost as much as reading them there."""
+    return decode_batch(_fetch(fs, batch), spec)
+
+
 def _decode_shard(plan: ShardPlan, fs: AbstractFileSystem, spec: Preprocess, read_batch: int,
-                  pool: Executor, max_in_flight: int, on_done: Callable[[int], None]) -> tuple[ShardResult, list]:
-    """Fetch in batches (I/O here) while earlier batches decode in the pool."""
+                  pool: Executor, max_in_flight: int, on_done: Callable[[int], None],
+                  workers_read: bool = False) -> tuple[ShardResult, list]:
+    """Fetch in batches (I/O here, or in the workers for local files) while earlier batches
+    decode in the pool."""
     result, pixels = ShardResult(plan.index, None), []
     pending: deque[Future] = deque()
 
@@ -204,7 +214,10 @@ def _decode_shard(plan: ShardPlan, fs: AbstractFileSystem, spec: Preprocess, rea
         on_done(len(done))
 
     for batch in iter_batches(plan.objects, read_batch):
-        pending.append(pool.submit(decode_batch, _fetch(fs, batch), spec))
+        if workers_read:
+            pending.append(pool.submit(fetch_and_decode, fs, list(batch), spec))
+        else:
+            pending.append(pool.submit(decode_batch, _fetch(fs, batch), spec))
         while len(pending) > max_in_flight:
             drain_one()
     while pending:
@@ -230,7 +243,8 @@ def decode_corpus(objects: Sequence[ObjectInfo], fs: AbstractFileSystem, spec: P
                 on_done(len(plan.objects))
                 shards.append(cached)
                 continue
-            result, pixels = _decode_shard(plan, fs, spec, read_batch, pool, 2 * max(n_workers, 1), on_done)
+            result, pixels = _decode_shard(plan, fs, spec, read_batch, pool, 2 * max(n_workers, 1), on_done,
+                                           workers_read=bool(n_workers) and is_local(fs))
             shards.append(_save_shard(result, plan, spec, work_dir, pixels))
     finally:
         pool.shutdown(cancel_futures=True)

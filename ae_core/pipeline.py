@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 from ae_core import checkpoint, index as ae_index, outputs, report, table
 from ae_core.config import ModelConfig, RunConfig, TrainConfig
 from ae_core.decode import Preprocess
-from ae_core.encode import encode_pixels
+from ae_core.encode import anomaly_scores, encode_pixels, folds_of
 from ae_core.errors import AeError
 from ae_core.incremental import (SourceDiff, compatible, diff_listing, listing_from_table,
                                  retrain_decision, source_table)
@@ -41,7 +41,7 @@ from ae_core.plan import probe_corpus, resolve_model_config
 from ae_core.quality import pca_comparison
 from ae_core.storage import (ObjectInfo, check_store, display_url, join, list_objects, open_store,
                              put_file_atomic, same_or_inside, write_bytes_atomic)
-from ae_core.train import train_autoencoder
+from ae_core.train import train_autoencoder, train_fold_models
 
 
 @dataclass
@@ -224,7 +224,7 @@ def pretrain(ctx: RunContext, corpus: DecodedCorpus, plan: RunPlan) -> checkpoin
                       f"{len(corpus.rejects)} objects could be decoded as an image; see the rejects")
     with ctx.timed("pretrain"):
         return train_and_save(ctx.out_fs, ctx.run_dir, corpus.pixels(), corpus.spec, plan.model,
-                              ctx.config.train, ctx.run_id)
+                              ctx.config.train, ctx.run_id, [img["key"] for img in corpus.images])
 
 
 def load_stage_checkpoint(fs: AbstractFileSystem, run_dir: str) -> checkpoint.Checkpoint | None:
@@ -238,8 +238,9 @@ def load_stage_checkpoint(fs: AbstractFileSystem, run_dir: str) -> checkpoint.Ch
 
 
 def train_and_save(fs: AbstractFileSystem, run_dir: str, pixels: np.ndarray, spec: Preprocess,
-                   model: ModelConfig, train: TrainConfig, run_id: str) -> checkpoint.Checkpoint:
-    """Train an autoencoder of the resolved `model` shape and write model.pt into `run_dir`."""
+                   model: ModelConfig, train: TrainConfig, run_id: str, keys: list[str]) -> checkpoint.Checkpoint:
+    """Train an autoencoder of the resolved `model` shape, and the two fold models behind
+    anomaly_score, and write them all into `run_dir`/model.pt."""
     arch = AEArch(dim=model.dim, image_size=model.image_size, channels=model.channels,
                   width=model.width, blocks_per_stage=model.blocks_per_stage)
     with tqdm(desc="pretrain", unit="epoch", disable=None) as bar:
@@ -247,10 +248,14 @@ def train_and_save(fs: AbstractFileSystem, run_dir: str, pixels: np.ndarray, spe
             bar.update(1)
             bar.set_postfix(train=f"{rec['train_mse']:.5f}", val=f"{rec['val_mse'] or 0:.5f}")
         result = train_autoencoder(pixels, arch, train, on_epoch)
-    extra = {"train": result.summary(), "run_id": run_id}
-    data, version = checkpoint.to_bytes(result.model, spec, extra)
+    t0 = time.perf_counter()
+    fold_models = train_fold_models(pixels, folds_of(keys), arch, train)
+    summary = {**result.summary(), "anomaly_models": len(fold_models),
+               "anomaly_seconds": round(time.perf_counter() - t0, 2)}
+    extra = {"train": summary, "run_id": run_id}
+    data, version = checkpoint.to_bytes(result.model, spec, extra, fold_models)
     write_bytes_atomic(fs, join(run_dir, outputs.CHECKPOINT), data)
-    return checkpoint.Checkpoint(result.model, spec, version, extra)
+    return checkpoint.Checkpoint(result.model, spec, version, extra, fold_models)
 
 
 # ---- the pretrain stage on another work pool (GPU workers) ------------------------------------
@@ -265,7 +270,8 @@ def stage_pixels(ctx: RunContext, corpus: DecodedCorpus, plan: RunPlan) -> str:
         for i, shard in enumerate(shards):
             put_file_atomic(ctx.out_fs, shard.pixels_path, join(stage, f"pixels-{i:05d}.npy"))
         meta = {"spec": corpus.spec.to_dict(), "model": plan.model.model_dump(mode="json"),
-                "train": ctx.config.train.model_dump(mode="json"), "shards": len(shards)}
+                "train": ctx.config.train.model_dump(mode="json"), "shards": len(shards),
+                "keys": [img["key"] for img in corpus.images]}
         write_bytes_atomic(ctx.out_fs, join(stage, "stage.json"), json.dumps(meta).encode())
     return display_url(ctx.out_fs, stage)
 
@@ -288,7 +294,7 @@ def pretrain_from_stage(run_url: str, run_id: str,
             parts.append(np.load(local))
         pixels = np.concatenate(parts)
     ckpt = train_and_save(fs, run_dir, pixels, Preprocess(**meta["spec"]), ModelConfig(**meta["model"]),
-                          TrainConfig(**meta["train"]), run_id)
+                          TrainConfig(**meta["train"]), run_id, meta["keys"])
     return ckpt.version
 
 
@@ -317,7 +323,10 @@ def _carried(ctx: RunContext, plan: RunPlan, name: str) -> pa.Table | None:
 def _merge(carried: pa.Table | None, fresh: pa.Table) -> pa.Table:
     if carried is None or carried.num_rows == 0:
         return fresh
-    merged = pa.concat_tables([carried.cast(fresh.schema), fresh]).sort_by("key")
+    for f in fresh.schema:  # a column added since the carried table was written: null there
+        if f.name not in carried.column_names:
+            carried = carried.append_column(f.name, pa.nulls(carried.num_rows, f.type))
+    merged = pa.concat_tables([carried.select(fresh.column_names).cast(fresh.schema), fresh]).sort_by("key")
     return merged.replace_schema_metadata(fresh.schema.metadata)
 
 
@@ -326,11 +335,14 @@ def encode_corpus(ctx: RunContext, corpus: DecodedCorpus, ckpt: checkpoint.Check
     pixels = corpus.pixels()
     with ctx.timed("encode"), tqdm(total=len(pixels), desc="encode", unit="img", disable=None) as bar:
         emb, err = encode_pixels(ckpt.model, pixels, ctx.config.encode.batch_size, bar.update)
+        anomaly = (anomaly_scores(ckpt.anomaly_models, pixels, folds_of([img["key"] for img in corpus.images]),
+                                  ctx.config.encode.batch_size) if ckpt.anomaly_models else None)
         meta = {"model_version": ckpt.version, "dim": ckpt.model.arch.dim,
                 "image_size": ckpt.preprocess.image_size, "channels": ckpt.preprocess.channels,
                 "resize": ckpt.preprocess.resize, "run_id": ctx.run_id, "metric": "l2",
-                "recon_error": "mean squared error per pixel on [0,1] at the model's input size"}
-        embeddings = _merge(_carried(ctx, plan, "embeddings"), table.embeddings_table(corpus.images, emb, err, meta))
+                "recon_error": "mean squared error per pixel on [0,1] at the model's input size",
+                "anomaly_score": "recon_error under the fold model not trained on the image (held out)"}
+        embeddings = _merge(_carried(ctx, plan, "embeddings"), table.embeddings_table(corpus.images, emb, err, meta, anomaly))
         rejects = _merge(_carried(ctx, plan, "rejects"), table.rejects_table(corpus.rejects))
         table.write_table(ctx.out_fs, ctx.out(outputs.EMBEDDINGS), embeddings)
         table.write_table(ctx.out_fs, ctx.out(outputs.REJECTS), rejects)

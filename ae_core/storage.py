@@ -46,12 +46,12 @@ def open_store(url: str, options: Mapping[str, dict] | None = None) -> tuple[Abs
 
 def display_url(fs: AbstractFileSystem, path: str) -> str:
     """A URL for users: a plain absolute path for local files (faiss and pandas open those)."""
-    if _is_local(fs):
+    if is_local(fs):
         return path
     return fs.unstrip_protocol(path)
 
 
-def _is_local(fs: AbstractFileSystem) -> bool:
+def is_local(fs: AbstractFileSystem) -> bool:
     return _protocol(fs) in ("file", "local")
 
 
@@ -181,7 +181,7 @@ def read_text(fs: AbstractFileSystem, path: str) -> str:
 def fetch_to_local(url: str, local_dir: str) -> str:
     """Copy one object to a local folder (faiss and torch read local files) and return its path."""
     fs, path = open_store(url)
-    if _is_local(fs):
+    if is_local(fs):
         return path
     dest = os.path.join(local_dir, posixpath.basename(path))
     fs.get_file(path, dest)

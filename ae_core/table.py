@@ -32,7 +32,7 @@ def embedding_array(emb: np.ndarray) -> pa.FixedSizeListArray:
 
 
 def embeddings_table(images: Sequence[dict], emb: np.ndarray, recon_error: np.ndarray,
-                     metadata: dict) -> pa.Table:
+                     metadata: dict, anomaly_score: np.ndarray | None = None) -> pa.Table:
     """Build the table; `metadata` (model version, dim, input size, channels...) goes in the schema."""
     if not (len(images) == len(emb) == len(recon_error)):
         raise ValueError("images, embeddings and errors differ in length")
@@ -40,6 +40,8 @@ def embeddings_table(images: Sequence[dict], emb: np.ndarray, recon_error: np.nd
         "key": pa.array([i["key"] for i in images], pa.string()),
         "embedding": embedding_array(np.asarray(emb).reshape(len(images), emb.shape[-1])),
         "recon_error": pa.array(np.asarray(recon_error, np.float32), pa.float32()),
+        "anomaly_score": (pa.array(np.asarray(anomaly_score, np.float32), pa.float32())
+                          if anomaly_score is not None else pa.nulls(len(images), pa.float32())),
         "width": pa.array([i["width"] for i in images], pa.int32()),
         "height": pa.array([i["height"] for i in images], pa.int32()),
         "size_bytes": pa.array([i["size_bytes"] for i in images], pa.int64()),
@@ -66,6 +68,11 @@ def write_table(fs: AbstractFileSystem, path: str, table: pa.Table) -> None:
 def read_table(fs: AbstractFileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
     with fs.open(path, "rb") as f:
         return pq.read_table(f, columns=columns)
+
+
+def read_schema(fs: AbstractFileSystem, path: str) -> pa.Schema:
+    with fs.open(path, "rb") as f:
+        return pq.read_schema(f)
 
 
 def table_metadata(table: pa.Table) -> dict:

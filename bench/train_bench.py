@@ -19,7 +19,6 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ae_core.config import TrainConfig  # noqa: E402
@@ -29,22 +28,9 @@ from ae_core.model import AEArch, ConvAutoencoder  # noqa: E402
 from ae_core.storage import list_objects  # noqa: E402
 from ae_core.train import set_threads, train_autoencoder  # noqa: E402
 from bench.common import machine, table  # noqa: E402
+from bench.naive import PerFileDataset  # noqa: E402
 
 BATCH = 128
-
-
-class PerFileDataset(torch.utils.data.Dataset):
-    """The naive reference: decode the file again on every access."""
-
-    def __init__(self, paths: list[str], size: int) -> None:
-        self.paths, self.size = paths, size
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        img = Image.open(self.paths[i]).convert("L").resize((self.size, self.size))
-        return torch.from_numpy(np.asarray(img, np.float32) / 255.0)[None]
 
 
 def naive_epochs(paths: list[str], arch: AEArch, epochs: int) -> list[float]:

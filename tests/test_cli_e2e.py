@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ae_core import checkpoint, query
-from ae_core.encode import encode_pixels
+from ae_core.encode import anomaly_scores, encode_pixels, folds_of
 from ae_core.decode import decode_image
 
 pytestmark = pytest.mark.slow
@@ -84,6 +84,13 @@ def test_recon_error_matches_checkpoint_recomputation(digits_run, mnist_subset):
     emb, err = encode_pixels(ckpt.model, px)
     assert np.allclose(err, df.loc[keys, "recon_error"].to_numpy(), atol=1e-5)
     assert np.allclose(emb, np.stack(df.loc[keys, "embedding"].to_numpy()), atol=1e-4)
+    # anomaly_score: each image scored by the fold model that did not train on it
+    assert len(ckpt.anomaly_models) == 2
+    folds = folds_of(keys)
+    assert 0 < folds.sum() < len(keys)
+    expected = [encode_pixels(ckpt.anomaly_models[1 - f], px[i:i + 1])[1][0] for i, f in enumerate(folds)]
+    assert np.allclose(expected, df.loc[keys, "anomaly_score"].to_numpy(), atol=1e-5)
+    assert np.allclose(anomaly_scores(ckpt.anomaly_models, px, folds), expected, atol=1e-6)
 
 
 def test_neighbours_of_a_new_image_file(digits_run, mnist_subset, tmp_path):

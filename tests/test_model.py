@@ -64,3 +64,37 @@ def test_checkpoint_round_trip_is_exact_and_weights_only():
     x = torch.rand(3, 1, 16, 16)
     with torch.no_grad():
         assert torch.equal(model(x)[0], loaded.model(x)[0])
+
+
+def test_checkpoint_carries_the_anomaly_fold_models_with_their_own_shape():
+    torch.manual_seed(2)
+    model = ConvAutoencoder(AEArch(8, 16, 1, blocks_per_stage=1)).eval()
+    folds = [ConvAutoencoder(AEArch(8, 16, 1, blocks_per_stage=0)).eval() for _ in range(2)]
+    data, _ = checkpoint.to_bytes(model, Preprocess(16, 1), {}, folds)
+    loaded = checkpoint.from_bytes(data)
+    assert [m.arch for m in loaded.anomaly_models] == [f.arch for f in folds]
+    x = torch.rand(2, 1, 16, 16)
+    with torch.no_grad():
+        for original, back in zip(folds, loaded.anomaly_models):
+            assert torch.equal(original(x)[1], back(x)[1])
+    assert checkpoint.from_bytes(checkpoint.to_bytes(model, Preprocess(16, 1))[0]).anomaly_models == []
+
+
+def test_fold_models_train_on_their_own_fold_only():
+    from ae_core.config import TrainConfig
+    from ae_core.encode import anomaly_scores, folds_of
+    from ae_core.train import train_fold_models
+
+    rng = np.random.default_rng(0)
+    keys = [f"img-{i:03d}.png" for i in range(64)]
+    folds = folds_of(keys)
+    assert set(folds.tolist()) == {0, 1} and folds_of(keys).tolist() == folds.tolist()  # stable
+    # fold 0 holds dark images, fold 1 bright ones: each model only knows its own kind
+    pixels = np.where(folds[:, None, None, None] == 0, rng.integers(0, 40, (64, 1, 16, 16)),
+                      rng.integers(215, 256, (64, 1, 16, 16))).astype(np.uint8)
+    models = train_fold_models(pixels, folds, AEArch(4, 16, 1), TrainConfig(anomaly_steps=60, batch_size=16))
+    assert len(models) == 2 and all(m.arch.blocks_per_stage == 0 for m in models)
+    held_out = anomaly_scores(models, pixels, folds)
+    swapped = anomaly_scores(models[::-1], pixels, folds)  # each image by the model that saw its fold
+    assert (held_out > swapped).all()
+    assert train_fold_models(pixels, folds, AEArch(4, 16, 1), TrainConfig(anomaly_steps=0)) == []

@@ -69,6 +69,8 @@ def test_decode_workers(n, requested, median_bytes, workers):
 def test_decode_workers_default_is_core_count_for_large_files():
     import os
     assert decode_workers(10_000, 0, 50_000) == (os.cpu_count() or 1)
+    assert decode_workers(19_999, 0, 300) == 0  # tiny files: the pool's start costs more
+    assert decode_workers(100_000, 0, 300) == (os.cpu_count() or 1)  # ...until there are many
 
 
 def test_lr_schedule_warms_up_and_anneals():
