@@ -60,6 +60,8 @@ def test_s3_to_s3_then_incremental(corpus_400):
     df = pd.read_parquet(info["embeddings"], storage_options={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})
     assert len(df) == 405 and df.key.is_unique
     assert set(df.key) == set(_names(5, 410))
+    # new rows are scored by the published model's fold models, carried rows keep their scores
+    assert df.anomaly_score.notna().all() and (df.anomaly_score > 0).all()
     # every key, carried over or new, is its own nearest neighbour in the rebuilt index
     for key in ("00005.png", "00399.png", "00400.png", "00409.png"):
         hit = json.loads(ae("neighbours", out, "--key", key, "-k", 1, "--json").stdout)["neighbours"][0]
