@@ -62,21 +62,53 @@ class DecodedCorpus:
 
     def take(self, rows: Sequence[int]) -> np.ndarray:
         """Some images by table row, read from the memory-mapped shards (no copy of the rest)."""
-        parts = [np.load(s.pixels_path, mmap_mode="r") for s in self.shards if s.pixels_path]
-        starts = np.cumsum([0] + [len(p) for p in parts])
-        out = np.empty((len(rows), self.spec.channels, self.spec.image_size, self.spec.image_size), np.uint8)
-        for j, row in enumerate(rows):
-            shard = int(np.searchsorted(starts, row, side="right")) - 1
-            out[j] = parts[shard][row - starts[shard]]
+        return self.pixels()[np.asarray(rows, np.int64)]
+
+    def pixels(self) -> ShardedPixels:
+        """All good images, (N, channels, size, size) uint8, in table order, read on demand."""
+        c, n = self.spec.channels, self.spec.image_size
+        return ShardedPixels([s.pixels_path for s in self.shards if s.pixels_path], (c, n, n))
+
+
+class ShardedPixels:
+    """The decoded pixels of a corpus, (N, C, H, W) uint8, as a view over the memory-mapped cache
+    shards. Indexing with a slice or an integer array returns an in-memory copy of those rows
+    only; `np.asarray` copies everything. Training and encoding gather their batches from it, so
+    the pixels live in the OS page cache (evictable under memory pressure), not in the process's
+    own memory."""
+
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, paths: Sequence[str], image_shape: tuple[int, int, int]) -> None:
+        self._parts = [np.load(p, mmap_mode="r") for p in paths]
+        self._starts = np.cumsum([0] + [len(p) for p in self._parts])
+        self.shape = (int(self._starts[-1]), *image_shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:  # noqa: ANN001 - as numpy: int, slice, rows, tuple
+        if isinstance(index, tuple):  # rows first, then within each image
+            head = self[index[0]]
+            return head[index[1:]] if np.ndim(index[0]) == 0 and not isinstance(index[0], slice) \
+                else head[(slice(None), *index[1:])]
+        if isinstance(index, (int, np.integer)):
+            return self[np.array([index if index >= 0 else len(self) + index])][0]
+        rows = np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(index, np.int64)
+        if rows.ndim != 1:
+            raise IndexError("index ShardedPixels with an int, a slice or a 1-d array of rows")
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"rows outside 0..{len(self) - 1}")
+        out = np.empty((len(rows), *self.shape[1:]), np.uint8)
+        shard = np.searchsorted(self._starts, rows, side="right") - 1
+        for s in np.unique(shard):
+            hit = shard == s
+            out[hit] = self._parts[s][rows[hit] - self._starts[s]]
         return out
 
-    def pixels(self) -> np.ndarray:
-        """All good images, (N, channels, size, size) uint8, in table order."""
-        parts = [np.load(s.pixels_path, mmap_mode="r") for s in self.shards if s.pixels_path]
-        if not parts:
-            c, n = self.spec.channels, self.spec.image_size
-            return np.zeros((0, c, n, n), np.uint8)
-        return np.concatenate(parts)
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype)
 
 
 def plan_shards(objects: Sequence[ObjectInfo], shard_size: int) -> list[ShardPlan]:

@@ -35,7 +35,7 @@ from ae_core.encode import anomaly_scores, encode_pixels, folds_of
 from ae_core.errors import AeError
 from ae_core.incremental import (SourceDiff, compatible, diff_listing, listing_from_table,
                                  retrain_decision, source_table)
-from ae_core.ingest import DecodedCorpus, decode_corpus
+from ae_core.ingest import DecodedCorpus, ShardedPixels, decode_corpus
 from ae_core.model import AEArch
 from ae_core.plan import probe_corpus, resolve_model_config
 from ae_core.quality import pca_comparison
@@ -286,15 +286,15 @@ def pretrain_from_stage(run_url: str, run_id: str,
         return done.version
     stage = join(run_dir, STAGE_DIR)
     meta = json.loads(fs.cat_file(join(stage, "stage.json")))
+    spec = Preprocess(**meta["spec"])
     with tempfile.TemporaryDirectory() as tmp:
-        parts = []
+        paths = []
         for i in range(meta["shards"]):
-            local = os.path.join(tmp, f"pixels-{i:05d}.npy")
-            fs.get_file(join(stage, f"pixels-{i:05d}.npy"), local)
-            parts.append(np.load(local))
-        pixels = np.concatenate(parts)
-    ckpt = train_and_save(fs, run_dir, pixels, Preprocess(**meta["spec"]), ModelConfig(**meta["model"]),
-                          TrainConfig(**meta["train"]), run_id, meta["keys"])
+            paths.append(os.path.join(tmp, f"pixels-{i:05d}.npy"))
+            fs.get_file(join(stage, f"pixels-{i:05d}.npy"), paths[-1])
+        pixels = ShardedPixels(paths, (spec.channels, spec.image_size, spec.image_size))
+        ckpt = train_and_save(fs, run_dir, pixels, spec, ModelConfig(**meta["model"]),
+                              TrainConfig(**meta["train"]), run_id, meta["keys"])
     return ckpt.version
 
 

@@ -100,3 +100,21 @@ def test_process_pool_path_gives_the_same_pixels(tmp_path):
     inline = ingest.decode_corpus(objects, fs, spec, str(tmp_path / "b"), workers=1, shard_size=256)
     assert len(pooled) == 600 and pooled.images == inline.images
     assert np.array_equal(pooled.pixels(), inline.pixels())
+
+
+def test_sharded_pixels_index_like_the_concatenated_array(tmp_path):
+    rng = np.random.default_rng(0)
+    full = rng.integers(0, 256, (23, 1, 4, 4)).astype(np.uint8)
+    paths = []
+    for i, (a, b) in enumerate([(0, 10), (10, 10), (10, 23)]):  # the middle shard is empty
+        np.save(tmp_path / f"{i}.npy", full[a:b])
+        paths.append(str(tmp_path / f"{i}.npy"))
+    px = ingest.ShardedPixels(paths, (1, 4, 4))
+    assert len(px) == 23 and px.shape == full.shape and np.array_equal(np.asarray(px), full)
+    for index in (slice(None), slice(5, 15), slice(20, 30), [0, 22, 11, 3], np.arange(23)[::-1], []):
+        assert np.array_equal(px[index], full[index]), index
+    assert np.array_equal(px[7], full[7]) and np.array_equal(px[-1], full[-1])
+    assert np.array_equal(px[1, 0], full[1, 0]) and np.array_equal(px[[1, 2], 0], full[[1, 2], 0])
+    with pytest.raises(IndexError):
+        px[[23]]
+    assert len(ingest.ShardedPixels([], (1, 4, 4))) == 0
