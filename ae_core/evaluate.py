@@ -78,16 +78,20 @@ class Labelled:
     unmatched_rows: int
 
 
+def match_labels(keys: Sequence[str], labels: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    """(positions of the keys that have a label, their labels); AeError when none has one."""
+    matched = [(i, lab) for i, lab in ((i, label_of(labels, k)) for i, k in enumerate(keys)) if lab is not None]
+    if not matched:
+        raise AeError("no image key matches a key of the labels file; check --key-col")
+    return np.array([i for i, _ in matched]), np.array([lab for _, lab in matched])
+
+
 def join_labels(tbl: pa.Table, labels: dict[str, str]) -> Labelled:
     """Rows of the embedding table whose key has a label (the key itself, or its file name)."""
     keys = tbl.column("key").to_pylist()
-    matched = [(i, label_of(labels, k)) for i, k in enumerate(keys)]
-    matched = [(i, lab) for i, lab in matched if lab is not None]
-    if not matched:
-        raise AeError("no key of the table matches a key of the labels file; check --key-col")
-    rows = np.array([i for i, _ in matched])
+    rows, y = match_labels(keys, labels)
     emb = table.embeddings_matrix(tbl)[rows]
-    return Labelled([keys[i] for i in rows], emb, np.array([lab for _, lab in matched]), len(keys) - len(rows))
+    return Labelled([keys[i] for i in rows], emb, y, len(keys) - len(rows))
 
 
 def probe(output: str, labels_url: str, key_col: str = "filename", label_col: str = "label") -> dict:
@@ -159,13 +163,7 @@ def evaluate_corpus(source: str, labels_url: str, key_col: str, label_col: str, 
         plan = pipeline.plan_run(ctx, pipeline.list_source(ctx))
         corpus = pipeline.decode_source(ctx, plan)
         pixels = np.asarray(corpus.pixels())
-    labels = read_labels(labels_url, key_col, label_col)
-    keys = [img["key"] for img in corpus.images]
-    found = [label_of(labels, k) for k in keys]
-    have = np.array([lab is not None for lab in found])
-    if not have.any():
-        raise AeError("no image key matches a key of the labels file; check --key-col")
-    y = np.array([lab for lab in found if lab is not None])
+    have, y = match_labels([img["key"] for img in corpus.images], read_labels(labels_url, key_col, label_col))
     raw = pixels.reshape(len(pixels), -1).astype(np.float32) / 255.0
     raw_knn = knn_accuracy(raw[have], y)
     pca = pca_fits(raw, dims)  # one SVD serves every dimension

@@ -156,6 +156,13 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     return np.sqrt(np.maximum(d2, 0)), ids
 
 
+def exact_search(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Ids of the k nearest rows of `base` to each query, by brute force (for a few queries)."""
+    base = np.ascontiguousarray(base, dtype=np.float32)
+    _, ids = faiss.knn(np.ascontiguousarray(queries, dtype=np.float32), base, max(1, min(k, len(base))))
+    return ids
+
+
 def self_hit_rate(index: faiss.Index, emb: np.ndarray, sample: int = 1000, seed: int = 0) -> float:
     """Share of sampled rows whose nearest neighbour is the row itself (or an exact duplicate)."""
     n = len(emb)

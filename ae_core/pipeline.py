@@ -332,17 +332,17 @@ def _merge(carried: pa.Table | None, fresh: pa.Table) -> pa.Table:
 
 def encode_corpus(ctx: RunContext, corpus: DecodedCorpus, ckpt: checkpoint.Checkpoint, plan: RunPlan) -> Encoded:
     """Embed the decoded images, merge carried-over rows, and write the run's three tables."""
-    pixels = corpus.pixels()
+    pixels, images = corpus.pixels(), corpus.images
     with ctx.timed("encode"), tqdm(total=len(pixels), desc="encode", unit="img", disable=None) as bar:
         emb, err = encode_pixels(ckpt.model, pixels, ctx.config.encode.batch_size, bar.update)
-        anomaly = (anomaly_scores(ckpt.anomaly_models, pixels, folds_of([img["key"] for img in corpus.images]),
+        anomaly = (anomaly_scores(ckpt.anomaly_models, pixels, folds_of([img["key"] for img in images]),
                                   ctx.config.encode.batch_size) if ckpt.anomaly_models else None)
         meta = {"model_version": ckpt.version, "dim": ckpt.model.arch.dim,
                 "image_size": ckpt.preprocess.image_size, "channels": ckpt.preprocess.channels,
                 "resize": ckpt.preprocess.resize, "run_id": ctx.run_id, "metric": "l2",
                 "recon_error": "mean squared error per pixel on [0,1] at the model's input size",
                 "anomaly_score": "recon_error under the fold model not trained on the image (held out)"}
-        embeddings = _merge(_carried(ctx, plan, "embeddings"), table.embeddings_table(corpus.images, emb, err, meta, anomaly))
+        embeddings = _merge(_carried(ctx, plan, "embeddings"), table.embeddings_table(images, emb, err, meta, anomaly))
         rejects = _merge(_carried(ctx, plan, "rejects"), table.rejects_table(corpus.rejects))
         table.write_table(ctx.out_fs, ctx.out(outputs.EMBEDDINGS), embeddings)
         table.write_table(ctx.out_fs, ctx.out(outputs.REJECTS), rejects)
@@ -393,8 +393,8 @@ def draw_report(ctx: RunContext, corpus: DecodedCorpus, ckpt: checkpoint.Checkpo
         drawn[titles[1]] = PICTURES[titles[1]]
         if plan.retrain:  # every table row was decoded in this run, in table order
             queries = rows[:NEIGHBOUR_QUERIES]
-            idx = ae_index.from_bytes(ctx.out_fs.cat_file(ctx.out(outputs.INDEX)))  # what was published
-            _, ids = ae_index.search(idx, encoded.embeddings[queries], NEIGHBOURS_SHOWN + 1)
+            # exact neighbours from the embeddings in memory: no download of the index just written
+            ids = ae_index.exact_search(encoded.embeddings, encoded.embeddings[queries], NEIGHBOURS_SHOWN + 1)
             hits = [[q] + [int(i) for i in found if i >= 0 and i != q][:NEIGHBOURS_SHOWN]
                     for q, found in zip(queries, ids)]
             grid = [list(corpus.take(row)) for row in hits]

@@ -48,9 +48,7 @@ def bench(n: int, dim: int, n_queries: int, budget_mb: int) -> list[dict]:
     t0 = time.perf_counter()
     index, info = ae_index.build_index(emb, IndexConfig(memory_budget_mb=budget_mb, recall_queries=n_queries))
     build_s = time.perf_counter() - t0
-    _, truth = exact.search(queries, 10)
-    _, got = index.search(queries, 10)
-    recall = float(np.mean([len(set(t) & set(g)) / 10 for t, g in zip(truth, got)]))
+    recall, _ = ae_index.measure_recall(index, exact, queries)
     chosen_qps = qps(index, queries)
     return [{"vectors": n, "index": "exact (Flat)", "build_s": 0.0, "memory_mb": n * dim * 4 / 2**20,
              "queries_per_s": exact_qps, "recall@10": 1.0, "speedup": 1.0},

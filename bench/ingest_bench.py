@@ -18,11 +18,8 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import fsspec
@@ -34,6 +31,9 @@ from ae_core.decode import Preprocess  # noqa: E402
 from ae_core.ingest import decode_corpus  # noqa: E402
 from ae_core.storage import iter_batches, list_objects, open_store  # noqa: E402
 from bench.common import machine, median_time, table  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from moto_server import start_moto  # noqa: E402  (the tests' helper: moto's server on loopback)
 
 SPEC = Preprocess(image_size=28, channels=1)
 PHOTO_SPEC = Preprocess(image_size=64, channels=3)
@@ -90,23 +90,6 @@ def raw_concurrent_fetch(url: str, spec: Preprocess = SPEC) -> int:  # noqa: ARG
 
 def rate(fn, url: str, n: int, repeats: int, spec: Preprocess = SPEC) -> float:
     return n / median_time(lambda: fn(url, spec), repeats)
-
-
-def start_moto() -> tuple[subprocess.Popen, str]:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=1)
-            return proc, url
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("moto_server did not start")
 
 
 def main() -> None:

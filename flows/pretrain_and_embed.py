@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 
-from ae_core import pipeline
+from ae_core import outputs, pipeline
 from ae_core.config import (EncodeConfig, IndexConfig, IngestConfig, ModelConfig, PublishConfig,
                             RunConfig, TrainConfig)
 from ae_core.storage import display_url
@@ -40,8 +40,8 @@ def pretrain_on_pool(ctx: pipeline.RunContext, corpus, plan: pipeline.RunPlan, d
                      aws_credentials_block: str | None) -> None:
     """Stage the pixels in the run folder and run the pretrain stage's deployment; it writes the
     checkpoint that the local pretrain task then picks up."""
-    if not plan.retrain or pipeline.load_stage_checkpoint(ctx.out_fs, ctx.run_dir) is not None:
-        return
+    if not plan.retrain or ctx.out_fs.exists(ctx.out(outputs.CHECKPOINT)):
+        return  # reused model, or an earlier attempt's stage already wrote it
     pipeline.stage_pixels(ctx, corpus, plan)
     child = run_deployment(deployment, timeout=None, parameters={
         "run_url": display_url(ctx.out_fs, ctx.run_dir), "run_id": ctx.run_id,

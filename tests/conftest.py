@@ -22,6 +22,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from moto_server import start_moto  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -54,40 +55,10 @@ def mixed_corpus(tmp_path_factory):
 SECRET = "test-secret-key-that-must-never-be-printed"
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_moto(extra_env: dict | None = None):
-    import subprocess
-    import time
-    import urllib.request
-
-    port = _free_port()
-    exe = Path(sys.executable).parent / "moto_server"
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, **(extra_env or {})})
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=1)
-            return proc, url
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError("moto_server exited at start")
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("moto_server did not start")
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """moto's S3 server on a free loopback port; the AWS variables point every client at it."""
-    proc, url = _start_moto()
+    proc, url = start_moto()
     env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": SECRET,
            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent"}
     saved = {k: os.environ.get(k) for k in env}

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MNIST, ROOT, _free_port
+from conftest import MNIST, ROOT
+from moto_server import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +23,7 @@ LOCAL = ROOT / "infra" / "local.sh"
 def local_prefect(tmp_path_factory):
     """A Prefect server on a free loopback port, two process pools and their workers."""
     state = tmp_path_factory.mktemp("prefect-local")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "AE_STATE_DIR": str(state), "AE_PREFECT_PORT": str(port),
            "AE_BIN": str(Path(os.sys.executable).parent), "PREFECT_WORKER_QUERY_SECONDS": "1",
            "AE_POOLS": "ae-cpu ae-gpu-standin", "AE_WATCH_TIMEOUT": "600"}

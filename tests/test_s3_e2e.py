@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 import s3fs
 
-from conftest import MNIST, SECRET, _free_port, _start_moto, upload_folder
+from conftest import MNIST, SECRET, upload_folder
+from moto_server import free_port, start_moto
 from test_cli_e2e import assert_one_line_error, ae
 
 pytestmark = pytest.mark.slow
@@ -133,7 +134,7 @@ def test_store_errors_stop_before_writing(s3_bucket, tmp_path):
     _assert_nothing_written(s3_bucket)
     assert not (tmp_path / "out").exists()
 
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     proc = _with_env(["run", src, tmp_path / "out"], AWS_ENDPOINT_URL=dead)
     assert_one_line_error(proc, src, "cannot reach", dead)
     assert not (tmp_path / "out").exists()
@@ -142,7 +143,7 @@ def test_store_errors_stop_before_writing(s3_bucket, tmp_path):
 
 
 def test_bad_credentials_are_one_line_without_secrets(tmp_path):
-    proc_server, url = _start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})  # moto checks keys here
+    proc_server, url = start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})  # moto checks keys here
     try:
         proc = _with_env(["run", "s3://corpus/faces", tmp_path / "out"], AWS_ENDPOINT_URL=url)
         assert_one_line_error(proc, "s3://corpus/faces", "access denied", "AWS_ACCESS_KEY_ID")
