@@ -262,8 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default): reuse the published model unless the corpus changed by more "
                    "than --retrain-fraction")
     r.add_argument("--retrain-fraction", type=float, help="default 0.2")
-    r.add_argument("--index-kind", choices=("auto", "flat", "hnsw", "ivf"),
-                   help="auto (default): exact search up to 200,000 vectors, then HNSW or IVF by memory")
+    r.add_argument("--index-kind", choices=("auto", "flat", "hnsw", "ivf", "ivfpq"),
+                   help="auto (default): exact search up to 200,000 vectors, then HNSW, IVF or IVF-PQ with "
+                   "exact re-ranking, by the memory budget")
     r.add_argument("--index-memory-mb", type=int, help="memory budget of the index (default 4096)")
     r.add_argument("--recall-floor", type=float, help="approximate indexes under this recall@10 are "
                    "not published (default 0.95)")

@@ -75,11 +75,12 @@ class EncodeConfig(_Frozen):
 class IndexConfig(_Frozen):
     """FAISS index settings. Ids of the index are row positions in the embedding table."""
 
-    kind: Literal["auto", "flat", "hnsw", "ivf"] = Field(
-        "auto", description="auto: exact search while it is fast enough, then HNSW or IVF by the "
-        "memory budget (see ae_core.index.choose_index)")
+    kind: Literal["auto", "flat", "hnsw", "ivf", "ivfpq"] = Field(
+        "auto", description="auto: exact search while it is fast enough, then HNSW, IVF or (under a "
+        "tight budget) IVF-PQ with exact re-ranking by the memory budget (see ae_core.index.choose_index)")
     metric: Literal["l2"] = "l2"
-    memory_budget_mb: int = Field(4096, gt=0, description="the index must fit in this much memory")
+    memory_budget_mb: int = Field(4096, gt=0, description="the loaded index must fit in this much "
+                                  "memory (IVF-PQ's re-ranking vectors are memory-mapped from its file)")
     recall_floor: float = Field(0.95, ge=0, le=1, description="recall@10 against exact search below "
                                 "which an approximate index is not published")
     recall_queries: int = Field(1000, gt=0, description="sampled rows used to measure recall")

@@ -125,6 +125,8 @@ def _normalise_mode(img: Image.Image, channels: int) -> Image.Image:
 
 def _resize(img: Image.Image, size: int, how: str) -> Image.Image:
     w, h = img.size
+    if (w, h) == (size, size):
+        return img  # already the model's size: any resize mode is the identity
     if how == "stretch":
         return img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
     if how == "crop":

@@ -2,13 +2,19 @@
 
 The kind of index is a small pure function of the vector count, the dimension and a memory
 budget (`choose_index`), in the spirit of autofaiss: exact search while it is fast enough, HNSW
-when its graph fits the budget, IVF-Flat otherwise. Every approximate build is tuned and measured:
-recall@10 against exact search on held-out rows must reach the floor, or the index is refused.
+when its graph fits the budget, IVF-Flat when only the vectors fit, and under a tighter budget
+IVF-PQ with exact re-ranking: compressed codes in memory pick candidates, and their exact
+distances are computed from the full vectors, which stay in the index file and are memory-mapped
+(`load`), so only the pages of the candidates are read. Every approximate build is tuned and
+measured: recall@10 against exact search on held-out rows must reach the floor, or the index is
+refused.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from dataclasses import dataclass
 
 import faiss
@@ -16,12 +22,16 @@ import numpy as np
 
 from ae_core.config import IndexConfig
 from ae_core.errors import AeError
+from ae_core.hardware import usable_cores
+from ae_core.storage import is_local
 
 # Exact search stays under ~5 ms a query on 2 cores up to here (dim 32: 200k x 32 floats scanned).
 FLAT_MAX_VECTORS = 200_000
 HNSW_M = 32  # graph degree: recall 0.96-0.98 at efSearch 128 on 1M overlapping clusters
 HNSW_BYTES_PER_LINK = 4  # int32 neighbour ids; level 0 holds 2*M of them per vector
 IVF_LISTS_PER_SQRT = 4  # nlist = 4 sqrt(n), the usual rule for IVF at this scale
+PQ_MIN_VECTORS = 10_000  # each 8-bit PQ codebook has 256 centroids: ~39 training points apiece
+REFINE_K_FACTOR = 8  # IVF-PQ returns k * this candidates, re-ranked by exact distance
 EF_SEARCH_STEPS = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)  # ~sqrt(2) steps
 NPROBE_STEPS = (4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 RECALL_K = 10
@@ -37,13 +47,26 @@ class IndexChoice:
     bytes_estimate: int
 
 
+def pq_subvectors(dim: int) -> int:
+    """PQ sub-quantizers: one 8-bit code per pair of dimensions (per dimension when dim is odd)."""
+    return dim // 2 if dim % 2 == 0 else dim
+
+
 def _bytes(kind: str, n: int, dim: int) -> int:
+    """Resident memory of the loaded index (the estimate the budget is checked against)."""
     raw = n * dim * 4
     if kind == "hnsw":
         return raw + n * 2 * HNSW_M * HNSW_BYTES_PER_LINK * 3 // 2  # level 0 plus upper levels
     if kind == "ivf":
         return raw + n * 8  # ids beside the vectors in their lists
+    if kind == "ivfpq":  # codes and ids; the full vectors for re-ranking are memory-mapped
+        return n * (pq_subvectors(dim) + 8) + ivf_lists(n) * dim * 4 + 256 * dim * 4
     return raw
+
+
+def mapped_bytes(kind: str, n: int, dim: int) -> int:
+    """Bytes of the index file read on demand through a memory map rather than held in memory."""
+    return n * dim * 4 if kind == "ivfpq" else 0
 
 
 def ivf_lists(n: int) -> int:
@@ -52,18 +75,30 @@ def ivf_lists(n: int) -> int:
 
 def choose_index(n: int, dim: int, memory_budget_bytes: int, kind: str = "auto") -> IndexChoice:
     """Pick the index from size and budget. Pure; tested as a table."""
-    factories = {"flat": "Flat", "hnsw": f"HNSW{HNSW_M},Flat", "ivf": f"IVF{ivf_lists(n)},Flat"}
+    factories = {"flat": "Flat", "hnsw": f"HNSW{HNSW_M},Flat", "ivf": f"IVF{ivf_lists(n)},Flat",
+                 "ivfpq": f"IVF{ivf_lists(n)},PQ{pq_subvectors(dim)}x8,RFlat"}
     if kind != "auto":
         return IndexChoice(kind, factories[kind], "requested", _bytes(kind, n, dim))
-    if _bytes("flat", n, dim) > memory_budget_bytes:
-        raise AeError(f"{n} vectors of {dim} floats need {_bytes('flat', n, dim) >> 20} MiB, over the "
-                      f"index memory budget; raise index.memory_budget_mb")
-    if n <= FLAT_MAX_VECTORS:
+    if n <= FLAT_MAX_VECTORS and _bytes("flat", n, dim) <= memory_budget_bytes:
         return IndexChoice("flat", "Flat", f"n <= {FLAT_MAX_VECTORS}: exact search is fast enough",
                            _bytes("flat", n, dim))
-    if _bytes("hnsw", n, dim) <= memory_budget_bytes:
+    if n > FLAT_MAX_VECTORS and _bytes("hnsw", n, dim) <= memory_budget_bytes:
         return IndexChoice("hnsw", factories["hnsw"], "HNSW graph fits the memory budget", _bytes("hnsw", n, dim))
-    return IndexChoice("ivf", factories["ivf"], "HNSW would exceed the memory budget", _bytes("ivf", n, dim))
+    if n > FLAT_MAX_VECTORS and _bytes("ivf", n, dim) <= memory_budget_bytes:
+        return IndexChoice("ivf", factories["ivf"], "HNSW would exceed the memory budget", _bytes("ivf", n, dim))
+    if n >= PQ_MIN_VECTORS and _bytes("ivfpq", n, dim) <= memory_budget_bytes:
+        return IndexChoice("ivfpq", factories["ivfpq"], "the vectors themselves exceed the memory budget: "
+                           "PQ codes in memory, exact re-ranking from the memory-mapped file",
+                           _bytes("ivfpq", n, dim))
+    raise AeError(f"{n} vectors of {dim} floats do not fit an index in {memory_budget_bytes >> 20} MiB "
+                  f"(exact search needs {_bytes('flat', n, dim) >> 20} MiB"
+                  + (f", IVF-PQ {_bytes('ivfpq', n, dim) >> 20} MiB" if n >= PQ_MIN_VECTORS else "")
+                  + "); raise index.memory_budget_mb")
+
+
+def set_threads() -> None:
+    """FAISS's OpenMP pool: one thread per usable core (OpenMP may count the host's cores)."""
+    faiss.omp_set_num_threads(usable_cores())
 
 
 def _inner(index: faiss.Index) -> faiss.Index:
@@ -77,6 +112,9 @@ def _set_search(index: faiss.Index, kind: str, value: int) -> None:
         inner.hnsw.efSearch = value
     elif kind == "ivf":
         inner.nprobe = value
+    elif kind == "ivfpq":
+        faiss.downcast_index(inner.base_index).nprobe = value
+        inner.k_factor = REFINE_K_FACTOR
 
 
 def search_params(index: faiss.Index) -> dict:
@@ -86,6 +124,8 @@ def search_params(index: faiss.Index) -> dict:
         return {"efSearch": int(inner.hnsw.efSearch)}
     if isinstance(inner, faiss.IndexIVF):
         return {"nprobe": int(inner.nprobe)}
+    if isinstance(inner, faiss.IndexRefine):
+        return {"nprobe": int(faiss.downcast_index(inner.base_index).nprobe), "k_factor": float(inner.k_factor)}
     return {}
 
 
@@ -108,11 +148,13 @@ def build_index(emb: np.ndarray, cfg: IndexConfig, seed: int = 0) -> tuple[faiss
     Returns the index and what to record in the manifest. Raises AeError (nothing is written)
     when the index cannot reach the floor.
     """
+    set_threads()
     emb = np.ascontiguousarray(emb, dtype=np.float32)
     n, dim = emb.shape
     choice = choose_index(n, dim, cfg.memory_budget_mb << 20, cfg.kind)
     info = {"kind": choice.kind, "factory": choice.factory, "reason": choice.reason,
             "memory_estimate_mb": round(choice.bytes_estimate / 2**20, 1),
+            "mapped_mb": round(mapped_bytes(choice.kind, n, dim) / 2**20, 1),
             "memory_budget_mb": cfg.memory_budget_mb, "recall_floor": cfg.recall_floor}
     if choice.kind == "flat":
         index = faiss.IndexFlatL2(dim)
@@ -120,13 +162,13 @@ def build_index(emb: np.ndarray, cfg: IndexConfig, seed: int = 0) -> tuple[faiss
         return index, {**info, "recall_at_10": 1.0, "recall_queries": 0, "search_params": {}}
     held = np.sort(np.random.default_rng(seed).choice(n, size=max(1, min(cfg.recall_queries, int(n * HELD_OUT_SHARE))), replace=False))
     rest = np.setdiff1d(np.arange(n), held)
-    index = faiss.IndexIDMap2(faiss.index_factory(dim, choice.factory, faiss.METRIC_L2))
+    index = faiss.IndexIDMap(faiss.index_factory(dim, choice.factory, faiss.METRIC_L2))
     index.train(emb)
     index.add_with_ids(emb[rest], rest.astype(np.int64))
-    exact = faiss.IndexIDMap2(faiss.IndexFlatL2(dim))
+    exact = faiss.IndexIDMap(faiss.IndexFlatL2(dim))
     exact.add_with_ids(emb[rest], rest.astype(np.int64))
     recall, stderr = 0.0, 0.0
-    for value in {"hnsw": EF_SEARCH_STEPS, "ivf": NPROBE_STEPS}[choice.kind]:
+    for value in {"hnsw": EF_SEARCH_STEPS, "ivf": NPROBE_STEPS, "ivfpq": NPROBE_STEPS}[choice.kind]:
         _set_search(index, choice.kind, value)
         recall, stderr = measure_recall(index, exact, emb[held])
         if recall - CONFIDENCE_Z * stderr >= cfg.recall_floor:
@@ -147,6 +189,26 @@ def to_bytes(index: faiss.Index) -> bytes:
 
 def from_bytes(data: bytes) -> faiss.Index:
     return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+
+
+_MMAP = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+
+
+def load(fs, path: str) -> faiss.Index:  # noqa: ANN001 - an fsspec filesystem
+    """Open a published index for searching, memory-mapped: the stored vectors (of Flat, HNSW and
+    the re-ranking stage of IVF-PQ) stay in the file and the page cache, so a large index does not
+    need its size in process memory. A remote index is first copied to a local temporary file,
+    which is unlinked at once (the mapping keeps it readable until the index is freed)."""
+    set_threads()
+    if is_local(fs):
+        return faiss.read_index(path, _MMAP)
+    fd, tmp = tempfile.mkstemp(suffix=".faiss")
+    os.close(fd)
+    try:
+        fs.get_file(path, tmp)
+        return faiss.read_index(tmp, _MMAP)
+    finally:
+        os.unlink(tmp)
 
 
 def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -25,7 +25,6 @@ from ae_core.storage import ObjectInfo, is_local, iter_batches, read_many
 _IN_PROCESS_BELOW = 512  # objects; below this a process pool costs more to start than it saves
 _IN_PROCESS_MEDIAN_BYTES = 4096  # files smaller than this decode faster than they travel to a worker
 _TINY_FILES_IN_PROCESS_BELOW = 20_000  # ...unless there are so many that two cores pay off
-_IMAGE_FIELDS = ("key", "width", "height", "size_bytes", "fingerprint", "mode", "format")
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,7 @@ class ShardResult:
 
     index: int
     pixels_path: str | None
-    images: list[dict] = field(default_factory=list)  # one per good image, _IMAGE_FIELDS
+    images: list[dict] = field(default_factory=list)  # key, width, height, size_bytes, fingerprint, mode, format
     rejects: list[dict] = field(default_factory=list)  # key, reason, detail, size_bytes
 
 
@@ -119,26 +118,29 @@ def plan_shards(objects: Sequence[ObjectInfo], shard_size: int) -> list[ShardPla
 
 
 def decode_batch(items: list[tuple[str, int, bytes | None, str | None]],
-                 spec: Preprocess) -> list[tuple[dict, np.ndarray | None]]:
-    """Decode (key, size, data, read_error) items; runs in a worker process."""
-    out = []
+                 spec: Preprocess) -> tuple[list[dict], list[dict], np.ndarray]:
+    """Decode (key, size, data, read_error) items; runs in a worker process. Returns the good
+    images' metadata, the rejects, and the good images' pixels stacked into one
+    (k, C, H, W) uint8 array: one array to send back per batch, not one per image."""
+    images, rejects = [], []
+    c, n = spec.channels, spec.image_size
+    pixels = np.empty((len(items), c, n, n), np.uint8)
     for key, size, data, read_error in items:
-        meta: dict = {"key": key, "size_bytes": size}
         if read_error is not None or data is None:
-            meta.update(reason="read_error", detail=read_error or "no data")
-            out.append((meta, None))
+            rejects.append({"key": key, "reason": "read_error", "detail": read_error or "no data",
+                            "size_bytes": size, "fingerprint": None})
             continue
-        meta["size_bytes"] = len(data)
-        meta["fingerprint"] = fingerprint(data)
+        digest = fingerprint(data)
         try:
             dec = decode_image(data, spec)
         except DecodeError as err:
-            meta.update(reason=err.reason, detail=err.detail)
-            out.append((meta, None))
+            rejects.append({"key": key, "reason": err.reason, "detail": err.detail,
+                            "size_bytes": len(data), "fingerprint": digest})
             continue
-        meta.update(width=dec.width, height=dec.height, mode=dec.mode, format=dec.format)
-        out.append((meta, dec.pixels))
-    return out
+        pixels[len(images)] = dec.pixels
+        images.append({"key": key, "width": dec.width, "height": dec.height, "size_bytes": len(data),
+                       "fingerprint": digest, "mode": dec.mode, "format": dec.format})
+    return images, rejects, pixels[:len(images)]
 
 
 class _InlineExecutor(Executor):
@@ -158,9 +160,9 @@ def decode_workers(n_objects: int, requested: int, median_bytes: float = float("
 
     `requested` > 0 is the user's choice (1 = in this process). Otherwise: in this process for
     small corpora, and for tiny files unless there are many of them: starting the workers
-    (~0.5 s) costs more than two cores save there (bench/ingest_bench.py: 10,000 28x28 PNGs at
-    14.1k/s in one process, 13.9k/s with two workers; 100,000 of them at 9.6k/s and 21.7k/s).
-    One worker per core otherwise.
+    (~0.3 s) costs more than two cores save there (measured on 2 cores, decoding only: 10,000
+    28x28 PNGs at 21-22k/s in one process, 19-20k/s with two workers; 100,000 of them at 21k/s
+    and 31-32k/s). One worker per core otherwise.
     """
     if requested:
         return 0 if requested == 1 else requested
@@ -195,15 +197,15 @@ def _load_cached(plan: ShardPlan, spec: Preprocess, work_dir: str) -> ShardResul
 def _save_shard(result: ShardResult, plan: ShardPlan, spec: Preprocess, work_dir: str,
                 pixels: list[np.ndarray]) -> ShardResult:
     npy, meta_path = _shard_paths(work_dir, plan.index)
-    if pixels:
+    if result.images:
         tmp = npy + ".tmp.npy"
-        np.save(tmp, np.stack(pixels))
+        np.save(tmp, np.concatenate(pixels))
         os.replace(tmp, npy)
         result.pixels_path = npy
     tmp = meta_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"signature": _shard_signature(plan, spec), "images": result.images,
-                   "rejects": result.rejects}, f)
+    with open(tmp, "w") as f:  # json.dumps, not json.dump: dump to a file runs the pure-Python encoder
+        f.write(json.dumps({"signature": _shard_signature(plan, spec), "images": result.images,
+                            "rejects": result.rejects}))
     os.replace(tmp, meta_path)
     return result
 
@@ -221,40 +223,10 @@ def _fetch(fs: AbstractFileSystem, batch: list[ObjectInfo]) -> list[tuple[str, i
     return items
 
 
-def fetch_and_decode(fs: AbstractFileSystem, batch: list[ObjectInfo], spec: Preprocess) -> list[tuple[dict, np.ndarray | None]]:
+def fetch_and_decode(fs: AbstractFileSystem, batch: list[ObjectInfo], spec: Preprocess) -> tuple[list[dict], list[dict], np.ndarray]:
     """Read and decode a batch in a worker process: for local files, where shipping the bytes
     to the worker would cost as much as reading them there."""
     return decode_batch(_fetch(fs, batch), spec)
-
-
-def _decode_shard(plan: ShardPlan, fs: AbstractFileSystem, spec: Preprocess, read_batch: int,
-                  pool: Executor, max_in_flight: int, on_done: Callable[[int], None],
-                  workers_read: bool = False) -> tuple[ShardResult, list]:
-    """Fetch in batches (I/O here, or in the workers for local files) while earlier batches
-    decode in the pool."""
-    result, pixels = ShardResult(plan.index, None), []
-    pending: deque[Future] = deque()
-
-    def drain_one() -> None:
-        done = pending.popleft().result()
-        for meta, px in done:
-            if px is None:
-                result.rejects.append({k: meta.get(k) for k in ("key", "reason", "detail", "size_bytes", "fingerprint")})
-            else:
-                result.images.append({k: meta[k] for k in _IMAGE_FIELDS})
-                pixels.append(px)
-        on_done(len(done))
-
-    for batch in iter_batches(plan.objects, read_batch):
-        if workers_read:
-            pending.append(pool.submit(fetch_and_decode, fs, list(batch), spec))
-        else:
-            pending.append(pool.submit(decode_batch, _fetch(fs, batch), spec))
-        while len(pending) > max_in_flight:
-            drain_one()
-    while pending:
-        drain_one()
-    return result, pixels
 
 
 def decode_corpus(objects: Sequence[ObjectInfo], fs: AbstractFileSystem, spec: Preprocess,
@@ -267,17 +239,45 @@ def decode_corpus(objects: Sequence[ObjectInfo], fs: AbstractFileSystem, spec: P
     n_workers = decode_workers(len(objects), workers, sizes[len(sizes) // 2] if sizes else 0)
     pool: Executor = (ProcessPoolExecutor(n_workers, mp_context=mp.get_context("spawn"))
                       if n_workers else _InlineExecutor())
-    shards = []
+    shards: list[ShardResult | None] = [None] * len(plans)
+    todo = []
+    for plan in plans:
+        cached = _load_cached(plan, spec, work_dir)
+        if cached is None:
+            todo.append(plan)
+        else:
+            on_done(len(plan.objects))
+            shards[plan.index] = cached
+    # One pipeline across shards: batches are fetched (here, or in the workers for local files)
+    # while earlier ones decode, and a shard is written as its last batch comes back, without
+    # draining the pool at shard boundaries.
+    workers_read = bool(n_workers) and is_local(fs)
+    pending: deque[tuple[ShardPlan, Future, bool]] = deque()
+    partial: dict[int, tuple[ShardResult, list[np.ndarray]]] = {}
+
+    def drain_one() -> None:
+        plan, future, last = pending.popleft()
+        images, rejects, px = future.result()
+        result, pixels = partial.setdefault(plan.index, (ShardResult(plan.index, None), []))
+        result.images += images
+        result.rejects += rejects
+        pixels.append(px)
+        on_done(len(images) + len(rejects))
+        if last:
+            shards[plan.index] = _save_shard(result, plan, spec, work_dir, pixels)
+            del partial[plan.index]
+
     try:
-        for plan in plans:
-            cached = _load_cached(plan, spec, work_dir)
-            if cached is not None:
-                on_done(len(plan.objects))
-                shards.append(cached)
-                continue
-            result, pixels = _decode_shard(plan, fs, spec, read_batch, pool, 2 * max(n_workers, 1), on_done,
-                                           workers_read=bool(n_workers) and is_local(fs))
-            shards.append(_save_shard(result, plan, spec, work_dir, pixels))
+        for plan in todo:
+            batches = list(iter_batches(plan.objects, read_batch))
+            for i, batch in enumerate(batches):
+                future = (pool.submit(fetch_and_decode, fs, list(batch), spec) if workers_read
+                          else pool.submit(decode_batch, _fetch(fs, batch), spec))
+                pending.append((plan, future, i == len(batches) - 1))
+                while len(pending) > 2 * max(n_workers, 1):
+                    drain_one()
+        while pending:
+            drain_one()
     finally:
         pool.shutdown(cancel_futures=True)
-    return DecodedCorpus(spec, shards)
+    return DecodedCorpus(spec, [s for s in shards if s is not None])

@@ -39,7 +39,7 @@ class Neighbour:
 
 
 def _load_index(pub: outputs.Published):
-    return ae_index.from_bytes(pub.fs.cat_file(pub.file(pub.manifest["files"]["index"])))
+    return ae_index.load(pub.fs, pub.file(pub.manifest["files"]["index"]))
 
 
 def _keys(pub: outputs.Published):

@@ -151,10 +151,25 @@ def read_many(fs: AbstractFileSystem, paths: Sequence[str]) -> dict[str, bytes |
     """Fetch many objects in one call; async filesystems (s3fs) fetch them concurrently."""
     if not paths:
         return {}
+    if is_local(fs) and not any("://" in p for p in paths):
+        return _read_local(paths)
     out = fs.cat(list(paths), on_error="return")
     # fsspec returns a bare value for a single non-glob path on some filesystems.
     if not isinstance(out, dict):
         out = {paths[0]: out}
+    return out
+
+
+def _read_local(paths: Sequence[str]) -> dict[str, bytes | Exception]:
+    """Local files straight through the OS: fsspec's local `cat` costs as much per call as
+    decoding a tiny image (it normalises each path three times). Same result shape."""
+    out: dict[str, bytes | Exception] = {}
+    for p in paths:
+        try:
+            with open(p, "rb") as f:
+                out[p] = f.read()
+        except OSError as err:
+            out[p] = err
     return out
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ae_core.config import TrainConfig
+from ae_core.hardware import usable_cores
 from ae_core.model import AEArch, ConvAutoencoder
 
 MIN_EPOCHS, MAX_EPOCHS = 20, 500
@@ -70,8 +70,8 @@ def pick_precision(name: str, device: torch.device) -> torch.dtype | None:
 
 
 def set_threads() -> None:
-    """Use every core for torch's intra-op pool (the default may be fewer inside containers)."""
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    """Use every usable core for torch's intra-op pool (the default may be fewer inside containers)."""
+    torch.set_num_threads(usable_cores())
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -84,6 +84,9 @@ MiB = 1 << 20
     (1_000, 32, 4096, "flat"), (200_000, 32, 4096, "flat"), (200_001, 32, 4096, "hnsw"),
     (1_000_000, 32, 4096, "hnsw"), (1_000_000, 32, 300, "ivf"), (10_000_000, 64, 4096, "ivf"),
     (100_000_000, 32, 20_000, "ivf"),
+    # budgets under the vectors' own size: PQ codes in memory, re-ranking vectors memory-mapped
+    (1_000_000, 32, 100, "ivfpq"), (200_000, 32, 20, "ivfpq"), (10_000_000, 64, 1024, "ivfpq"),
+    (100_000_000, 32, 4096, "ivfpq"), (10_000, 32, 1, "ivfpq"),
 ])
 def test_choose_index_table(n, dim, budget_mb, kind):
     choice = ae_index.choose_index(n, dim, budget_mb * MiB)
@@ -91,10 +94,17 @@ def test_choose_index_table(n, dim, budget_mb, kind):
     assert choice.bytes_estimate <= budget_mb * MiB
 
 
-def test_choose_index_refuses_what_cannot_fit():
+@pytest.mark.parametrize("dim,subvectors", [(32, 16), (64, 32), (10, 5), (7, 7)])
+def test_pq_codes_one_byte_per_pair_of_dimensions(dim, subvectors):
+    assert ae_index.pq_subvectors(dim) == subvectors
+    assert ae_index.choose_index(1_000_000, dim, 1, "ivfpq").factory.endswith(f"PQ{subvectors}x8,RFlat")
+
+
+@pytest.mark.parametrize("n,dim,budget_mb", [(10_000_000, 64, 256), (9_000, 64, 1), (100_000_000, 32, 1024)])
+def test_choose_index_refuses_what_cannot_fit(n, dim, budget_mb):
     from ae_core.errors import AeError
     with pytest.raises(AeError, match="memory_budget_mb"):
-        ae_index.choose_index(10_000_000, 64, 1024 * MiB)
+        ae_index.choose_index(n, dim, budget_mb * MiB)
 
 
 @pytest.mark.parametrize("ivf_n,lists", [(100, 2), (10_000, 256), (1_000_000, 4000)])
@@ -108,7 +118,7 @@ def _clusters(n, dim, centres=50, spread=0.6, seed=0):
     return (c[rng.integers(0, centres, n)] + spread * rng.standard_normal((n, dim))).astype(np.float32)
 
 
-@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+@pytest.mark.parametrize("kind", ["hnsw", "ivf", "ivfpq"])
 def test_approximate_index_is_tuned_to_the_recall_floor(kind):
     emb = _clusters(20_000, 32)
     index, info = ae_index.build_index(emb, IndexConfig(kind=kind, recall_queries=300))
@@ -123,6 +133,26 @@ def test_approximate_index_is_tuned_to_the_recall_floor(kind):
     back = ae_index.from_bytes(ae_index.to_bytes(index))
     assert ae_index.search_params(back) == info["search_params"]  # the tuned setting travels with it
     assert back.ntotal == 20_000
+
+
+def test_ivfpq_reranks_by_exact_distance_from_a_memory_mapped_file(tmp_path):
+    emb = _clusters(20_000, 32)
+    index, info = ae_index.build_index(emb, IndexConfig(kind="ivfpq", recall_queries=300))
+    assert info["search_params"]["k_factor"] == ae_index.REFINE_K_FACTOR
+    assert info["mapped_mb"] == pytest.approx(20_000 * 32 * 4 / MiB, abs=0.1)
+    path = tmp_path / "index.faiss"
+    path.write_bytes(ae_index.to_bytes(index))
+    fs = fsspec.filesystem("file")
+    loaded = ae_index.load(fs, str(path))
+    assert ae_index.search_params(loaded) == info["search_params"]
+    queries = emb[:20] + 0.01
+    dist, ids = ae_index.search(loaded, queries, 10)
+    exact = np.sqrt(((queries[:, None, :] - emb[ids]) ** 2).sum(-1))
+    assert np.allclose(dist, exact, atol=1e-3)  # re-ranked distances are exact, not PQ estimates
+    assert (ids[:, 0] == np.arange(20)).all()
+    memory = fsspec.filesystem("memory")
+    memory.pipe_file("/idx/index.faiss", path.read_bytes())  # a remote store: copied, then mapped
+    assert np.array_equal(ae_index.search(ae_index.load(memory, "/idx/index.faiss"), queries, 10)[1], ids)
 
 
 def test_index_under_the_recall_floor_is_refused(monkeypatch):
