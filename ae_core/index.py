@@ -77,6 +77,9 @@ def choose_index(n: int, dim: int, memory_budget_bytes: int, kind: str = "auto")
     """Pick the index from size and budget. Pure; tested as a table."""
     factories = {"flat": "Flat", "hnsw": f"HNSW{HNSW_M},Flat", "ivf": f"IVF{ivf_lists(n)},Flat",
                  "ivfpq": f"IVF{ivf_lists(n)},PQ{pq_subvectors(dim)}x8,RFlat"}
+    if kind == "ivfpq" and n < PQ_MIN_VECTORS:
+        raise AeError(f"an IVF-PQ index needs at least {PQ_MIN_VECTORS} vectors to train its codebooks "
+                      f"(this run has {n}); use index.kind=auto or flat")
     if kind != "auto":
         return IndexChoice(kind, factories[kind], "requested", _bytes(kind, n, dim))
     if n <= FLAT_MAX_VECTORS and _bytes("flat", n, dim) <= memory_budget_bytes:

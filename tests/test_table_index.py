@@ -107,6 +107,12 @@ def test_choose_index_refuses_what_cannot_fit(n, dim, budget_mb):
         ae_index.choose_index(n, dim, budget_mb * MiB)
 
 
+def test_ivfpq_on_too_few_vectors_is_a_clear_error():
+    from ae_core.errors import AeError
+    with pytest.raises(AeError, match="IVF-PQ index needs at least 10000 vectors.*has 500"):
+        ae_index.choose_index(500, 32, 4096 * MiB, "ivfpq")
+
+
 @pytest.mark.parametrize("ivf_n,lists", [(100, 2), (10_000, 256), (1_000_000, 4000)])
 def test_ivf_lists(ivf_n, lists):
     assert ae_index.ivf_lists(ivf_n) == lists
