@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ae_core.config import TrainConfig
+from ae_core.encode import inference_copy
 from ae_core.hardware import usable_cores
 from ae_core.model import AEArch, ConvAutoencoder
 
@@ -112,12 +113,13 @@ def _to_float(batch: np.ndarray | torch.Tensor, device: torch.device) -> torch.T
 
 @torch.no_grad()
 def evaluate_mse(model: ConvAutoencoder, pixels: np.ndarray, device: torch.device, batch: int = 512) -> float:
-    """Mean squared error per pixel on [0, 1], in eval mode."""
+    """Mean squared error per pixel on [0, 1], in eval mode (BatchNorm folded, as when encoding)."""
     model.eval()
+    fast = inference_copy(model)
     total, count = 0.0, 0
     for start in range(0, len(pixels), batch):
         x = _to_float(pixels[start:start + batch], device)
-        total += float(F.mse_loss(model(x)[1], x, reduction="sum"))
+        total += float(F.mse_loss(fast(x.contiguous(memory_format=torch.channels_last))[1], x, reduction="sum"))
         count += x.numel()
     return total / max(count, 1)
 

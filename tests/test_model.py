@@ -98,3 +98,29 @@ def test_fold_models_train_on_their_own_fold_only():
     swapped = anomaly_scores(models[::-1], pixels, folds)  # each image by the model that saw its fold
     assert (held_out > swapped).all()
     assert train_fold_models(pixels, folds, AEArch(4, 16, 1), TrainConfig(anomaly_steps=0)) == []
+
+
+@pytest.mark.parametrize("arch", [AEArch(32, 28, 1), AEArch(16, 64, 3, width=8), AEArch(8, 16, 1, blocks_per_stage=0)])
+def test_encoding_with_batchnorm_folded_matches_the_model_as_trained(arch):
+    from ae_core.encode import encode_pixels, inference_copy
+
+    torch.manual_seed(0)
+    model = ConvAutoencoder(arch)
+    with torch.no_grad():  # running statistics and affine parameters far from their initial values
+        for _ in range(3):
+            model(torch.rand(64, arch.channels, arch.image_size, arch.image_size) * 2)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    model.eval()
+    px = np.random.default_rng(0).integers(0, 256, (40, arch.channels, arch.image_size, arch.image_size), dtype=np.uint8)
+    x = torch.from_numpy(px).float() / 255
+    with torch.no_grad():
+        z, y = model(x)
+    emb, err = encode_pixels(model, px, batch_size=16)
+    assert np.allclose(emb, z.numpy(), atol=1e-4, rtol=1e-4)
+    assert np.allclose(err, ((y - x) ** 2).mean(dim=(1, 2, 3)).numpy(), atol=1e-6)
+    fast = inference_copy(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the model itself is untouched
