@@ -66,8 +66,15 @@ def write_table(fs: AbstractFileSystem, path: str, table: pa.Table) -> None:
 
 
 def read_table(fs: AbstractFileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f, columns=columns)
+    """Read a Parquet table (only `columns`, if given) through fsspec, decoded on this thread.
+
+    Arrow's threads must not be left holding the Python file or its buffers: each releases
+    them after its task, and a short command (`ae neighbours`) can be exiting by then; the
+    thread cannot take the GIL of a finalizing interpreter and the process aborts ("terminate
+    called without an active exception", ~25% of such runs with pq.read_table). So ParquetFile,
+    read without threads, and the file closed here."""
+    with fs.open(path, "rb") as f, pq.ParquetFile(f) as pf:
+        return pf.read(columns=columns, use_threads=False)
 
 
 def read_schema(fs: AbstractFileSystem, path: str) -> pa.Schema:
