@@ -44,7 +44,7 @@ def encode_pixels(model: ConvAutoencoder, pixels: np.ndarray, batch_size: int = 
     emb = np.empty((n, model.arch.dim), np.float32)
     err = np.empty(n, np.float32)
     for start in range(0, n, batch_size):
-        chunk = np.ascontiguousarray(pixels[start:start + batch_size])
+        chunk = np.require(pixels[start:start + batch_size], requirements=["C", "W"])  # torch warns on read-only
         x = torch.from_numpy(chunk).to(device).float().div_(255.0)
         z, recon = fast(x.contiguous(memory_format=torch.channels_last))
         emb[start:start + len(x)] = z.float().cpu().numpy()
