@@ -53,19 +53,23 @@ def pq_subvectors(dim: int) -> int:
 
 
 def _bytes(kind: str, n: int, dim: int) -> int:
-    """Resident memory of the loaded index (the estimate the budget is checked against)."""
-    raw = n * dim * 4
+    """Memory of the loaded index, the estimate the budget is checked against. Flat and HNSW
+    count their vectors although `load` maps them from the file (they are read on every search);
+    IVF-PQ counts its codes, ids and centroids, not the vectors it re-ranks with, which are read
+    only for each query's candidates (`mapped_bytes`)."""
+    raw, ids = n * dim * 4, n * 8  # ids: the IndexIDMap's row ids
     if kind == "hnsw":
-        return raw + n * 2 * HNSW_M * HNSW_BYTES_PER_LINK * 3 // 2  # level 0 plus upper levels
+        return raw + ids + n * 2 * HNSW_M * HNSW_BYTES_PER_LINK * 3 // 2  # level 0 plus upper levels
     if kind == "ivf":
-        return raw + n * 8  # ids beside the vectors in their lists
-    if kind == "ivfpq":  # codes and ids; the full vectors for re-ranking are memory-mapped
-        return n * (pq_subvectors(dim) + 8) + ivf_lists(n) * dim * 4 + 256 * dim * 4
+        return raw + ids + n * 8 + ivf_lists(n) * dim * 4  # ids beside the vectors in their lists
+    if kind == "ivfpq":  # no precomputed distance table: `load` skips it (nlist x M x 256 floats)
+        return n * pq_subvectors(dim) + ids + n * 8 + ivf_lists(n) * dim * 4 + 256 * dim * 4
     return raw
 
 
 def mapped_bytes(kind: str, n: int, dim: int) -> int:
-    """Bytes of the index file read on demand through a memory map rather than held in memory."""
+    """Bytes of the index file read on demand through the memory map and not counted in the
+    budget: IVF-PQ's full vectors, touched only for each query's re-ranked candidates."""
     return n * dim * 4 if kind == "ivfpq" else 0
 
 
@@ -194,14 +198,17 @@ def from_bytes(data: bytes) -> faiss.Index:
     return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
 
 
-_MMAP = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+# Memory-map stored vectors; do not build IVF-PQ's precomputed distance table (nlist x M x 256
+# floats, often larger than the codes): searching without it gives the same results.
+_MMAP = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY | faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE
 
 
 def load(fs, path: str) -> faiss.Index:  # noqa: ANN001 - an fsspec filesystem
     """Open a published index for searching, memory-mapped: the stored vectors (of Flat, HNSW and
-    the re-ranking stage of IVF-PQ) stay in the file and the page cache, so a large index does not
-    need its size in process memory. A remote index is first copied to a local temporary file,
-    which is unlinked at once (the mapping keeps it readable until the index is freed)."""
+    the re-ranking stage of IVF-PQ) stay in the file and the page cache, not in process memory.
+    A remote index is first copied to a local temporary file (in TMPDIR: on a RAM-backed tmpfs
+    the copy takes memory after all), which is unlinked at once (the mapping keeps it readable
+    until the index is freed)."""
     set_threads()
     if is_local(fs):
         return faiss.read_index(path, _MMAP)

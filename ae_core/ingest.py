@@ -20,6 +20,7 @@ from fsspec.spec import AbstractFileSystem
 
 from ae_core.decode import Preprocess, decode_image, fingerprint
 from ae_core.errors import DecodeError
+from ae_core.hardware import usable_cores
 from ae_core.storage import ObjectInfo, is_local, iter_batches, read_many
 
 _IN_PROCESS_BELOW = 512  # objects; below this a process pool costs more to start than it saves
@@ -168,7 +169,7 @@ def decode_workers(n_objects: int, requested: int, median_bytes: float = float("
         return 0 if requested == 1 else requested
     if n_objects < _IN_PROCESS_BELOW or (median_bytes < _IN_PROCESS_MEDIAN_BYTES and n_objects < _TINY_FILES_IN_PROCESS_BELOW):
         return 0
-    return os.cpu_count() or 1
+    return usable_cores()
 
 
 def _shard_paths(work_dir: str, index: int) -> tuple[str, str]:

@@ -16,6 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.spec import AbstractFileSystem
 
+from ae_core.errors import AeError
+
 from ae_core.storage import write_bytes_atomic
 
 METADATA_KEY = b"ae_embed"
@@ -74,6 +76,10 @@ def read_table(fs: AbstractFileSystem, path: str, columns: list[str] | None = No
     called without an active exception", ~25% of such runs with pq.read_table). So ParquetFile,
     read without threads, and the file closed here."""
     with fs.open(path, "rb") as f, pq.ParquetFile(f) as pf:
+        missing = [c for c in columns or [] if c not in pf.schema_arrow.names]
+        if missing:  # ParquetFile.read would silently leave them out
+            raise AeError(f"table {path!r} has no column {', '.join(map(repr, missing))}; it was written "
+                          "by an incompatible version: run `ae run` again to rewrite it")
         return pf.read(columns=columns, use_threads=False)
 
 

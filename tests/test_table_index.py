@@ -151,6 +151,8 @@ def test_ivfpq_reranks_by_exact_distance_from_a_memory_mapped_file(tmp_path):
     fs = fsspec.filesystem("file")
     loaded = ae_index.load(fs, str(path))
     assert ae_index.search_params(loaded) == info["search_params"]
+    refine = faiss.downcast_index(faiss.downcast_index(loaded).index)
+    assert faiss.downcast_index(refine.base_index).precomputed_table.size() == 0  # not built: not budgeted
     queries = emb[:20] + 0.01
     dist, ids = ae_index.search(loaded, queries, 10)
     exact = np.sqrt(((queries[:, None, :] - emb[ids]) ** 2).sum(-1))
@@ -183,3 +185,11 @@ def test_reading_a_table_then_exiting_at_once_never_aborts(tmp_path):
     codes = [subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60).returncode
              for _ in range(20)]
     assert codes == [0] * 20
+
+
+def test_reading_a_column_the_table_lacks_is_a_clear_error(tmp_path):
+    from ae_core.errors import AeError
+
+    pq.write_table(pa.table({"key": ["a"]}), tmp_path / "t.parquet")
+    with pytest.raises(AeError, match="no column 'anomaly_score'"):
+        table.read_table(fsspec.filesystem("file"), str(tmp_path / "t.parquet"), ["key", "anomaly_score"])
