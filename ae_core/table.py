@@ -17,7 +17,6 @@ import pyarrow.parquet as pq
 from fsspec.spec import AbstractFileSystem
 
 from ae_core.errors import AeError
-
 from ae_core.storage import write_bytes_atomic
 
 METADATA_KEY = b"ae_embed"

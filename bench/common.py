@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
+
+from ae_core.hardware import usable_cores
 
 
 def median_time(fn: Callable[[], object], repeats: int = 3) -> float:
@@ -20,7 +21,7 @@ def median_time(fn: Callable[[], object], repeats: int = 3) -> float:
 
 
 def machine() -> str:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     return f"{platform.processor() or platform.machine()}, {cores} cores, Python {platform.python_version()}"
 
 

@@ -97,7 +97,7 @@ def pretrain_and_embed(source: str, output: str, ingest: IngestConfig = IngestCo
     logger = get_run_logger()
     logger.info("run %s: %s -> %s", ctx.run_id, pipeline.redact_url(source), pipeline.redact_url(output))
     # Stage results are passed `opaque`: Prefect records the dependency but does not walk every
-    # element looking for futures (on 10,000 images that walk cost ~3 s per run).
+    # element looking for futures (on 10,000 images that walk cost ~5 s per run).
     objects = opaque(list_task(ctx))
     plan = opaque(plan_task(ctx, objects))
     logger.info("plan: %s", plan.unwrap().counts())
