@@ -44,6 +44,25 @@ def stage_widths(width: int, n_stages: int) -> list[int]:
     return [min(width * 2**i, _MAX_WIDTH) for i in range(n_stages)]
 
 
+def _is_channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+class _FlattenOrder(torch.autograd.Function):
+    """Copy a channels-last feature map to NCHW order for the Linear layer (the order every
+    checkpoint's weights assume), and hand the gradient back channels-last, so the activation
+    before it sees one layout forwards and backwards. Mixed layouts take PyTorch's strided
+    elementwise path: measured on 2 cores, ~15% of a training step."""
+
+    @staticmethod
+    def forward(ctx, f: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return f.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return grad.contiguous(memory_format=torch.channels_last)
+
+
 def _norm_act(ch: int) -> list[nn.Module]:
     return [nn.BatchNorm2d(ch), nn.SiLU()]
 
@@ -76,7 +95,10 @@ class Encoder(nn.Module):
         self.to_code = nn.Linear(widths[-1] * sizes[-1] ** 2, arch.dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.to_code(torch.flatten(self.features(x), 1))
+        f = self.features(x)
+        if _is_channels_last(f) and torch.is_grad_enabled():
+            f = _FlattenOrder.apply(f)
+        return self.to_code(torch.flatten(f, 1))
 
 
 class Decoder(nn.Module):
@@ -96,7 +118,14 @@ class Decoder(nn.Module):
         self.features = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.features(self.from_code(z).view(-1, *self.shape))
+        h = self.from_code(z).view(-1, *self.shape)
+        if _is_channels_last(self._first_kernel):  # the model was moved to channels-last: match it
+            h = h.contiguous(memory_format=torch.channels_last)
+        return self.features(h)
+
+    @property
+    def _first_kernel(self) -> torch.Tensor:
+        return next(p for p in self.features.parameters() if p.dim() == 4)
 
 
 class ConvAutoencoder(nn.Module):

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from fsspec.spec import AbstractFileSystem
 
 from ae_core.errors import AeError
-from ae_core.storage import write_bytes_atomic
+from ae_core.storage import is_local, write_bytes_atomic
 
 METADATA_KEY = b"ae_embed"
 
@@ -66,15 +66,28 @@ def write_table(fs: AbstractFileSystem, path: str, table: pa.Table) -> None:
     write_bytes_atomic(fs, path, buf.getvalue())
 
 
-def read_table(fs: AbstractFileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
-    """Read a Parquet table (only `columns`, if given) through fsspec, decoded on this thread.
+def _arrow_file(fs: AbstractFileSystem, path: str) -> pa.NativeFile:
+    """The file as an Arrow-native file, never a Python file object.
 
-    Arrow's threads must not be left holding the Python file or its buffers: each releases
-    them after its task, and a short command (`ae neighbours`) can be exiting by then; the
-    thread cannot take the GIL of a finalizing interpreter and the process aborts ("terminate
-    called without an active exception", ~25% of such runs with pq.read_table). So ParquetFile,
-    read without threads, and the file closed here."""
-    with fs.open(path, "rb") as f, pq.ParquetFile(f) as pf:
+    Arrow reads a Python file on its IO threads, and each read's buffer, a Python object, is
+    released on that thread later; a short command (`ae neighbours`) can be exiting by then, the
+    thread cannot take the GIL of a finalizing interpreter, and the process aborts ("terminate
+    called without an active exception": ~1 run in 4 with pq.read_table on a Python file, ~1 in
+    150 under load with ParquetFile read on the calling thread; core dumps show the IO thread
+    in PyBuffer's destructor). A local file is opened by Arrow itself; a remote one is read
+    whole into memory Arrow allocated."""
+    if is_local(fs):
+        return pa.OSFile(fs._strip_protocol(path), "rb")
+    data = fs.cat_file(path)
+    buf = pa.allocate_buffer(len(data))
+    memoryview(buf).cast("B")[:] = data
+    return pa.BufferReader(buf)
+
+
+def read_table(fs: AbstractFileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
+    """Read a Parquet table (only `columns`, if given) through fsspec, decoded on this thread,
+    from an Arrow-native file (see _arrow_file)."""
+    with _arrow_file(fs, path) as f, pq.ParquetFile(f) as pf:
         missing = [c for c in columns or [] if c not in pf.schema_arrow.names]
         if missing:  # ParquetFile.read would silently leave them out
             raise AeError(f"table {path!r} has no column {', '.join(map(repr, missing))}; it was written "
@@ -83,7 +96,7 @@ def read_table(fs: AbstractFileSystem, path: str, columns: list[str] | None = No
 
 
 def read_schema(fs: AbstractFileSystem, path: str) -> pa.Schema:
-    with fs.open(path, "rb") as f:
+    with _arrow_file(fs, path) as f:
         return pq.read_schema(f)
 
 

@@ -140,6 +140,19 @@ def test_user_errors_are_one_line_and_write_nothing(mnist_subset, tmp_path):
     assert_one_line_error(ae("neighbours", out, "--key", "x", check=False), "no published result")
 
 
+def test_exit_status_and_output_survive_the_fast_exit(digits_run):
+    """`ae` leaves through os._exit after the exit handlers: the status and every line of output
+    must still come through, whether stdout is a pipe or a file."""
+    assert ae("--help").stdout.startswith("usage: ae")
+    usage = ae("run", check=False)
+    assert usage.returncode == 2 and "usage: ae run" in usage.stderr
+    out, _ = digits_run
+    piped = json.loads(ae("info", out, "--json").stdout)
+    with open(out.parent / "info.json", "w") as f:  # a file: block-buffered, flushed only at exit
+        subprocess.run([*AE, "info", str(out), "--json"], stdout=f, check=True, timeout=300)
+    assert json.loads((out.parent / "info.json").read_text()) == piped and piped["rows"] == 300
+
+
 def test_unknown_key_is_a_clear_error(digits_run):
     out, _ = digits_run
     assert_one_line_error(ae("neighbours", out, "--key", "nope.png", check=False), "nope.png", "not in the table")

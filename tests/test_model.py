@@ -124,3 +124,28 @@ def test_encoding_with_batchnorm_folded_matches_the_model_as_trained(arch):
     fast = inference_copy(model)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the model itself is untouched
+
+
+@pytest.mark.parametrize("arch", [AEArch(32, 28, 1), AEArch(16, 32, 3, width=8), AEArch(8, 16, 1, blocks_per_stage=0)])
+def test_channels_last_training_layout_computes_the_same_function_and_gradients(arch):
+    """Training on CPU runs channels-last (ae_core.train.training_layout); the flatten before the
+    bottleneck must keep the NCHW order every checkpoint assumes, forwards and backwards."""
+    torch.manual_seed(0)
+    plain = ConvAutoencoder(arch).train()
+    last = ConvAutoencoder(arch).train()
+    last.load_state_dict(plain.state_dict())
+    last = last.to(memory_format=torch.channels_last)
+    x = torch.rand(8, arch.channels, arch.image_size, arch.image_size)
+    outs = []
+    for model, inp in ((plain, x), (last, x.contiguous(memory_format=torch.channels_last))):
+        z, y = model(inp)
+        ((y - inp) ** 2).mean().backward()
+        outs.append((z.detach(), y.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (z0, y0, g0), (z1, y1, g1) = outs
+    assert torch.allclose(z0, z1, atol=1e-5) and torch.allclose(y0, y1, atol=1e-6)
+    for name, grad in g0.items():
+        assert torch.allclose(grad, g1[name], rtol=1e-4, atol=1e-6), name
+    # a checkpoint trained channels-last loads into a plain model and computes the same
+    reloaded = ConvAutoencoder(arch).train()
+    reloaded.load_state_dict(last.state_dict())
+    assert torch.allclose(reloaded(x)[1], y1, atol=1e-6)
