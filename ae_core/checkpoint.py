@@ -29,7 +29,8 @@ class Checkpoint:
 
 
 def _state(model: ConvAutoencoder) -> dict:
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    # contiguous: the bytes (and so the model version) do not depend on the layout it trained in
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
 def to_bytes(model: ConvAutoencoder, preprocess: Preprocess, extra: dict | None = None,

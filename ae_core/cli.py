@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import ctypes
 import json
 import logging
 import os
@@ -352,11 +353,16 @@ def _exit_without_finalizing() -> None:
     one) and the output is flushed; skip the interpreter's final collection of every module's
     objects, which after a run takes ~2 s on 2 cores and only frees memory the OS takes back anyway."""
     logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         try:
-            stream.flush()
+            if stream is not None:
+                stream.flush()
         except (OSError, ValueError):  # a closed pipe (`ae ... | head`) or a closed stream
             pass
+    try:  # what native libraries (faiss, OpenMP) wrote through C stdio
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass
     os._exit(_exit_status)
 
 
@@ -370,6 +376,9 @@ def console_main() -> None:
         _exit_status = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
         if isinstance(stop.code, str):
             print(stop.code, file=sys.stderr)
+    except KeyboardInterrupt:  # outside main's own handler (while parsing or importing)
+        print("ae: interrupted", file=sys.stderr)
+        _exit_status = 130
     sys.exit(_exit_status)
 
 

@@ -27,7 +27,7 @@ def inference_copy(model: ConvAutoencoder) -> ConvAutoencoder:
             if isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)) and isinstance(bn, nn.BatchNorm2d):
                 seq[i] = fuse_conv_bn_eval(conv, bn, transpose=isinstance(conv, nn.ConvTranspose2d))
                 seq[i + 1] = nn.Identity()
-    return fast.to(memory_format=torch.channels_last)
+    return fast.to_channels_last()
 
 
 @torch.inference_mode()

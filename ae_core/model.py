@@ -107,6 +107,7 @@ class Decoder(nn.Module):
         sizes = feature_sizes(arch.image_size)
         widths = stage_widths(arch.width, len(sizes) - 1)
         self.shape = (widths[-1], sizes[-1], sizes[-1])
+        self.channels_last = False  # a plain attribute: the layout is not part of the weights
         self.from_code = nn.Linear(arch.dim, widths[-1] * sizes[-1] ** 2)
         layers: list[nn.Module] = [nn.SiLU()]
         for i in range(len(widths) - 1, -1, -1):
@@ -119,13 +120,9 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.from_code(z).view(-1, *self.shape)
-        if _is_channels_last(self._first_kernel):  # the model was moved to channels-last: match it
+        if self.channels_last:  # match the kernels' layout (ConvAutoencoder.to_channels_last)
             h = h.contiguous(memory_format=torch.channels_last)
         return self.features(h)
-
-    @property
-    def _first_kernel(self) -> torch.Tensor:
-        return next(p for p in self.features.parameters() if p.dim() == 4)
 
 
 class ConvAutoencoder(nn.Module):
@@ -140,3 +137,9 @@ class ConvAutoencoder(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.encoder(x)
         return z, self.decoder(z)
+
+    def to_channels_last(self) -> ConvAutoencoder:
+        """Kernels in channels-last layout, and the decoder's first feature map made to match
+        (the Linear layer's output is NCHW). Returns self. Inputs should be channels-last too."""
+        self.decoder.channels_last = True
+        return self.to(memory_format=torch.channels_last)

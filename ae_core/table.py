@@ -66,6 +66,10 @@ def write_table(fs: AbstractFileSystem, path: str, table: pa.Table) -> None:
     write_bytes_atomic(fs, path, buf.getvalue())
 
 
+_RANGE = 16 << 20  # bytes per ranged read of a remote table
+_TAIL = 64 << 10  # first guess at a remote footer's size
+
+
 def _arrow_file(fs: AbstractFileSystem, path: str) -> pa.NativeFile:
     """The file as an Arrow-native file, never a Python file object.
 
@@ -78,9 +82,25 @@ def _arrow_file(fs: AbstractFileSystem, path: str) -> pa.NativeFile:
     whole into memory Arrow allocated."""
     if is_local(fs):
         return pa.OSFile(fs._strip_protocol(path), "rb")
-    data = fs.cat_file(path)
-    buf = pa.allocate_buffer(len(data))
-    memoryview(buf).cast("B")[:] = data
+    size = fs.size(path)
+    buf = pa.allocate_buffer(size)
+    view = memoryview(buf).cast("B")
+    for start in range(0, size, _RANGE):  # ranged reads: the peak is the file plus one range
+        end = min(size, start + _RANGE)
+        view[start:end] = fs.cat_file(path, start=start, end=end)
+    return pa.BufferReader(buf)
+
+
+def _footer(fs: AbstractFileSystem, path: str) -> pa.NativeFile:
+    """A remote Parquet file's footer only (metadata and schema), as an Arrow buffer laid out
+    like the end of the file: what pq.read_schema reads."""
+    size = fs.size(path)
+    tail = fs.cat_file(path, start=max(0, size - _TAIL), end=size)
+    need = int.from_bytes(tail[-8:-4], "little") + 8 if len(tail) >= 8 and tail[-4:] == b"PAR1" else 0
+    if need > len(tail) and need <= size:
+        tail = fs.cat_file(path, start=size - need, end=size)
+    buf = pa.allocate_buffer(len(tail))
+    memoryview(buf).cast("B")[:] = tail
     return pa.BufferReader(buf)
 
 
@@ -96,7 +116,7 @@ def read_table(fs: AbstractFileSystem, path: str, columns: list[str] | None = No
 
 
 def read_schema(fs: AbstractFileSystem, path: str) -> pa.Schema:
-    with _arrow_file(fs, path) as f:
+    with (_arrow_file(fs, path) if is_local(fs) else _footer(fs, path)) as f:
         return pq.read_schema(f)
 
 

@@ -149,7 +149,9 @@ def train_autoencoder(pixels: np.ndarray, arch: AEArch, cfg: TrainConfig,
     max_shift = max(1, arch.image_size // 16) if cfg.augment else 0
 
     layout = training_layout(device)
-    model = ConvAutoencoder(arch).to(device, memory_format=layout)
+    model = ConvAutoencoder(arch).to(device)
+    if layout == torch.channels_last:
+        model.to_channels_last()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     epochs = cfg.epochs or auto_epochs(len(train_rows), cfg.batch_size)
     steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)

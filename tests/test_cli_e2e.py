@@ -31,10 +31,29 @@ def ae(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
+def prefect_servers_not_ours() -> set[int]:
+    """Prefect temporary API servers whose parent is not this test process (an `ae` that exited
+    without stopping its server leaves one behind, adopted by init)."""
+    found = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline, stat = (proc / "cmdline").read_bytes(), (proc / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        if b"prefect.server.api.server:create_app" in cmdline and int(stat.rsplit(")", 1)[1].split()[1]) != os.getpid():
+            found.add(int(proc.name))
+    return found
+
+
+SERVERS_LEFT_BEHIND: list[int] = []
+
+
 @pytest.fixture(scope="module")
 def digits_run(mnist_subset, tmp_path_factory):
     out = tmp_path_factory.mktemp("digits-out") / "out"
+    before = prefect_servers_not_ours()
     proc = ae("run", mnist_subset, out, "--dim", 16, "--epochs", 3, "--seed", 1)
+    SERVERS_LEFT_BEHIND[:] = sorted(prefect_servers_not_ours() - before)
     return out, proc
 
 
@@ -138,6 +157,11 @@ def test_user_errors_are_one_line_and_write_nothing(mnist_subset, tmp_path):
     assert not out.exists() and not (mnist_subset / "out").exists()
     assert_one_line_error(ae("info", out, check=False), "no published result", "ae run")
     assert_one_line_error(ae("neighbours", out, "--key", "x", check=False), "no published result")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_run_stops_its_prefect_server_before_the_fast_exit(digits_run):
+    assert SERVERS_LEFT_BEHIND == []
 
 
 def test_exit_status_and_output_survive_the_fast_exit(digits_run):

@@ -134,14 +134,23 @@ def test_channels_last_training_layout_computes_the_same_function_and_gradients(
     plain = ConvAutoencoder(arch).train()
     last = ConvAutoencoder(arch).train()
     last.load_state_dict(plain.state_dict())
-    last = last.to(memory_format=torch.channels_last)
+    last = last.to_channels_last()
     x = torch.rand(8, arch.channels, arch.image_size, arch.image_size)
+    seen = {}  # the layouts the channels-last model actually ran in
+
+    def watch_gradient(mod, args, out) -> None:
+        out.register_hook(lambda grad: seen.__setitem__("encoder grad", grad))
+
+    last.encoder.features.register_forward_hook(watch_gradient)
+    last.decoder.features.register_forward_pre_hook(lambda mod, args: seen.__setitem__("decoder input", args[0]))
     outs = []
     for model, inp in ((plain, x), (last, x.contiguous(memory_format=torch.channels_last))):
         z, y = model(inp)
         ((y - inp) ** 2).mean().backward()
         outs.append((z.detach(), y.detach(), {n: p.grad for n, p in model.named_parameters()}))
     (z0, y0, g0), (z1, y1, g1) = outs
+    for what, t in seen.items():  # one layout per activation, forwards and backwards
+        assert t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous(), what
     assert torch.allclose(z0, z1, atol=1e-5) and torch.allclose(y0, y1, atol=1e-6)
     for name, grad in g0.items():
         assert torch.allclose(grad, g1[name], rtol=1e-4, atol=1e-6), name

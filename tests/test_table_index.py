@@ -189,6 +189,32 @@ def test_reading_a_table_then_exiting_at_once_never_aborts(tmp_path):
     assert codes == [0] * 20
 
 
+@pytest.mark.parametrize("protocol", ["file", "memory"])
+def test_tables_reach_arrow_as_arrow_files_never_as_python_files(tmp_path, protocol, monkeypatch):
+    """What aborted short processes at exit was Arrow holding a Python file object (and its
+    buffers) on its IO threads: reading a table or its schema must not open one. The memory
+    store stands in for a remote one (ranged reads into Arrow memory, the footer alone for the
+    schema), with ranges small enough that every code path runs."""
+    fs = fsspec.filesystem(protocol)
+    path = str(tmp_path / "t.parquet") if protocol == "file" else f"/{tmp_path.name}/t.parquet"
+    rng = np.random.default_rng(0)
+    written = pa.table({"key": [f"k{i}" for i in range(500)],
+                        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(rng.random(500 * 8, dtype=np.float32)), 8)},
+                       metadata={b"ae": b'{"dim": 8}'})
+    table.write_table(fs, path, written)
+
+    def no_python_files(*args, **kwargs):
+        raise AssertionError("a Python file object was opened for Arrow")
+
+    monkeypatch.setattr(fs, "open", no_python_files)
+    monkeypatch.setattr(table, "_RANGE", 1000)
+    monkeypatch.setattr(table, "_TAIL", 64)
+    assert table.read_table(fs, path, ["key"]).column("key").to_pylist() == written.column("key").to_pylist()
+    assert table.read_table(fs, path).equals(written)
+    schema = table.read_schema(fs, path)
+    assert schema.names == ["key", "embedding"] and schema.metadata[b"ae"] == b'{"dim": 8}'
+
+
 def test_reading_a_column_the_table_lacks_is_a_clear_error(tmp_path):
     from ae_core.errors import AeError
 
