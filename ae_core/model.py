@@ -44,10 +44,6 @@ def stage_widths(width: int, n_stages: int) -> list[int]:
     return [min(width * 2**i, _MAX_WIDTH) for i in range(n_stages)]
 
 
-def _is_channels_last(t: torch.Tensor) -> bool:
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-
 class _FlattenOrder(torch.autograd.Function):
     """Copy a channels-last feature map to NCHW order for the Linear layer (the order every
     checkpoint's weights assume), and hand the gradient back channels-last, so the activation
@@ -93,10 +89,11 @@ class Encoder(nn.Module):
             c_in = w
         self.features = nn.Sequential(*layers)
         self.to_code = nn.Linear(widths[-1] * sizes[-1] ** 2, arch.dim)
+        self.channels_last = False  # set by ConvAutoencoder.to_channels_last
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.features(x)
-        if _is_channels_last(f) and torch.is_grad_enabled():
+        if self.channels_last and torch.is_grad_enabled():
             f = _FlattenOrder.apply(f)
         return self.to_code(torch.flatten(f, 1))
 
@@ -141,5 +138,5 @@ class ConvAutoencoder(nn.Module):
     def to_channels_last(self) -> ConvAutoencoder:
         """Kernels in channels-last layout, and the decoder's first feature map made to match
         (the Linear layer's output is NCHW). Returns self. Inputs should be channels-last too."""
-        self.decoder.channels_last = True
+        self.encoder.channels_last = self.decoder.channels_last = True
         return self.to(memory_format=torch.channels_last)

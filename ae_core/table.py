@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -82,12 +82,17 @@ def _arrow_file(fs: AbstractFileSystem, path: str) -> pa.NativeFile:
     whole into memory Arrow allocated."""
     if is_local(fs):
         return pa.OSFile(fs._strip_protocol(path), "rb")
-    size = fs.size(path)
+    size = fs.size(path)  # ranged reads: the peak is the file plus one range
+    return _arrow_reader(size, (fs.cat_file(path, start=s, end=min(size, s + _RANGE)) for s in range(0, size, _RANGE)))
+
+
+def _arrow_reader(size: int, parts: Iterable[bytes]) -> pa.BufferReader:
+    """`parts`, in order, copied into one buffer of `size` bytes that Arrow allocated."""
     buf = pa.allocate_buffer(size)
-    view = memoryview(buf).cast("B")
-    for start in range(0, size, _RANGE):  # ranged reads: the peak is the file plus one range
-        end = min(size, start + _RANGE)
-        view[start:end] = fs.cat_file(path, start=start, end=end)
+    view, pos = memoryview(buf).cast("B"), 0
+    for part in parts:
+        view[pos:pos + len(part)] = part
+        pos += len(part)
     return pa.BufferReader(buf)
 
 
@@ -99,9 +104,7 @@ def _footer(fs: AbstractFileSystem, path: str) -> pa.NativeFile:
     need = int.from_bytes(tail[-8:-4], "little") + 8 if len(tail) >= 8 and tail[-4:] == b"PAR1" else 0
     if need > len(tail) and need <= size:
         tail = fs.cat_file(path, start=size - need, end=size)
-    buf = pa.allocate_buffer(len(tail))
-    memoryview(buf).cast("B")[:] = tail
-    return pa.BufferReader(buf)
+    return _arrow_reader(len(tail), [tail])
 
 
 def read_table(fs: AbstractFileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
