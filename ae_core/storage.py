@@ -77,6 +77,12 @@ def list_objects(fs: AbstractFileSystem, root: str, include: Sequence[str] = (),
         raise AeError(f"source {display_url(fs, root)!r} is {what}; give the folder or prefix "
                       "that holds the images")
     prefix = root.rstrip("/") + "/"
+    if is_local(fs):
+        for path, size, tag in _walk_local(root, skip_prefix):
+            key = path[len(prefix):]
+            if key_matches(key, include, exclude):
+                yield ObjectInfo(key=key, path=path, size=size, tag=tag)
+        return
     fs.invalidate_cache(root)  # every run sees the store as it is now, not a cached listing
     for dirpath, dirs, files in fs.walk(root, detail=True):
         dirs_sorted = sorted(dirs)
@@ -93,6 +99,39 @@ def list_objects(fs: AbstractFileSystem, root: str, include: Sequence[str] = (),
             key = path[len(prefix):] if path.startswith(prefix) else name
             if key_matches(key, include, exclude):
                 yield ObjectInfo(key=key, path=path, size=int(info.get("size") or 0), tag=listing_tag(info))
+
+
+def _walk_local(root: str, skip_prefix: str | None) -> Iterator[tuple[str, int, str]]:
+    """(path, size, tag) of every non-folder under a local `root`, folder by folder in sorted
+    order: what `fs.walk(detail=True)` gives, from one `os.scandir` and one stat per entry
+    instead of fsspec's per-entry `info` (~9 us each, as much as decoding a 28x28 PNG). Same
+    values: a symlink is not followed into (its size is its target's, its mtime its own)."""
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError:
+        return  # vanished or unreadable: skipped, as fsspec's walk does
+    base = root.rstrip("/")
+    subdirs = []
+    for entry in entries:
+        path = base + "/" + entry.name
+        if skip_prefix and _under(path, skip_prefix):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                subdirs.append(path)
+                continue
+            st = entry.stat(follow_symlinks=False)
+            size = st.st_size
+            if entry.is_symlink():
+                try:
+                    size = entry.stat(follow_symlinks=True).st_size
+                except OSError:
+                    size = 0
+        except FileNotFoundError:
+            continue
+        yield path, size, listing_tag({"size": size, "mtime": st.st_mtime})
+    for sub in subdirs:
+        yield from _walk_local(sub, skip_prefix)
 
 
 def listing_tag(info: dict) -> str:
@@ -166,10 +205,20 @@ def _read_local(paths: Sequence[str]) -> dict[str, bytes | Exception]:
     out: dict[str, bytes | Exception] = {}
     for p in paths:
         try:
-            with open(p, "rb") as f:
-                out[p] = f.read()
+            fd = os.open(p, os.O_RDONLY)
         except OSError as err:
             out[p] = err
+            continue
+        try:  # raw os.read: half the cost of open().read() on a 300-byte file
+            size = os.fstat(fd).st_size
+            data = os.read(fd, size + 1)
+            if len(data) > size:  # grew since its stat: read on to the end
+                data += b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
+            out[p] = data
+        except OSError as err:
+            out[p] = err
+        finally:
+            os.close(fd)
     return out
 
 

@@ -88,3 +88,111 @@ def test_fingerprint_is_content_based():
     assert fingerprint(a) == fingerprint(bytes(a))
     assert fingerprint(a) != fingerprint(a + b"\0")
     assert len(fingerprint(a)) == 32
+
+
+# --- The plain-PNG fast path against Pillow's own Image.open path -------------------------------
+
+def _png(img: Image.Image, **save) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG", **save)
+    return buf.getvalue()
+
+
+def _chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    out, pos = [], 8
+    while pos < len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        out.append((data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]))
+        pos += 12 + length
+    return out
+
+
+def _assemble(chunks: list[tuple[bytes, bytes]]) -> bytes:
+    import zlib
+    return b"\x89PNG\r\n\x1a\n" + b"".join(
+        len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+        for kind, body in chunks)
+
+
+def _png_variants() -> dict[str, bytes]:
+    """Plain PNGs the fast path takes, and near misses it must hand to Image.open."""
+    rng = np.random.default_rng(0)
+    gray = Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8))
+    rgb = Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8))
+    v = {"gray": _png(gray), "rgb": _png(rgb), "gray-big": _png(gray.resize((64, 64))),
+         "gray-optimised": _png(gray, optimize=True), "rgb-text": _png(rgb, pnginfo=_text("Comment", "x")),
+         "gray-dpi": _png(gray, dpi=(300, 300)),
+         "rgba": _png(rgb.convert("RGBA")), "la": _png(gray.convert("LA")), "palette": _png(rgb.convert("P")),
+         "gray-trns": _png(gray, transparency=0), "gray16": _png(Image.fromarray(np.asarray(gray).astype(np.uint16) * 257)),
+         "one-bit": _png(gray.convert("1")),
+         "exif-rotated": _png(rgb, exif=_exif(6)),
+         "xmp-rotated": _png(rgb, pnginfo=_text("XML:com.adobe.xmp", '<x tiff:Orientation="6"/>')),
+         "raw-profile-exif": _png(rgb, pnginfo=_text("Raw profile type exif", _raw_profile(_exif(6)))),
+         "raw-profile-exif-z": _png(rgb, pnginfo=_text("Raw profile type exif", _raw_profile(_exif(8)), zip=True))}
+    chunks = _chunks(v["gray"])
+    (ihdr_kind, ihdr), rest = chunks[0], chunks[1:]
+    idat = b"".join(body for kind, body in rest if kind == b"IDAT")
+    halves = [(b"IDAT", idat[:len(idat) // 2]), (b"IDAT", idat[len(idat) // 2:])]
+    v["idat-in-two"] = _assemble([chunks[0], *halves, (b"IEND", b"")])
+    v["idat-split-by-text"] = _assemble([chunks[0], halves[0], (b"tEXt", b"a\0b"), halves[1], (b"IEND", b"")])
+    v["interlace-flag"] = _assemble([(ihdr_kind, ihdr[:12] + b"\x01"), *rest])
+    v["bad-ihdr-crc"] = v["gray"][:29] + b"\0\0\0\0" + v["gray"][33:]
+    v["truncated-idat"] = _assemble([chunks[0], (b"IDAT", idat[:len(idat) // 2]), (b"IEND", b"")])
+    v["corrupt-idat"] = _assemble([chunks[0], (b"IDAT", idat[:4] + bytes(len(idat) - 4)), (b"IEND", b"")])
+    v["no-iend"] = v["gray"][:-12]
+    v["cut-short"] = v["gray"][:len(v["gray"]) // 2]
+    v["unknown-critical-chunk"] = _assemble([chunks[0], (b"ZZZZ", b"?"), *rest])
+    return v
+
+
+def _text(key: str, value: str, zip: bool = False):  # noqa: A002 - Pillow's name
+    from PIL import PngImagePlugin
+    info = PngImagePlugin.PngInfo()
+    if key.startswith("XML"):
+        info.add_itxt(key, value)
+    else:
+        info.add_text(key, value, zip=zip)
+    return info
+
+
+def _raw_profile(exif: Image.Exif) -> str:
+    """EXIF as ImageMagick writes it into a PNG text chunk (Pillow reads it back)."""
+    raw = exif.tobytes()
+    return f"\nexif\n{len(raw):8d}\n{raw.hex()}\n"
+
+
+def _exif(orientation: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif
+
+
+def _outcome(data: bytes, spec: Preprocess) -> tuple:
+    try:
+        d = decode_image(data, spec)
+    except DecodeError as err:
+        return ("reject", err.reason)
+    return ("ok", d.pixels.shape, d.pixels.tobytes(), d.width, d.height, d.mode, d.format)
+
+
+FAST_PATH_TAKES = {"gray", "rgb", "gray-big", "gray-optimised", "rgb-text", "gray-dpi", "idat-in-two"}
+
+
+@pytest.mark.parametrize("spec", [Preprocess(image_size=28, channels=1), Preprocess(image_size=28, channels=3),
+                                  Preprocess(image_size=16, channels=1, resize="crop"),
+                                  Preprocess(image_size=32, channels=3, resize="pad")],
+                         ids=["gray28", "rgb28", "gray16-crop", "rgb32-pad"])
+def test_plain_png_fast_path_gives_what_image_open_gives(spec, monkeypatch):
+    from ae_core import decode
+    files = {**_png_variants(), **{k: d for k, d in good_files(COIL, MNIST).items() if k.endswith(".png")},
+             **{k: d for k, (d, _) in broken_files(COIL, MNIST).items()},
+             "mnist": (MNIST / "00000.png").read_bytes(), "coil": (COIL / "obj5__10.png").read_bytes()}
+    fast = {k: _outcome(d, spec) for k, d in files.items()}
+    monkeypatch.setattr(decode, "_plain_png", lambda data, max_pixels: None)
+    reference = {k: _outcome(d, spec) for k, d in files.items()}
+    assert fast == reference
+    monkeypatch.undo()
+    taken = {k for k, d in files.items()
+             if (png := decode._plain_png(d, 10**8)) is not None and decode._png_pixels(png) is not None}
+    assert FAST_PATH_TAKES | {"mnist", "coil"} <= taken  # the fast path really runs on plain PNGs
+    assert not taken & (set(_png_variants()) - FAST_PATH_TAKES)

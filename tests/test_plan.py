@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ae_core.config import ModelConfig
-from ae_core.ingest import decode_workers, plan_shards
+from ae_core.ingest import decode_workers, plan_shards, task_size
 from ae_core.plan import CorpusProbe, choose_channels, choose_image_size, probe_sample, resolve_model_config
 from ae_core.storage import ObjectInfo, key_matches
 from ae_core.train import lr_at, split_indices
@@ -93,3 +93,15 @@ def test_split_is_seeded_and_disjoint():
 def test_auto_epochs_from_corpus_size(n_train, batch, epochs):
     from ae_core.train import auto_epochs
     assert auto_epochs(n_train, batch) == epochs
+
+
+@pytest.mark.parametrize("n,workers,read_batch,workers_read,size", [
+    (100_000, 2, 64, True, 1024),   # workers reading tiny local files: large tasks, capped
+    (10_000, 2, 64, True, 625),     # ...while each worker still gets 8 of them
+    (1_000, 2, 64, True, 64),       # never below read_batch
+    (100_000, 2, 64, False, 64),    # this process fetches (S3): read_batch is the fetch concurrency
+    (100_000, 0, 64, True, 64),     # decoding in this process
+    (100_000, 2, 2000, True, 2000), # the user's larger read_batch stands
+])
+def test_task_size(n, workers, read_batch, workers_read, size):
+    assert task_size(n, workers, read_batch, workers_read) == size
