@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from ae_core.errors import DecodeError
 
@@ -147,12 +147,11 @@ def _resize(img: Image.Image, size: int, how: str) -> Image.Image:
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_RAWMODES = {0: "L", 2: "RGB"}  # 8-bit greyscale and truecolour, no alpha, no palette
-# Ancillary chunks that Pillow keeps in `info` without changing the pixels. Text chunks are
-# checked by keyword: two of them can carry an EXIF orientation.
-_PNG_INERT = {b"tEXt", b"zTXt", b"iTXt", b"pHYs", b"tIME", b"gAMA", b"cHRM", b"sRGB", b"iCCP",
-              b"sBIT", b"bKGD", b"hIST", b"sPLT"}
-_PNG_TEXT = (b"tEXt", b"zTXt", b"iTXt")
-_PNG_ORIENTATION_KEYS = (b"Raw profile type exif", b"XML:com.adobe.xmp")
+# Chunks Pillow reads that cannot change the pixels, with the shortest body Pillow accepts.
+# Every other chunk Pillow reads (text, iCCP, tRNS, PLTE, eXIf, animation) sends the image to
+# Image.open: those can carry an orientation, fail Pillow's own checks, or change the pixels.
+_PNG_CHECKED = {b"gAMA": 4, b"cHRM": 32, b"sRGB": 1, b"pHYs": 9}
+_PILLOW_READS = {name[6:].encode() for name in dir(PngImagePlugin.PngStream) if name.startswith("chunk_")}
 
 
 @dataclass(frozen=True)
@@ -164,10 +163,12 @@ class _PlainPng:
 
 
 def _plain_png(data: bytes, max_pixels: int) -> _PlainPng | None:
-    """The image data of a plain PNG: 8-bit greyscale or RGB, not interlaced, no transparency,
-    palette, animation or orientation. None for anything else, and for anything damaged, so
-    that `Image.open` handles and classifies it."""
-    if not data.startswith(_PNG_SIGNATURE) or len(data) < 33 or data[12:16] != b"IHDR":
+    """The image data of a plain PNG: 8-bit greyscale or RGB, not interlaced, and no chunk that
+    Pillow reads other than the four in `_PNG_CHECKED` (so no transparency, palette, animation,
+    text or orientation). None for anything else, and for anything damaged, so that
+    `Image.open` handles and classifies it."""
+    if not data.startswith(_PNG_SIGNATURE) or len(data) < 33 or data[12:16] != b"IHDR" \
+            or int.from_bytes(data[8:12], "big") < 13:
         return None
     width, height, depth, ctype, compression, filtering, interlace = struct.unpack_from(">IIBBBBB", data, 16)
     rawmode = _PNG_RAWMODES.get(ctype)
@@ -189,14 +190,13 @@ def _plain_png(data: bytes, max_pixels: int) -> _PlainPng | None:
             idat_end = body_end + 4
         elif kind == b"IEND":
             break
-        elif kind == b"IHDR" and pos == 8 or kind in _PNG_INERT:
-            body = data[pos + 8:body_end]
-            if zlib.crc32(kind + body) != struct.unpack_from(">I", data, body_end)[0]:
-                return None  # Pillow rejects a bad checksum in these chunks
-            if kind in _PNG_TEXT and body.split(b"\0", 1)[0] in _PNG_ORIENTATION_KEYS:
+        elif (kind == b"IHDR" and pos == 8 or length >= _PNG_CHECKED.get(kind, length + 1)
+              or kind[:1].islower() and kind.isalpha() and kind not in _PILLOW_READS):
+            # the header, a checked chunk, or a private one Pillow skips: Pillow verifies their CRC
+            if zlib.crc32(data[pos + 4:body_end]) != struct.unpack_from(">I", data, body_end)[0]:
                 return None
         else:
-            return None  # tRNS, PLTE, eXIf, acTL, an unknown chunk...
+            return None
         pos = body_end + 4
     return _PlainPng(rawmode, width, height, b"".join(idat))
 

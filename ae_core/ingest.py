@@ -175,15 +175,17 @@ def decode_workers(n_objects: int, requested: int, median_bytes: float = float("
 _LOCAL_TASK_MAX = 1024  # objects in one worker task when the worker reads the files itself
 
 
-def task_size(n_objects: int, n_workers: int, read_batch: int, workers_read: bool) -> int:
+def task_size(n_objects: int, n_workers: int, read_batch: int, workers_read: bool,
+              median_bytes: float = float("inf")) -> int:
     """Objects per decode task. Pure.
 
-    `read_batch` when this process fetches (it is the fetch concurrency, for S3), or when
-    decoding here. When workers read local files themselves, larger tasks, up to
-    `_LOCAL_TASK_MAX`, while each worker still gets at least 8: per task the main process
-    pickles the listing and unpickles the results, and with 64 objects a task it could not keep
-    two workers busy (100,000 28x28 PNGs on 2 cores: 1.9 s with 64, 1.6 s with 1,024)."""
-    if not workers_read or n_workers < 1:
+    `read_batch` when this process fetches (it is the fetch concurrency, for S3), when decoding
+    here, and for files of ordinary size (a task's bytes are all in memory at once). When
+    workers read tiny local files themselves, larger tasks, up to `_LOCAL_TASK_MAX`, while each
+    worker still gets at least 8: per task the main process pickles the listing and unpickles
+    the results, and with 64 objects a task it could not keep two workers busy (100,000 28x28
+    PNGs on 2 cores: 1.9 s with 64, 1.6 s with 1,024)."""
+    if not workers_read or n_workers < 1 or median_bytes >= _IN_PROCESS_MEDIAN_BYTES:
         return read_batch
     return max(read_batch, min(_LOCAL_TASK_MAX, n_objects // (8 * n_workers)))
 
@@ -253,7 +255,8 @@ def decode_corpus(objects: Sequence[ObjectInfo], fs: AbstractFileSystem, spec: P
     os.makedirs(work_dir, exist_ok=True)
     plans = plan_shards(objects, shard_size)
     sizes = sorted(o.size for o in objects)
-    n_workers = decode_workers(len(objects), workers, sizes[len(sizes) // 2] if sizes else 0)
+    median_bytes = sizes[len(sizes) // 2] if sizes else 0
+    n_workers = decode_workers(len(objects), workers, median_bytes)
     pool: Executor = (ProcessPoolExecutor(n_workers, mp_context=mp.get_context("spawn"))
                       if n_workers else _InlineExecutor())
     shards: list[ShardResult | None] = [None] * len(plans)
@@ -284,7 +287,7 @@ def decode_corpus(objects: Sequence[ObjectInfo], fs: AbstractFileSystem, spec: P
             shards[plan.index] = _save_shard(result, plan, spec, work_dir, pixels)
             del partial[plan.index]
 
-    per_task = task_size(len(objects), n_workers, read_batch, workers_read)
+    per_task = task_size(len(objects), n_workers, read_batch, workers_read, median_bytes)
     try:
         for plan in todo:
             batches = list(iter_batches(plan.objects, per_task))

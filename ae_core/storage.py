@@ -121,15 +121,20 @@ def _walk_local(root: str, skip_prefix: str | None) -> Iterator[tuple[str, int, 
                 subdirs.append(path)
                 continue
             st = entry.stat(follow_symlinks=False)
-            size = st.st_size
-            if entry.is_symlink():
-                try:
-                    size = entry.stat(follow_symlinks=True).st_size
-                except OSError:
-                    size = 0
         except FileNotFoundError:
+            continue  # deleted since the scandir
+        except OSError:  # cannot even stat it (no search permission): listed, so that reading
+            yield path, 0, listing_tag({"size": 0})  # it fails and it becomes a reject row
             continue
-        yield path, size, listing_tag({"size": size, "mtime": st.st_mtime})
+        size = st.st_size
+        if entry.is_symlink():
+            try:
+                size = entry.stat(follow_symlinks=True).st_size
+            except OSError:
+                size = 0
+        # fsspec's fields: `created` is what the tag falls back on for an mtime of 0
+        yield path, size, listing_tag({"size": size, "mtime": st.st_mtime,
+                                       "created": getattr(st, "st_birthtime", st.st_ctime)})
     for sub in subdirs:
         yield from _walk_local(sub, skip_prefix)
 
@@ -212,11 +217,11 @@ def _read_local(paths: Sequence[str]) -> dict[str, bytes | Exception]:
         try:  # raw os.read: half the cost of open().read() on a 300-byte file
             size = os.fstat(fd).st_size
             data = os.read(fd, size + 1)
-            if len(data) > size:  # grew since its stat: read on to the end
+            if len(data) != size:  # grew since its stat, or a short read (over 2 GiB, FUSE...)
                 data += b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
             out[p] = data
         except OSError as err:
-            out[p] = err
+            out[p] = OSError(err.errno, err.strerror, p)  # os.read's errors do not name the file
         finally:
             os.close(fd)
     return out

@@ -11,18 +11,25 @@ fresh process (Prefect's ephemeral mode included), with `--epochs` fixed to the 
 
 Both report the reconstruction MSE per pixel on [0, 1] over every image (the product's from the
 recon_error column of its table), so the speed ratio is read at the quality each reached. Medians over --repeats.
+
+A last row runs the fast settings against a Prefect server that is already up (`infra/local.sh
+server-start`, started before the clock, as a scheduled deployment's server is, and stopped after
+that run): the same command without the ephemeral server's start. `--no-server` leaves it out.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import faiss
@@ -32,9 +39,12 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 from bench.common import machine, table  # noqa: E402
 from bench.naive import PerFileDataset  # noqa: E402
+from moto_server import free_port  # noqa: E402  (the tests' helper: a free loopback port)
 
 BATCH = 128
 
@@ -90,11 +100,32 @@ def notebook_pipeline(source: str, out: str, epochs: int, dim: int, size: int) -
 FAST = ["--blocks-per-stage", "0", "--anomaly-steps", "0"]
 
 
-def product_pipeline(source: str, out: str, epochs: int, dim: int, extra: list[str]) -> dict:
+@contextlib.contextmanager
+def prefect_server() -> Iterator[dict]:
+    """A Prefect server on a free loopback port with its own home, through infra/local.sh as the
+    README starts one; yields the environment that points `ae` at it."""
+    state = tempfile.mkdtemp(prefix="ae-bench-prefect-")
+    env = {**os.environ, "AE_STATE_DIR": state, "AE_PREFECT_PORT": str(free_port()),
+           "AE_BIN": str(Path(sys.executable).parent), "PREFECT_HOME": os.path.join(state, "home")}
+    local = str(ROOT / "infra" / "local.sh")
+    try:
+        started = subprocess.run([local, "server-start"], env=env, capture_output=True, text=True, timeout=300)
+        if started.returncode:
+            log = Path(state, "server.log")
+            raise SystemExit(f"prefect server did not start:\n{started.stderr[-2000:]}\n"
+                             f"{log.read_text()[-3000:] if log.exists() else ''}")
+        yield {**env, "PREFECT_API_URL": f"http://127.0.0.1:{env['AE_PREFECT_PORT']}/api"}
+    finally:
+        subprocess.run([local, "stop"], env=env, check=False, capture_output=True, timeout=120)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def product_pipeline(source: str, out: str, epochs: int, dim: int, extra: list[str],
+                     env: dict | None = None) -> dict:
     ae = Path(sys.executable).parent / "ae"
     t0 = time.perf_counter()
     proc = subprocess.run([str(ae), "run", source, out, "--epochs", str(epochs), "--dim", str(dim), "--json", *extra],
-                          capture_output=True, text=True, check=False)
+                          capture_output=True, text=True, check=False, env=env)
     seconds = time.perf_counter() - t0
     if proc.returncode:
         raise SystemExit(f"ae run failed:\n{proc.stderr[-2000:]}")
@@ -112,8 +143,10 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=32)
     p.add_argument("--image-size", type=int, default=28, help="input side of the notebook model (28 for MNIST)")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--no-server", dest="server", action="store_false",
+                   help="leave out the row against an already running Prefect server")
     args = p.parse_args()
-    naive, product, fast = [], [], []
+    naive, product, fast, served = [], [], [], []
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as out:
             naive.append(notebook_pipeline(args.source, out, args.epochs, args.dim, args.image_size))
@@ -121,6 +154,10 @@ def main() -> None:
             product.append(product_pipeline(args.source, os.path.join(out, "o"), args.epochs, args.dim, []))
         with tempfile.TemporaryDirectory() as out:
             fast.append(product_pipeline(args.source, os.path.join(out, "o"), args.epochs, args.dim, FAST))
+        if args.server:  # up only for its own row: its background services would load the others
+            with prefect_server() as server_env, tempfile.TemporaryDirectory() as out:
+                served.append(product_pipeline(args.source, os.path.join(out, "o"), args.epochs, args.dim,
+                                               FAST, server_env))
     n_s = statistics.median(r["seconds"] for r in naive)
     p_s = statistics.median(r["seconds"] for r in product)
     f_s = statistics.median(r["seconds"] for r in fast)
@@ -134,6 +171,10 @@ def main() -> None:
          "recon_mse": f'{statistics.median(r["mse"] for r in product):.5f}', "speedup": n_s / p_s},
         {"pipeline": "product: ae run " + " ".join(FAST), "wall_s": f_s,
          "recon_mse": f'{statistics.median(r["mse"] for r in fast):.5f}', "speedup": n_s / f_s},
+        *([{"pipeline": "product: ae run " + " ".join(FAST) + ", Prefect server already running",
+            "wall_s": (s_s := statistics.median(r["seconds"] for r in served)),
+            "recon_mse": f'{statistics.median(r["mse"] for r in served):.5f}', "speedup": n_s / s_s}]
+          if served else []),
     ]))
     for name, runs in (("default", product), ("fast", fast)):
         t = runs[-1]["train"]

@@ -142,6 +142,23 @@ def _png_variants() -> dict[str, bytes]:
     v["no-iend"] = v["gray"][:-12]
     v["cut-short"] = v["gray"][:len(v["gray"]) // 2]
     v["unknown-critical-chunk"] = _assemble([chunks[0], (b"ZZZZ", b"?"), *rest])
+    v["private-chunk"] = _assemble([chunks[0], (b"prVt", b"anything"), *rest])
+    v["chunk-name-not-letters"] = _assemble([chunks[0], (b"pr1t", b"x"), *rest])
+    v["ihdr-short"] = _assemble([(ihdr_kind, ihdr[:12]), *rest])
+    # Chunks Pillow reads before the image data: valid ones, then each one malformed.
+    for kind, good in ((b"gAMA", (45455).to_bytes(4, "big")), (b"cHRM", bytes(range(32))),
+                       (b"sRGB", b"\0"), (b"pHYs", (2835).to_bytes(4, "big") * 2 + b"\1")):
+        name = kind.decode()
+        v[name] = _assemble([chunks[0], (kind, good), *rest])
+        v[f"{name}-after-data"] = _assemble([chunks[0], *rest[:-1], (kind, good), rest[-1]])
+        v[f"{name}-short"] = _assemble([chunks[0], (kind, good[:-1]), *rest])
+        v[f"{name}-short-after-data"] = _assemble([chunks[0], *rest[:-1], (kind, good[:-1]), rest[-1]])
+    import zlib
+    v["ztxt-unknown-method"] = _assemble([chunks[0], (b"zTXt", b"Comment\0\1abc"), *rest])
+    v["ztxt-too-large"] = _assemble([chunks[0], (b"zTXt", b"Comment\0\0" + zlib.compress(b"a" * 2**21)), *rest])
+    v["iccp-empty"] = _assemble([chunks[0], (b"iCCP", b""), *rest])
+    v["text-exif-rotated"] = _assemble([_chunks(v["rgb"])[0], (b"tEXt", b"exif\0" + _exif(6).tobytes()),
+                                        *_chunks(v["rgb"])[1:]])
     return v
 
 
@@ -175,7 +192,9 @@ def _outcome(data: bytes, spec: Preprocess) -> tuple:
     return ("ok", d.pixels.shape, d.pixels.tobytes(), d.width, d.height, d.mode, d.format)
 
 
-FAST_PATH_TAKES = {"gray", "rgb", "gray-big", "gray-optimised", "rgb-text", "gray-dpi", "idat-in-two"}
+FAST_PATH_TAKES = {"gray", "rgb", "gray-big", "gray-optimised", "gray-dpi", "idat-in-two", "private-chunk",
+                   "gAMA", "cHRM", "sRGB", "pHYs", "gAMA-after-data", "cHRM-after-data", "sRGB-after-data",
+                   "pHYs-after-data"}
 
 
 @pytest.mark.parametrize("spec", [Preprocess(image_size=28, channels=1), Preprocess(image_size=28, channels=3),

@@ -95,13 +95,14 @@ def test_auto_epochs_from_corpus_size(n_train, batch, epochs):
     assert auto_epochs(n_train, batch) == epochs
 
 
-@pytest.mark.parametrize("n,workers,read_batch,workers_read,size", [
-    (100_000, 2, 64, True, 1024),   # workers reading tiny local files: large tasks, capped
-    (10_000, 2, 64, True, 625),     # ...while each worker still gets 8 of them
-    (1_000, 2, 64, True, 64),       # never below read_batch
-    (100_000, 2, 64, False, 64),    # this process fetches (S3): read_batch is the fetch concurrency
-    (100_000, 0, 64, True, 64),     # decoding in this process
-    (100_000, 2, 2000, True, 2000), # the user's larger read_batch stands
+@pytest.mark.parametrize("n,workers,read_batch,workers_read,median_bytes,size", [
+    (100_000, 2, 64, True, 300, 1024),     # workers reading tiny local files: large tasks, capped
+    (10_000, 2, 64, True, 300, 625),       # ...while each worker still gets 8 of them
+    (1_000, 2, 64, True, 300, 64),         # never below read_batch
+    (100_000, 2, 64, True, 5_000_000, 64),  # photos: read_batch bounds the bytes a task holds
+    (100_000, 2, 64, False, 300, 64),      # this process fetches (S3): read_batch is the fetch concurrency
+    (100_000, 0, 64, True, 300, 64),       # decoding in this process
+    (100_000, 2, 2000, True, 300, 2000),   # the user's larger read_batch stands
 ])
-def test_task_size(n, workers, read_batch, workers_read, size):
-    assert task_size(n, workers, read_batch, workers_read) == size
+def test_task_size(n, workers, read_batch, workers_read, median_bytes, size):
+    assert task_size(n, workers, read_batch, workers_read, median_bytes) == size

@@ -118,3 +118,68 @@ def test_sharded_pixels_index_like_the_concatenated_array(tmp_path):
     with pytest.raises(IndexError):
         px[[23]]
     assert len(ingest.ShardedPixels([], (1, 4, 4))) == 0
+
+
+def _fsspec_listing(fs, root: str, skip_prefix: str | None = None) -> list[tuple]:
+    """What list_objects gave on local folders before it had its own walk: fsspec's walk with
+    details, folders in sorted order, the same key, size and tag rules. The reference."""
+    from ae_core.storage import _under, listing_tag
+    prefix, out = root.rstrip("/") + "/", []
+    for dirpath, dirs, files in fs.walk(root, detail=True):
+        names = sorted(dirs)
+        dirs.clear()
+        for name in names:
+            if skip_prefix is None or not _under(f"{dirpath}/{name}", skip_prefix):
+                dirs[name] = None
+        for name in sorted(files):
+            info = files[name]
+            if info.get("type") != "directory" and not (skip_prefix and _under(info["name"], skip_prefix)):
+                out.append((info["name"][len(prefix):], info["name"], int(info.get("size") or 0), listing_tag(info)))
+    return out
+
+
+def test_local_listing_gives_what_fsspec_walk_gives(tmp_path):
+    import os
+    root = tmp_path / "src"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "out" / "x").mkdir(parents=True)
+    (root / "z.png").write_bytes(b"12")
+    (root / "a" / "b" / "f.png").write_bytes(b"x" * 10)
+    (root / "out" / "x" / "o.png").write_bytes(b"1")
+    (root / "epoch.png").write_bytes(b"123")
+    os.utime(root / "epoch.png", (0, 0))  # mtime 0: the tag falls back on the creation time
+    os.symlink(root / "z.png", root / "a" / "link.png")
+    os.symlink(root / "a" / "b", root / "dirlink")
+    os.symlink(root / "missing", root / "broken")
+    fs, path = open_store(str(root))
+    for skip in (None, f"{path}/out"):
+        ours = [(o.key, o.path, o.size, o.tag) for o in list_objects(fs, path, skip_prefix=skip)]
+        assert ours == _fsspec_listing(fs, path, skip)
+    keys = [o.key for o in list_objects(fs, path)]
+    assert {"z.png", "a/b/f.png", "a/link.png", "dirlink", "broken", "epoch.png", "out/x/o.png"} == set(keys)
+    assert [o.tag for o in list_objects(fs, path) if o.key == "epoch.png"][0] != "size:3:mtime:"
+    mnist_fs, mnist = open_store(str(MNIST))
+    assert [(o.key, o.path, o.size, o.tag) for o in list_objects(mnist_fs, mnist)] == _fsspec_listing(mnist_fs, mnist)
+
+
+def test_local_reads_go_on_to_the_end_of_the_file(tmp_path, monkeypatch):
+    """Short reads (files over 2 GiB, FUSE and network mounts) and a file that grew since its
+    stat are read to the end, not taken as the whole file."""
+    import os
+
+    from ae_core import storage
+    p = tmp_path / "f.bin"
+    p.write_bytes(bytes(range(256)) * 4000)
+    local = fsspec.filesystem("file")
+    real_read, real_fstat = os.read, os.fstat
+    monkeypatch.setattr(storage.os, "read", lambda fd, n: real_read(fd, min(n, 1000)))  # short reads
+    assert read_many(local, [str(p)])[str(p)] == p.read_bytes()
+    monkeypatch.setattr(storage.os, "read", real_read)
+
+    class Stat:
+        st_size = 10
+    monkeypatch.setattr(storage.os, "fstat", lambda fd: Stat())  # it grew after its stat
+    assert read_many(local, [str(p)])[str(p)] == p.read_bytes()
+    monkeypatch.setattr(storage.os, "fstat", real_fstat)
+    err = read_many(local, [str(tmp_path)])[str(tmp_path)]  # a folder: the read fails, naming it
+    assert isinstance(err, OSError) and str(tmp_path) in str(err)
