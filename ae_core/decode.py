@@ -233,12 +233,9 @@ def decode_image(data: bytes, spec: Preprocess) -> Decoded:
     """Decode one object into (channels, size, size) uint8 pixels, or raise DecodeError."""
     png = _plain_png(data, spec.max_image_pixels)
     if png is not None:
-        arr = _png_pixels(png)
-        if arr is not None:
-            try:
-                return _finish(arr, spec, png.width, png.height, png.rawmode, "PNG")
-            except Exception as err:  # noqa: BLE001 - as the general path below would report it
-                raise _decode_error(err) from err
+        decoded = _decode_plain_png(png, spec)
+        if decoded is not None:
+            return decoded
     img = _open(data, spec.max_image_pixels)
     fmt, mode = img.format or "unknown", img.mode
     width, height = img.size
@@ -261,20 +258,31 @@ def decode_image(data: bytes, spec: Preprocess) -> Decoded:
         raise _decode_error(err) from err
 
 
+def _decode_plain_png(png: _PlainPng, spec: Preprocess) -> Decoded | None:
+    """A plain PNG at the model's input: pixels straight from the decoder when it already has
+    the model's mode and size, else through a Pillow image to convert and resize. None when its
+    data is damaged: Image.open then says why."""
+    if png.rawmode == ("L" if spec.channels == 1 else "RGB") and png.width == png.height == spec.image_size:
+        arr = _png_pixels(png)
+        return None if arr is None else _as_channels_first(arr, spec, png.width, png.height, png.rawmode, "PNG")
+    try:
+        img = Image.frombytes(png.rawmode, (png.width, png.height), png.stream, "zip", png.rawmode)
+    except Exception:  # noqa: BLE001 - damaged image data
+        return None
+    try:
+        return _finish(img, spec, png.width, png.height, png.rawmode, "PNG")
+    except Exception as err:  # noqa: BLE001 - as the general path would report it
+        raise _decode_error(err) from err
+
+
 def _decode_error(err: Exception) -> DecodeError:
     """What a failure while decoding one object says about it."""
     reason = "truncated" if isinstance(err, OSError) and "truncated" in str(err).lower() else "decode_error"
     return DecodeError(reason, f"{type(err).__name__}: {err}")
 
 
-def _finish(img: Image.Image | np.ndarray, spec: Preprocess, width: int, height: int, mode: str,
-            fmt: str) -> Decoded:
-    """The model's mode and size, as a (channels, size, size) uint8 array. `img` may already be
-    pixels: (h, w) greyscale or (h, w, 3) RGB."""
-    if isinstance(img, np.ndarray):
-        if img.ndim == (2 if spec.channels == 1 else 3) and img.shape[:2] == (spec.image_size,) * 2:
-            return _as_channels_first(img, spec, width, height, mode, fmt)
-        img = Image.fromarray(img)
+def _finish(img: Image.Image, spec: Preprocess, width: int, height: int, mode: str, fmt: str) -> Decoded:
+    """The model's mode and size, as a (channels, size, size) uint8 array."""
     if img.mode != ("L" if spec.channels == 1 else "RGB") or img.size != (spec.image_size,) * 2:
         img = _resize(_normalise_mode(img, spec.channels), spec.image_size, spec.resize)
     return _as_channels_first(np.frombuffer(img.tobytes(), np.uint8), spec, width, height, mode, fmt)
@@ -282,6 +290,7 @@ def _finish(img: Image.Image | np.ndarray, spec: Preprocess, width: int, height:
 
 def _as_channels_first(arr: np.ndarray, spec: Preprocess, width: int, height: int, mode: str,
                        fmt: str) -> Decoded:
+    """Pixels in row order ((h, w) or (h, w, 3), or flat) as (channels, size, size)."""
     if spec.channels == 1:
         arr = arr.reshape(1, spec.image_size, spec.image_size)
     else:

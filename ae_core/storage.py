@@ -76,13 +76,16 @@ def list_objects(fs: AbstractFileSystem, root: str, include: Sequence[str] = (),
         what = "a file, not a folder" if fs.exists(root) else "missing"
         raise AeError(f"source {display_url(fs, root)!r} is {what}; give the folder or prefix "
                       "that holds the images")
+    walk = _walk_local(root, skip_prefix) if is_local(fs) else _walk_fsspec(fs, root, skip_prefix)
     prefix = root.rstrip("/") + "/"
-    if is_local(fs):
-        for path, size, tag in _walk_local(root, skip_prefix):
-            key = path[len(prefix):]
-            if key_matches(key, include, exclude):
-                yield ObjectInfo(key=key, path=path, size=size, tag=tag)
-        return
+    for path, size, tag in walk:
+        key = path[len(prefix):] if path.startswith(prefix) else posixpath.basename(path)
+        if key_matches(key, include, exclude):
+            yield ObjectInfo(key=key, path=path, size=size, tag=tag)
+
+
+def _walk_fsspec(fs: AbstractFileSystem, root: str, skip_prefix: str | None) -> Iterator[tuple[str, int, str]]:
+    """(path, size, tag) of every non-folder under `root`, folder by folder in sorted order."""
     fs.invalidate_cache(root)  # every run sees the store as it is now, not a cached listing
     for dirpath, dirs, files in fs.walk(root, detail=True):
         dirs_sorted = sorted(dirs)
@@ -96,9 +99,7 @@ def list_objects(fs: AbstractFileSystem, root: str, include: Sequence[str] = (),
             path = info["name"]
             if info.get("type") == "directory" or (skip_prefix and _under(path, skip_prefix)):
                 continue
-            key = path[len(prefix):] if path.startswith(prefix) else name
-            if key_matches(key, include, exclude):
-                yield ObjectInfo(key=key, path=path, size=int(info.get("size") or 0), tag=listing_tag(info))
+            yield path, int(info.get("size") or 0), listing_tag(info)
 
 
 def _walk_local(root: str, skip_prefix: str | None) -> Iterator[tuple[str, int, str]]:
