@@ -87,8 +87,12 @@ def _print_summary(m: dict) -> None:
           f"x{m['channels']}, {t.get('epochs_run')} epochs in {t.get('seconds')} s on {t.get('device')}"
           f" ({t.get('stop_reason')})")
     if q.get("sample"):
-        print(f"  quality  reconstruction MSE {q['ae_mse']:.5f} vs PCA-{m['dim']} {q['pca_mse']:.5f}"
-              f" = {q['ae_over_pca']:.2f}x PCA's error, on {q['sample']} images")
+        from ae_core.quality import ratio_text
+
+        ratio = q.get("ae_over_pca")
+        versus = f" = {ratio:.2f}x PCA's error" if ratio is not None else f" ({ratio_text(None)})"
+        print(f"  quality  reconstruction MSE {q['ae_mse']:.5f} vs PCA-{m['dim']} {q['pca_mse']:.5f}{versus},"
+              f" on {q['sample']} images")
     ix = m["index"]
     print(f"  index    {ix['kind']} {ix['metric']}, {ix['ntotal']} vectors, recall@10 "
           f"{ix.get('recall_at_10', 1.0):.3f}, self-hit rate {ix['self_hit_rate']:.3f}")
@@ -118,7 +122,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"  rows {out['rows']}, rejected {out['rejected']}, dim {out['dim']}, "
           f"input {out['image_size']}x{out['image_size']}x{out['channels']}, model {out['model_version']}")
     if q.get("sample"):
-        print(f"  reconstruction MSE {q['ae_mse']:.5f} vs PCA {q['pca_mse']:.5f} ({q['ae_over_pca']:.2f}x)")
+        from ae_core.quality import ratio_text
+
+        print(f"  reconstruction MSE {q['ae_mse']:.5f} vs PCA {q['pca_mse']:.5f} ({ratio_text(q.get('ae_over_pca'))})")
     for name in ("embeddings", "rejects", "index", "checkpoint"):
         print(f"  {name:<11}{out[name]}")
     return 0

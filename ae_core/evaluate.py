@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 from ae_core import outputs, table
 from ae_core.config import TrainConfig
 from ae_core.errors import AeError
+from ae_core.quality import error_ratio, pca_fits
 from ae_core.storage import open_store
 
 KNN_K, FOLDS = 5, 5
@@ -153,7 +154,6 @@ def evaluate_corpus(source: str, labels_url: str, key_col: str, label_col: str, 
     from ae_core.config import ModelConfig, RunConfig
     from ae_core.encode import encode_pixels
     from ae_core.model import AEArch
-    from ae_core.quality import pca_fits
     from ae_core.train import train_autoencoder
 
     train = train or TrainConfig()
@@ -177,7 +177,7 @@ def evaluate_corpus(source: str, labels_url: str, key_col: str, label_col: str, 
         pca_codes, pca_err = pca[dim]
         rows.append({
             "dim": dim, "images": len(pixels), "image_size": arch.image_size, "channels": arch.channels,
-            "ae_mse": float(err.mean()), "pca_mse": pca_err, "ae_over_pca": float(err.mean()) / pca_err,
+            "ae_mse": float(err.mean()), "pca_mse": pca_err, "ae_over_pca": error_ratio(float(err.mean()), pca_err),
             "knn_ae": knn_accuracy(emb[have], y), "knn_pca": knn_accuracy(pca_codes[have], y), "knn_raw": raw_knn,
             "logreg_ae": linear_probe_accuracy(emb[have], y), "logreg_pca": linear_probe_accuracy(pca_codes[have], y),
             "train_seconds": round(seconds, 1), "epochs_run": len(result.history),
@@ -192,7 +192,7 @@ def evaluation_markdown(source: str, rows: Sequence[dict]) -> str:
              f"are means of {FOLDS}-fold cross-validation)", "", head, "|" + "---|" * 13]
     for r in rows:
         lines.append(f"| {r['dim']} | {r['images']} | {r['image_size']}x{r['image_size']}x{r['channels']} "
-                     f"| {r['ae_mse']:.5f} | {r['pca_mse']:.5f} | {r['ae_over_pca']:.3f} | {r['knn_ae']:.4f} "
+                     f"| {r['ae_mse']:.5f} | {r['pca_mse']:.5f} | {'exact PCA' if r['ae_over_pca'] is None else format(r['ae_over_pca'], '.3f')} | {r['knn_ae']:.4f} "
                      f"| {r['knn_pca']:.4f} | {r['knn_raw']:.4f} | {r['logreg_ae']:.4f} | {r['logreg_pca']:.4f} "
                      f"| {r['train_seconds']} | {r['epochs_run']} |")
     return "\n".join(lines) + "\n"

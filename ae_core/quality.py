@@ -11,6 +11,19 @@ from collections.abc import Sequence
 import numpy as np
 
 PCA_SAMPLE = 2000  # images; PCA on more adds seconds, not precision, to a per-run comparison
+# PCA's error at or under this (per value, on [0, 1]) is float rounding: PCA reproduces the sample
+# exactly, as it does any sample of at most dim + 1 images, and no ratio to it means anything.
+PCA_EXACT_MSE = 1e-12
+
+
+def error_ratio(ae_mse: float, pca_mse: float) -> float | None:
+    """The autoencoder's error over PCA's, or None where PCA is exact (see PCA_EXACT_MSE). Pure."""
+    return ae_mse / pca_mse if pca_mse > PCA_EXACT_MSE else None
+
+
+def ratio_text(ratio: float | None) -> str:
+    """'0.28x', or 'no ratio' with the reason."""
+    return f"{ratio:.2f}x" if ratio is not None else "no ratio: PCA reproduces these images exactly"
 
 
 def pca_fits(x: np.ndarray, dims: Sequence[int]) -> dict[int, tuple[np.ndarray, float]]:
@@ -46,6 +59,9 @@ def pca_comparison(pixels: np.ndarray, recon_error: np.ndarray, dim: int, seed: 
     x = np.asarray(pixels[rows], dtype=np.float32).reshape(len(rows), -1) / 255.0
     ae = float(np.mean(recon_error[rows]))
     pca = pca_mse(x, dim)
-    return {"sample": int(len(rows)), "ae_mse": ae, "pca_mse": pca,
-            "ae_over_pca": (ae / pca) if pca > 0 else None,
-            "note": f"PCA with {dim} components fitted on the same sample"}
+    note = f"PCA with {dim} components fitted on the same sample"
+    if error_ratio(ae, pca) is None:
+        note += (f"; it reproduces this sample exactly (any {dim + 1} images or fewer, or images "
+                 f"spanning at most {dim} directions), so there is no ratio")
+    return {"sample": int(len(rows)), "ae_mse": ae, "pca_mse": pca, "ae_over_pca": error_ratio(ae, pca),
+            "note": note}

@@ -105,8 +105,11 @@ def summary_markdown(m: dict, pictures: dict[str, str]) -> str:
     if q.get("sample"):
         lines += ["| model | reconstruction MSE per pixel |", "|---|---|",
                   f"| autoencoder | {q['ae_mse']:.5f} |", f"| PCA, {m['dim']} components | {q['pca_mse']:.5f} |",
-                  "", f"The autoencoder's error is **{q['ae_over_pca']:.2f}x** PCA's on the same "
-                  f"{q['sample']} images" + (f" (measured in run {q['measured_in_run']})" if q.get("measured_in_run") else "") + "."]
+                  "", (f"The autoencoder's error is **{q['ae_over_pca']:.2f}x** PCA's on the same {q['sample']} images"
+                       if q.get("ae_over_pca") is not None else
+                       f"PCA with {m['dim']} components reproduces these {q['sample']} images exactly (as it does "
+                       f"any {m['dim'] + 1} images or fewer), so there is no ratio to it")
+                  + (f" (measured in run {q['measured_in_run']})" if q.get("measured_in_run") else "") + "."]
     lines += ["", f"Index: {ix.get('kind')} ({ix.get('metric')}, {ix.get('reason')}), {ix.get('ntotal')} vectors; "
               f"recall@10 against exact search {ix.get('recall_at_10', 0):.3f} (floor {ix.get('recall_floor')}), "
               f"rows finding themselves first {ix.get('self_hit_rate', 0):.3f}."]

@@ -138,6 +138,26 @@ def test_mixed_formats_and_broken_files_complete(mixed_corpus, tmp_path):
     assert rejects.detail.str.len().gt(0).all()
 
 
+def test_a_corpus_smaller_than_the_embedding_runs_to_the_end(mnist_subset, tmp_path):
+    # 3 images and dim 32: PCA-32 reproduces them exactly, so there is no AE/PCA ratio to report
+    # (this once crashed the report after training)
+    few = tmp_path / "few"
+    few.mkdir()
+    names = sorted(os.listdir(mnist_subset))[:3]
+    for name in names:
+        (few / name).write_bytes((mnist_subset / name).read_bytes())
+    out = tmp_path / "out"
+    proc = ae("run", few, out, "--epochs", 2)
+    assert "3 embedded, 0 rejected" in proc.stdout
+    assert "(no ratio: PCA reproduces these images exactly)" in proc.stdout
+    info = json.loads(ae("info", out, "--json").stdout)
+    assert info["rows"] == 3 and info["quality"]["ae_over_pca"] is None and info["quality"]["sample"] == 3
+    report = (Path(info["manifest"]).parent / "report.md").read_text()
+    assert "reproduces these 3 images exactly" in report
+    hits = ae("neighbours", out, "--key", names[0], "-k", 3).stdout
+    assert all(name in hits for name in names)
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()

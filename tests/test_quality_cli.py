@@ -10,8 +10,10 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from ae_core.quality import PCA_EXACT_MSE, pca_comparison, ratio_text
 from conftest import COIL, MNIST, ROOT
 from test_cli_e2e import ae
 
@@ -94,6 +96,19 @@ def test_outliers_rank_the_mixed_in_photos_near_the_top(labelled_run):
     by_recon = {o["key"]: o["rank"] for o in json.loads(ae("outliers", out, "-n", 305, "--by", "recon_error",
                                                             "--json").stdout)["outliers"]}
     assert sum(intruders) < sum(by_recon[k] for k in INTRUDERS)
+
+
+def test_no_ratio_to_pca_where_pca_reproduces_the_sample_exactly():
+    rng = np.random.default_rng(0)
+    px = rng.integers(0, 256, (40, 1, 8, 8), dtype=np.uint8)
+    err = np.full(40, 0.01, np.float32)
+    few = pca_comparison(px[:33], err[:33], dim=32)  # 33 centred images span at most 32 directions
+    assert few["ae_over_pca"] is None and few["pca_mse"] <= PCA_EXACT_MSE and "exactly" in few["note"]
+    more = pca_comparison(px, err, dim=32)
+    assert more["pca_mse"] > 1e-3 and more["ae_over_pca"] == pytest.approx(0.01 / more["pca_mse"], rel=1e-5)
+    same = pca_comparison(np.repeat(px[:1], 40, axis=0), err, dim=4)  # identical images
+    assert same["ae_over_pca"] is None
+    assert ratio_text(None).startswith("no ratio") and ratio_text(0.2812) == "0.28x"
 
 
 def test_evaluate_prints_ae_pca_and_raw_side_by_side(mnist_subset, tmp_path):
