@@ -12,6 +12,7 @@ import ctypes
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -346,9 +347,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as err:
         print(f"ae: error: {_validation_line(err)}", file=sys.stderr)
     except KeyboardInterrupt:
-        print("ae: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted()
     return 2
+
+
+_terminated = False  # set by the SIGTERM handler
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM (kill, a scheduler stopping the job) unwinds like Ctrl-C, so every context closes:
+    Prefect stops its temporary server (with the default handler it was left running, orphaned)
+    and marks the flow run; nothing unfinished is published."""
+    global _terminated
+    _terminated = True
+    raise KeyboardInterrupt
+
+
+def _interrupted() -> int:
+    print(f"ae: {'terminated' if _terminated else 'interrupted'}", file=sys.stderr)
+    return 128 + (signal.SIGTERM if _terminated else signal.SIGINT)
 
 
 _exit_status = 1  # what the process returns if main() never comes back (an uncaught exception)
@@ -376,6 +393,8 @@ def console_main() -> None:
     """The `ae` command (and `python -m ae_core.cli`): main(), then a fast exit."""
     global _exit_status
     atexit.register(_exit_without_finalizing)  # registered first, so it runs after all the others
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # not if the parent chose to ignore it
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         _exit_status = main()
     except SystemExit as stop:  # argparse's --help and usage errors
@@ -383,8 +402,7 @@ def console_main() -> None:
         if isinstance(stop.code, str):
             print(stop.code, file=sys.stderr)
     except KeyboardInterrupt:  # outside main's own handler (while parsing or importing)
-        print("ae: interrupted", file=sys.stderr)
-        _exit_status = 130
+        _exit_status = _interrupted()
     sys.exit(_exit_status)
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import faiss
@@ -182,6 +184,48 @@ def test_user_errors_are_one_line_and_write_nothing(mnist_subset, tmp_path):
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
 def test_run_stops_its_prefect_server_before_the_fast_exit(digits_run):
     assert SERVERS_LEFT_BEHIND == []
+
+
+def _prefect_server_children(pid: int) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline, stat = (proc / "cmdline").read_bytes(), (proc / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        if b"prefect.server.api.server:create_app" in cmdline and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_sigterm_stops_the_run_and_its_prefect_server(mnist_subset, tmp_path):
+    """`kill` (or a scheduler stopping the job) ends `ae run` like Ctrl-C: exit status 143, one
+    line, the temporary Prefect server stopped with it, nothing published. With Python's default
+    SIGTERM handling the server was left running, adopted by init."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*AE, "run", str(mnist_subset), str(out), "--epochs", "500"], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    try:
+        deadline, servers = time.monotonic() + 180, []
+        while not servers and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            servers = _prefect_server_children(proc.pid)
+        assert servers, f"no temporary Prefect server appeared (ae exit status {proc.poll()})"
+        time.sleep(4)  # into the flow run
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)  # an orphaned server would hold the pipes open
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert err.strip().splitlines()[-1] == "ae: terminated" and "Traceback" not in err
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in servers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in servers), "the Prefect server outlived ae"
+    assert not (out / "LATEST").exists()
 
 
 def test_exit_status_and_output_survive_the_fast_exit(digits_run):
