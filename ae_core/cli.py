@@ -82,7 +82,8 @@ def _print_summary(m: dict) -> None:
     c = m.get("changes", {})
     print(f"  images   {m['rows']} embedded, {m['rejected']} rejected" + (f" ({reasons})" if reasons else ""))
     print(f"  source   {c.get('new', 0)} new, {c.get('changed', 0)} changed, {c.get('unchanged', 0)} unchanged,"
-          f" {c.get('deleted', 0)} deleted; {c.get('encoded', 0)} encoded this run")
+          f" {c.get('deleted', 0)} deleted" + (f", {c['retried']} read again after a read error" if c.get("retried") else "")
+          + f"; {c.get('encoded', 0)} encoded this run")
     print(f"  model    {'retrained' if c.get('retrained') else 'reused'}: {c.get('retrain_reason')}")
     print(f"           {m['model_version']}: dim {m['dim']}, input {m['image_size']}x{m['image_size']}"
           f"x{m['channels']}, {t.get('epochs_run')} epochs in {t.get('seconds')} s on {t.get('device')}"
@@ -171,6 +172,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_writable(option: str, path: str | None) -> None:
+    """A file the command will write at the end: its folder must exist now, not after the work."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise AeError(f"{option} {path!r}: folder {folder!r} does not exist; create it or give another path")
+    if os.path.isdir(path):
+        raise AeError(f"{option} {path!r} is a folder; give a file name")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ae_core.config import TrainConfig
     from ae_core.evaluate import evaluate_corpus, evaluation_markdown
@@ -179,6 +191,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         dims = [int(d) for d in args.dims.split(",") if d.strip()]
     except ValueError as err:
         raise AeError(f"--dims {args.dims!r}: give comma-separated integers, e.g. 10,32,64") from err
+    if not dims or min(dims) < 1:
+        raise AeError(f"--dims {args.dims!r}: give one or more embedding sizes of at least 1, e.g. 10,32,64")
+    _check_writable("--markdown", args.markdown)
     train = TrainConfig(**{k: v for k, v in {"epochs": args.epochs, "max_minutes": args.max_minutes,
                                               "seed": args.seed}.items() if v is not None})
     t0 = time.perf_counter()
@@ -208,6 +223,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
 def cmd_outliers(args: argparse.Namespace) -> int:
     from ae_core.evaluate import outlier_grid, outliers
 
+    if args.n < 0:
+        raise AeError(f"-n {args.n}: give a number of images, 0 or more")
+    _check_writable("--grid", args.grid)
     worst = outliers(args.output, args.n, args.by)
     if args.grid:
         with open(args.grid, "wb") as f:

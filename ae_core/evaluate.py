@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from ae_core import outputs, table
 from ae_core.config import TrainConfig
-from ae_core.errors import AeError
+from ae_core.errors import AeError, DecodeError
 from ae_core.quality import error_ratio, pca_fits
 from ae_core.storage import open_store
 
@@ -28,8 +28,13 @@ def knn_accuracy(x: np.ndarray, y: np.ndarray, k: int = KNN_K, folds: int = FOLD
     from sklearn.model_selection import StratifiedKFold, cross_val_score
     from sklearn.neighbors import KNeighborsClassifier
 
-    cv = StratifiedKFold(n_splits=_folds(y, folds), shuffle=True, random_state=seed)
-    return float(cross_val_score(KNeighborsClassifier(n_neighbors=k), x, y, cv=cv).mean())
+    n_folds = _folds(y, folds)
+    smallest_train = len(y) - -(-len(y) // n_folds)  # rows left to fit on beside the largest fold
+    if smallest_train < k:
+        raise AeError(f"{k}-NN in {n_folds}-fold cross-validation needs at least {k} labelled rows to fit on "
+                      f"in each fold; there are {len(y)} labelled rows: label more images")
+    cv = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    return float(cross_val_score(KNeighborsClassifier(n_neighbors=k), x, y, cv=cv, error_score="raise").mean())
 
 
 def linear_probe_accuracy(x: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed: int = 0) -> float:
@@ -41,26 +46,34 @@ def linear_probe_accuracy(x: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed
 
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     cv = StratifiedKFold(n_splits=_folds(y, folds), shuffle=True, random_state=seed)
-    return float(cross_val_score(model, x, y, cv=cv).mean())
+    return float(cross_val_score(model, x, y, cv=cv, error_score="raise").mean())
 
 
 def _folds(y: np.ndarray, folds: int) -> int:
-    smallest = int(np.unique(y, return_counts=True)[1].min())
-    if smallest < 2:
+    """The folds of stratified cross-validation: `folds`, or fewer when a label has fewer rows."""
+    labels, counts = np.unique(y, return_counts=True)
+    if len(labels) < 2:
+        raise AeError(f"every labelled image has the same label ({str(labels[0])!r}); a classifier needs at least 2 labels")
+    if counts.min() < 2:
         raise AeError("every label needs at least 2 examples for cross-validation")
-    return min(folds, smallest)
+    return min(folds, int(counts.min()))
 
 
 def read_labels(url: str, key_col: str, label_col: str) -> dict[str, str]:
     """key -> label from a CSV (any fsspec URL)."""
     fs, path = open_store(url)
     try:
-        text = fs.cat_file(path).decode("utf-8")
+        text = fs.cat_file(path).decode("utf-8-sig")  # -sig: Excel's "CSV UTF-8" starts with a BOM
     except FileNotFoundError as err:
         raise AeError(f"labels file {url!r} not found") from err
+    except IsADirectoryError as err:
+        raise AeError(f"labels file {url!r} is a folder; give the CSV file") from err
+    except UnicodeDecodeError as err:
+        raise AeError(f"labels file {url!r} is not UTF-8 text ({err.reason} at byte {err.start}); "
+                      "save it as a UTF-8 CSV") from err
     rows = list(csv.DictReader(text.splitlines()))
     if not rows or key_col not in rows[0] or label_col not in rows[0]:
-        cols = ", ".join(rows[0]) if rows else "none"
+        cols = ", ".join(str(c) for c in rows[0] if c is not None) if rows else "none"
         raise AeError(f"labels file {url!r} needs columns {key_col!r} and {label_col!r} (it has: {cols}); "
                       "pass --key-col / --label-col")
     return {r[key_col]: r[label_col] for r in rows}
@@ -104,7 +117,7 @@ def probe(output: str, labels_url: str, key_col: str = "filename", label_col: st
             "rows_labelled": len(data.keys), "rows_without_label": data.unmatched_rows,
             "classes": int(len(np.unique(data.y))),
             f"knn{KNN_K}_accuracy": knn_accuracy(data.x, data.y),
-            "logreg_accuracy": linear_probe_accuracy(data.x, data.y), "folds": FOLDS}
+            "logreg_accuracy": linear_probe_accuracy(data.x, data.y), "folds": _folds(data.y, FOLDS)}
 
 
 def outliers(output: str, n: int = 20, by: str = "anomaly_score") -> list[dict]:
@@ -129,13 +142,31 @@ def outliers(output: str, n: int = 20, by: str = "anomaly_score") -> list[dict]:
 def outlier_grid(output: str, keys: Sequence[str]) -> bytes:
     """A picture of the given keys (top) above their reconstructions, read from the source again."""
     from ae_core import checkpoint, report
-    from ae_core.decode import decode_image
+    from ae_core.decode import decode_image, fingerprint
 
+    if not keys:
+        raise AeError("--grid: no images to draw (the table is empty, or -n is 0)")
     pub = outputs.resolve(output)
     ckpt = checkpoint.from_bytes(pub.fs.cat_file(pub.file(pub.manifest["files"]["checkpoint"])))
-    fs, root = open_store(pub.manifest["config"]["source"])
-    pixels = np.stack([decode_image(fs.cat_file(f"{root}/{k}"), ckpt.preprocess).pixels for k in keys])
-    return report.reconstruction_grid(ckpt.model, pixels)
+    tbl = table.read_table(pub.fs, pub.file(pub.manifest["files"]["embeddings"]), ["key", "fingerprint"])
+    prints = dict(zip(tbl.column("key").to_pylist(), tbl.column("fingerprint").to_pylist()))
+    source = pub.manifest["config"]["source"]
+    fs, root = open_store(source)
+    pixels = []
+    for key in keys:
+        why = None
+        try:
+            data = fs.cat_file(f"{root}/{key}")
+            if fingerprint(data) != prints.get(key):
+                why = f"it has changed since run {pub.run_id}"
+            else:
+                pixels.append(decode_image(data, ckpt.preprocess).pixels)
+        except (OSError, DecodeError) as err:
+            why = f"it cannot be read there ({type(err).__name__}: {err})"
+        if why:
+            raise AeError(f"--grid shows the images from the source {source!r}, and {key!r}: {why}; "
+                          "run `ae run` again, or leave out --grid")
+    return report.reconstruction_grid(ckpt.model, np.stack(pixels))
 
 
 def timed(fn, *args, **kwargs):

@@ -7,13 +7,14 @@ is reused; unchanged rows are carried over and rows of deleted objects dropped. 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
 
 from ae_core.config import IngestConfig, ModelConfig, TrainConfig
 from ae_core.decode import Preprocess
+from ae_core.errors import AeError
 from ae_core.model import AEArch
 from ae_core.storage import ObjectInfo
 
@@ -26,10 +27,11 @@ class SourceDiff:
     changed: tuple[ObjectInfo, ...]
     unchanged: tuple[ObjectInfo, ...]
     deleted: tuple[str, ...]
+    retried: tuple[ObjectInfo, ...] = ()  # unchanged, but their last read failed: read again
 
     def counts(self) -> dict[str, int]:
         return {"new": len(self.new), "changed": len(self.changed),
-                "unchanged": len(self.unchanged), "deleted": len(self.deleted)}
+                "unchanged": len(self.unchanged), "deleted": len(self.deleted), "retried": len(self.retried)}
 
     @property
     def churn(self) -> int:
@@ -46,20 +48,25 @@ def listing_from_table(table: pa.Table) -> dict[str, tuple[int, str]]:
                                           table.column("tag").to_pylist())}
 
 
-def diff_listing(previous: Mapping[str, tuple[int, str]], current: Sequence[ObjectInfo]) -> SourceDiff:
-    """An object is unchanged when its size and listing tag (ETag, or mtime) are both the same."""
-    new, changed, unchanged = [], [], []
+def diff_listing(previous: Mapping[str, tuple[int, str]], current: Sequence[ObjectInfo],
+                 read_failed: Collection[str] = ()) -> SourceDiff:
+    """An object is unchanged when its size and listing tag (ETag, or mtime) are both the same.
+    An unchanged object whose read failed last time (`read_failed`: a throttled request, a
+    network error, a permission since fixed) is `retried`, not carried over as a reject."""
+    new, changed, unchanged, retried = [], [], [], []
     for o in current:
         before = previous.get(o.key)
         if before is None:
             new.append(o)
-        elif before == (o.size, o.tag):
-            unchanged.append(o)
-        else:
+        elif before != (o.size, o.tag):
             changed.append(o)
+        elif o.key in read_failed:
+            retried.append(o)
+        else:
+            unchanged.append(o)
     seen = {o.key for o in current}
     deleted = tuple(sorted(k for k in previous if k not in seen))
-    return SourceDiff(tuple(new), tuple(changed), tuple(unchanged), deleted)
+    return SourceDiff(tuple(new), tuple(changed), tuple(unchanged), deleted, tuple(retried))
 
 
 def compatible(model: ModelConfig, ingest: IngestConfig, arch: AEArch, spec: Preprocess) -> str | None:
@@ -80,11 +87,14 @@ def retrain_decision(train: TrainConfig, diff: SourceDiff | None, incompatible: 
         return True, "no previous run to reuse"
     if train.retrain == "always":
         return True, "retrain=always"
+    if incompatible and train.retrain == "never":
+        raise AeError(f"retrain=never, but the published model does not fit the settings given: {incompatible}; "
+                      "leave that setting out to reuse the model, or retrain (retrain=auto or always)")
     if incompatible:
         return True, f"the previous model does not fit: {incompatible}"
     if train.retrain == "never":
         return False, "retrain=never"
-    previous_total = len(diff.unchanged) + len(diff.changed) + len(diff.deleted)
+    previous_total = len(diff.unchanged) + len(diff.changed) + len(diff.deleted) + len(diff.retried)
     fraction = diff.churn / max(1, previous_total)
     if fraction > train.retrain_fraction:
         return True, f"{fraction:.0%} of the corpus changed (> {train.retrain_fraction:.0%})"

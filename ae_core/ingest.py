@@ -23,6 +23,7 @@ from ae_core.errors import DecodeError
 from ae_core.hardware import usable_cores
 from ae_core.storage import ObjectInfo, is_local, iter_batches, read_many
 
+READ_ERROR = "read_error"  # the reject reason of an object that could not be read (worth retrying)
 _IN_PROCESS_BELOW = 512  # objects; below this a process pool costs more to start than it saves
 _IN_PROCESS_MEDIAN_BYTES = 4096  # files smaller than this decode faster than they travel to a worker
 _TINY_FILES_IN_PROCESS_BELOW = 20_000  # ...unless there are so many that two cores pay off
@@ -128,7 +129,7 @@ def decode_batch(items: list[tuple[str, int, bytes | None, str | None]],
     pixels = np.empty((len(items), c, n, n), np.uint8)
     for key, size, data, read_error in items:
         if read_error is not None or data is None:
-            rejects.append({"key": key, "reason": "read_error", "detail": read_error or "no data",
+            rejects.append({"key": key, "reason": READ_ERROR, "detail": read_error or "no data",
                             "size_bytes": size, "fingerprint": None})
             continue
         digest = fingerprint(data)

@@ -18,7 +18,6 @@ from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 from fsspec.spec import AbstractFileSystem
@@ -35,12 +34,12 @@ from ae_core.encode import anomaly_scores, encode_pixels, folds_of
 from ae_core.errors import AeError
 from ae_core.incremental import (SourceDiff, compatible, diff_listing, listing_from_table,
                                  retrain_decision, source_table)
-from ae_core.ingest import DecodedCorpus, ShardedPixels, decode_corpus
+from ae_core.ingest import READ_ERROR, DecodedCorpus, ShardedPixels, decode_corpus
 from ae_core.model import AEArch
 from ae_core.plan import probe_corpus, resolve_model_config
 from ae_core.quality import pca_comparison
-from ae_core.storage import (ObjectInfo, check_store, display_url, join, list_objects, open_store,
-                             put_file_atomic, same_or_inside, write_bytes_atomic)
+from ae_core.storage import (ObjectInfo, check_store, display_url, is_local, join, list_objects, open_store,
+                             put_file_atomic, redact_url, same_or_inside, write_bytes_atomic)
 from ae_core.train import train_autoencoder, train_fold_models
 
 
@@ -70,16 +69,6 @@ class RunContext:
         t0 = time.perf_counter()
         yield
         self.timings[stage] = round(self.timings.get(stage, 0.0) + time.perf_counter() - t0, 3)
-
-
-def redact_url(url: str) -> str:
-    """Drop any user:password@ part of a URL before it is logged or stored."""
-    parts = urlsplit(url)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        return urlunsplit((parts.scheme, host + (f":{parts.port}" if parts.port else ""), parts.path,
-                           parts.query, parts.fragment))
-    return url
 
 
 def default_work_dir(config: RunConfig) -> str:
@@ -131,6 +120,7 @@ class PreviousRun:
     listing: dict[str, tuple[int, str]]
     checkpoint_bytes: bytes
     ckpt: checkpoint.Checkpoint
+    read_failed: frozenset[str] = frozenset()  # keys whose read failed (reject reason read_error)
 
 
 @dataclass
@@ -163,9 +153,11 @@ def load_previous(ctx: RunContext) -> PreviousRun | None:
         manifest = json.loads(ctx.out_fs.cat_file(join(run_dir, outputs.MANIFEST)))
         listing = listing_from_table(table.read_table(ctx.out_fs, join(run_dir, outputs.SOURCE)))
         data = ctx.out_fs.cat_file(join(run_dir, manifest["files"]["checkpoint"]))
+        rejects = table.read_table(ctx.out_fs, join(run_dir, manifest["files"]["rejects"]), ["key", "reason"])
     except FileNotFoundError:
         return None
-    return PreviousRun(run_id, manifest, listing, data, checkpoint.from_bytes(data))
+    failed = rejects.filter(pc.equal(rejects.column("reason"), READ_ERROR)).column("key").to_pylist()
+    return PreviousRun(run_id, manifest, listing, data, checkpoint.from_bytes(data), frozenset(failed))
 
 
 def _probe_model(ctx: RunContext, objects: list[ObjectInfo]) -> ModelConfig:
@@ -182,7 +174,7 @@ def plan_run(ctx: RunContext, objects: list[ObjectInfo]) -> RunPlan:
     cfg = ctx.config
     with ctx.timed("plan"):
         previous = load_previous(ctx)
-        diff = diff_listing(previous.listing, objects) if previous else None
+        diff = diff_listing(previous.listing, objects, previous.read_failed) if previous else None
         why_not = None
         if previous:
             why_not = compatible(cfg.model, cfg.ingest, previous.ckpt.model.arch, previous.ckpt.preprocess)
@@ -196,7 +188,7 @@ def plan_run(ctx: RunContext, objects: list[ObjectInfo]) -> RunPlan:
     model = cfg.model.model_copy(update={"dim": arch.dim, "image_size": arch.image_size,
                                          "channels": arch.channels, "width": arch.width,
                                          "blocks_per_stage": arch.blocks_per_stage})
-    return RunPlan(False, reason, model, previous.ckpt.preprocess, [*diff.new, *diff.changed],
+    return RunPlan(False, reason, model, previous.ckpt.preprocess, [*diff.new, *diff.changed, *diff.retried],
                    objects, diff, previous)
 
 
@@ -410,7 +402,9 @@ def publish_run(ctx: RunContext, plan: RunPlan, ckpt: checkpoint.Checkpoint, enc
     manifest = {
         "format": "ae-embed-run/1", "run_id": ctx.run_id, "started_at": ctx.started_at,
         "finished_at": datetime.now(timezone.utc).isoformat(),
-        "source": redact_url(ctx.config.source), "output": redact_url(ctx.config.output),
+        # a local source as an absolute path: `ae outliers --grid` reads it again, from any folder
+        "source": ctx.src_root if is_local(ctx.src_fs) else redact_url(ctx.config.source),
+        "output": redact_url(ctx.config.output),
         "model_version": ckpt.version, "dim": ckpt.model.arch.dim,
         "image_size": ckpt.preprocess.image_size, "channels": ckpt.preprocess.channels,
         "rows": encoded.rows, "rejected": encoded.rejected, "rejects_by_reason": encoded.rejects_by_reason,

@@ -10,6 +10,7 @@ import fnmatch
 import os
 import posixpath
 import uuid
+from urllib.parse import urlsplit, urlunsplit
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -106,7 +107,9 @@ def _walk_local(root: str, skip_prefix: str | None) -> Iterator[tuple[str, int, 
     """(path, size, tag) of every non-folder under a local `root`, folder by folder in sorted
     order: what `fs.walk(detail=True)` gives, from one `os.scandir` and one stat per entry
     instead of fsspec's per-entry `info` (~9 us each, as much as decoding a 28x28 PNG). Same
-    values: a symlink is not followed into (its size is its target's, its mtime its own). Only
+    values, but for one: a symlink is not followed into, and its size is its target's; its mtime
+    is the later of its own and its target's (fsspec gives its own only, so a target rewritten
+    at the same size looked unchanged, and its embedding stale). Only
     small tuples are kept while a folder is read, not its DirEntry objects: a folder of 100,000
     files held ~70 MB of them, which the allocator kept after the listing."""
     base = root.rstrip("/")
@@ -128,14 +131,15 @@ def _walk_local(root: str, skip_prefix: str | None) -> Iterator[tuple[str, int, 
                 except OSError:  # cannot even stat it (no search permission): listed, so that
                     files.append((path, 0, listing_tag({"size": 0})))  # its read fails: a reject row
                     continue
-                size = st.st_size
+                size, mtime = st.st_size, st.st_mtime
                 if entry.is_symlink():
                     try:
-                        size = entry.stat(follow_symlinks=True).st_size
+                        target = entry.stat(follow_symlinks=True)
+                        size, mtime = target.st_size, max(mtime, target.st_mtime)
                     except OSError:
                         size = 0
                 # fsspec's fields: `created` is what the tag falls back on for an mtime of 0
-                files.append((path, size, listing_tag({"size": size, "mtime": st.st_mtime,
+                files.append((path, size, listing_tag({"size": size, "mtime": mtime,
                                                        "created": getattr(st, "st_birthtime", st.st_ctime)})))
     except OSError:
         return  # vanished or unreadable: skipped, as fsspec's walk does
@@ -284,3 +288,13 @@ __all__ = [
     "write_bytes_atomic", "put_file_atomic", "read_text", "fetch_to_local", "same_or_inside",
     "iter_batches",
 ]
+
+
+def redact_url(url: str) -> str:
+    """Drop any user:password@ part of a URL before it is logged or stored."""
+    parts = urlsplit(url)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        return urlunsplit((parts.scheme, host + (f":{parts.port}" if parts.port else ""), parts.path,
+                           parts.query, parts.fragment))
+    return url

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ae_core.config import TrainConfig
 from ae_core.encode import inference_copy
+from ae_core.errors import AeError
 from ae_core.hardware import usable_cores
 from ae_core.model import AEArch, ConvAutoencoder
 
@@ -50,10 +51,16 @@ class TrainResult:
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """'auto' = CUDA when present, else CPU."""
+    """'auto' = CUDA when present, else CPU. A device torch cannot use here is an AeError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise AeError(f"device {name!r}: torch sees {torch.cuda.device_count()} CUDA device(s) on this machine; "
+                      "use device auto or cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise AeError(f"device {name!r}: MPS is not available on this machine; use device auto or cpu")
+    return device
 
 
 def pick_precision(name: str, device: torch.device) -> torch.dtype | None:

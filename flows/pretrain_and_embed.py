@@ -11,7 +11,7 @@ stage runs there as its own flow run; listing, decoding, encoding and indexing s
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_client, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
@@ -25,10 +25,35 @@ except ImportError:  # older Prefect 3: quote skips the traversal too, but drops
 from ae_core import outputs, pipeline
 from ae_core.config import (EncodeConfig, IndexConfig, IngestConfig, ModelConfig, PublishConfig,
                             RunConfig, TrainConfig)
+from ae_core.errors import AeError
 from ae_core.storage import display_url
 from flows.credentials import s3_options_from_block
 
-_io = {"cache_policy": NO_CACHE, "retries": 2, "retry_delay_seconds": 5}
+def _unless_ae_error(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's retry_condition_fn
+    """Retry a stage that failed on the store (a network error, throttling), not one that stopped
+    with an AeError: a wrong setting or a verdict on the data, which the same inputs give again."""
+    try:
+        state.result()
+    except AeError:
+        return False
+    except BaseException:  # noqa: BLE001 - anything else may be transient
+        return True
+    return True
+
+
+def _no_flow_retry() -> None:
+    """Set this flow run's retries to 0 (Prefect's flows have no retry condition, and its server
+    schedules the retry when the run fails): for an AeError, which a retry would only repeat
+    after the delay (a one-line error took 20-40 s with the stage and flow retries)."""
+    run = flow_run.get_id()
+    if run is None:
+        return
+    with get_client(sync_client=True) as client:
+        policy = client.read_flow_run(run).empirical_policy
+        client.update_flow_run(run, empirical_policy=policy.model_copy(update={"retries": 0}))
+
+
+_io = {"cache_policy": NO_CACHE, "retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": _unless_ae_error}
 list_task = task(pipeline.list_source, name="list", **_io)
 plan_task = task(pipeline.plan_run, name="plan", **_io)
 decode_task = task(pipeline.decode_source, name="decode", **_io)
@@ -90,12 +115,20 @@ def pretrain_and_embed(source: str, output: str, ingest: IngestConfig = IngestCo
     the AWS variables, profiles and fsspec's configuration apply. `pretrain_deployment` (for
     example "pretrain-stage/gpu") runs the pretrain stage on that deployment's work pool.
     """
-    config = RunConfig(source=source, output=output, ingest=ingest, model=model, train=train,
-                       encode=encode, index=index, publish=publish, work_dir=work_dir)
+    try:
+        return _run(RunConfig(source=source, output=output, ingest=ingest, model=model, train=train,
+                              encode=encode, index=index, publish=publish, work_dir=work_dir),
+                    aws_credentials_block, pretrain_deployment)
+    except AeError:
+        _no_flow_retry()
+        raise
+
+
+def _run(config: RunConfig, aws_credentials_block: str | None, pretrain_deployment: str | None) -> dict:
     options = s3_options_from_block(aws_credentials_block) if aws_credentials_block else None
     ctx = pipeline.prepare_run(config, options, run_id=_run_id())
     logger = get_run_logger()
-    logger.info("run %s: %s -> %s", ctx.run_id, pipeline.redact_url(source), pipeline.redact_url(output))
+    logger.info("run %s: %s -> %s", ctx.run_id, pipeline.redact_url(config.source), pipeline.redact_url(config.output))
     # Stage results are passed `opaque`: Prefect records the dependency but does not walk every
     # element looking for futures (on 10,000 images that walk cost ~5 s per run).
     objects = opaque(list_task(ctx))

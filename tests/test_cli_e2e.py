@@ -19,6 +19,7 @@ import pytest
 from ae_core import checkpoint, query
 from ae_core.encode import anomaly_scores, encode_pixels, folds_of
 from ae_core.decode import decode_image
+from conftest import MNIST
 
 pytestmark = pytest.mark.slow
 
@@ -244,6 +245,103 @@ def test_exit_status_and_output_survive_the_fast_exit(digits_run):
 def test_unknown_key_is_a_clear_error(digits_run):
     out, _ = digits_run
     assert_one_line_error(ae("neighbours", out, "--key", "nope.png", check=False), "nope.png", "not in the table")
+
+
+def test_query_command_mistakes_are_one_line_errors(digits_run, mnist_subset, tmp_path):
+    out, _ = digits_run
+    for args, needles in [
+        (("neighbours", out, "--image", mnist_subset), ("is a folder",)),
+        (("neighbours", out, "--image", "http://127.0.0.1:9/x.png"), ("cannot be read", "ClientConnectorError")),
+        (("outliers", out, "-n", -1), ("-n -1",)),
+        (("outliers", out, "--grid", tmp_path / "no-such-folder" / "g.png"), ("no-such-folder", "does not exist")),
+        (("outliers", out, "-n", 0, "--grid", tmp_path / "g.png"), ("no images to draw",)),
+        (("evaluate", mnist_subset, "--labels", tmp_path / "x.csv", "--dims", "0"), ("--dims",)),
+        (("evaluate", mnist_subset, "--labels", tmp_path / "x.csv", "--markdown", tmp_path / "nope" / "e.md"),
+         ("does not exist",)),
+        (("run", mnist_subset, tmp_path / "o", "--device", "tpu"), ("device",)),
+    ]:
+        assert_one_line_error(ae(*args, check=False), *needles)
+    names = sorted(os.listdir(mnist_subset))
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    (labels / "latin1.csv").write_bytes("filename,label\n".encode() + f"{names[0]},caf\xe9\n".encode("latin-1"))
+    (labels / "one.csv").write_text("filename,label\n" + "".join(f"{n},same\n" for n in names[:20]))
+    (labels / "six.csv").write_text("filename,label\n" + "".join(f"{n},{i % 2}\n" for i, n in enumerate(names[:6])))
+    (labels / "notes.csv").write_text("# not a CSV, a, b\nsome words, more, words, than, the header\n")
+    for name, needles in [("latin1.csv", ("not UTF-8",)), ("one.csv", ("same label",)),
+                          ("six.csv", ("needs at least 5 labelled rows",)), ("notes.csv", ("needs columns",))]:
+        assert_one_line_error(ae("probe", out, "--labels", labels / name, check=False), *needles)
+    assert_one_line_error(ae("probe", out, "--labels", labels, check=False), "is a folder")
+    # Excel's "CSV UTF-8" starts with a byte-order mark; the columns must still be found
+    rows = (MNIST.parent / "mnist-test-labels.csv").read_text()
+    (labels / "bom.csv").write_text("\ufeff" + rows, encoding="utf-8")
+    with_bom = json.loads(ae("probe", out, "--labels", labels / "bom.csv", "--json").stdout)
+    plain = json.loads(ae("probe", out, "--labels", MNIST.parent / "mnist-test-labels.csv", "--json").stdout)
+    assert with_bom == {**plain, "output": with_bom["output"]} and with_bom["rows_labelled"] == 300
+
+
+def test_retrain_never_with_a_setting_the_model_cannot_serve_stops_before_writing(digits_run, mnist_subset):
+    out, _ = digits_run
+    before = json.loads(ae("info", out, "--json").stdout)
+    runs = sorted(os.listdir(out / "runs"))
+    assert_one_line_error(ae("run", mnist_subset, out, "--retrain", "never", "--dim", 8, check=False),
+                          "retrain=never", "dim changed (16 -> 8)")
+    assert json.loads(ae("info", out, "--json").stdout) == before and sorted(os.listdir(out / "runs")) == runs
+
+
+def test_outlier_grid_reads_a_relative_source_from_anywhere_and_refuses_changed_files(mnist_subset, tmp_path):
+    work = tmp_path / "work"
+    (work / "src").mkdir(parents=True)
+    names = sorted(os.listdir(mnist_subset))[:40]
+    for name in names:
+        (work / "src" / name).write_bytes((mnist_subset / name).read_bytes())
+    subprocess.run([*AE, "run", "src", "out", "--epochs", "1", "--dim", "4"], cwd=work, check=True,
+                   capture_output=True, timeout=600)  # relative paths, run inside `work`
+    grid = tmp_path / "grid.png"
+    worst = json.loads(ae("outliers", work / "out", "-n", 3, "--grid", grid, "--json").stdout)["outliers"]
+    assert grid.stat().st_size > 0
+    (work / "src" / worst[0]["key"]).write_bytes((mnist_subset / names[-1]).read_bytes())  # changed since
+    assert_one_line_error(ae("outliers", work / "out", "-n", 3, "--grid", grid, check=False),
+                          worst[0]["key"], "has changed since run")
+    (work / "src" / worst[0]["key"]).unlink()
+    assert_one_line_error(ae("outliers", work / "out", "-n", 3, "--grid", grid, check=False),
+                          worst[0]["key"], "cannot be read")
+
+
+_FAIL_ONE_READ = r"""
+import sys
+import ae_core.ingest as ingest
+real = ingest.read_many
+def read_many(fs, paths, *args, **kwargs):
+    got = real(fs, paths, *args, **kwargs)
+    for path in got:
+        if path.endswith("/00003.png"):
+            got[path] = PermissionError(13, "Permission denied (injected)", path)
+    return got
+ingest.read_many = read_many
+from ae_core.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_file_that_failed_to_read_is_read_again_next_run(mnist_subset, tmp_path):
+    """A read error (throttling, a network error, a permission since fixed) is not a verdict on
+    the file: the next run reads it again even though the listing says it is unchanged."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in sorted(os.listdir(mnist_subset))[:30]:
+        (src / name).write_bytes((mnist_subset / name).read_bytes())
+    out = tmp_path / "out"
+    first = subprocess.run([sys.executable, "-c", _FAIL_ONE_READ, "run", str(src), str(out), "--epochs", "1",
+                            "--dim", "4", "--json"], capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert json.loads(first.stdout)["rejects_by_reason"] == {"read_error": 1}
+    again = json.loads(ae("run", src, out, "--dim", 4, "--json").stdout)
+    c = again["changes"]
+    assert (c["new"], c["changed"], c["unchanged"], c["retried"], c["encoded"]) == (0, 0, 29, 1, 1)
+    assert c["retrained"] is False and (again["rows"], again["rejected"]) == (30, 0)
+    df = pd.read_parquet(query.info(str(out))["embeddings"])
+    assert "00003.png" in set(df.key) and len(df) == 30
 
 
 def test_rerun_without_changes_encodes_nothing_and_keeps_every_row(mnist_subset, tmp_path):

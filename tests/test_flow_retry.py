@@ -45,3 +45,37 @@ def test_encode_failure_retry_does_not_retrain(prefect_harness, mnist_subset, tm
     assert manifest["rows"] == 300
     runs = list((tmp_path / "out" / "runs").iterdir())
     assert len(runs) == 1 and runs[0].name == manifest["run_id"]  # the retry resumed in the same folder
+
+
+def test_an_ae_error_is_not_retried_by_the_stage_or_the_flow(prefect_harness, mnist_subset, tmp_path, monkeypatch):
+    """An AeError (a wrong setting, a verdict on the data) stops the run at once: a retry of the
+    stage or of the flow run would only give the same error after the delays."""
+    from ae_core.config import IngestConfig
+    from ae_core.errors import AeError
+    from flows.pretrain_and_embed import pretrain_and_embed
+
+    listings = []
+    real_list = pipeline.list_objects
+
+    def counting_list(*args, **kwargs):
+        listings.append(1)
+        return real_list(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "list_objects", counting_list)
+    import flows.pretrain_and_embed as flows_module
+    monkeypatch.setattr(flows_module, "list_task", flows_module.list_task.with_options(retry_delay_seconds=0))
+    flow = pretrain_and_embed.with_options(retries=1, retry_delay_seconds=0)
+    with pytest.raises(AeError, match="no objects matching"):
+        flow(source=str(mnist_subset), output=str(tmp_path / "out"), ingest=IngestConfig(include=["*.jpg"]))
+    assert len(listings) == 1
+    assert not (tmp_path / "out").exists()
+
+    def failing_list(*args, **kwargs):  # anything else is retried: the stage, then the flow run
+        listings.append(1)
+        raise ConnectionError("injected: the store went away")
+
+    listings.clear()
+    monkeypatch.setattr(pipeline, "list_objects", failing_list)
+    with pytest.raises(ConnectionError):
+        flow(source=str(mnist_subset), output=str(tmp_path / "out2"))
+    assert len(listings) == 6  # 3 tries of the stage, in each of 2 flow attempts

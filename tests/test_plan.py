@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ae_core.config import ModelConfig
+from ae_core.incremental import diff_listing, retrain_decision
 from ae_core.ingest import decode_workers, plan_shards, task_size
 from ae_core.plan import CorpusProbe, choose_channels, choose_image_size, probe_sample, resolve_model_config
 from ae_core.storage import ObjectInfo, key_matches
@@ -106,3 +107,27 @@ def test_auto_epochs_from_corpus_size(n_train, batch, epochs):
 ])
 def test_task_size(n, workers, read_batch, workers_read, median_bytes, size):
     assert task_size(n, workers, read_batch, workers_read, median_bytes) == size
+
+
+def test_diff_reads_again_what_failed_to_read_and_is_otherwise_unchanged():
+    def obj(key, size, tag):
+        return ObjectInfo(key=key, path=f"/src/{key}", size=size, tag=tag)
+    previous = {"same": (1, "t"), "failed": (2, "t"), "failed-changed": (3, "t"), "gone": (4, "t")}
+    current = [obj("same", 1, "t"), obj("failed", 2, "t"), obj("failed-changed", 3, "t2"), obj("new", 5, "t")]
+    d = diff_listing(previous, current, read_failed={"failed", "failed-changed", "gone"})
+    assert [o.key for o in d.retried] == ["failed"] and [o.key for o in d.changed] == ["failed-changed"]
+    assert [o.key for o in d.unchanged] == ["same"] and [o.key for o in d.new] == ["new"]
+    assert d.deleted == ("gone",)
+    assert d.counts() == {"new": 1, "changed": 1, "unchanged": 1, "deleted": 1, "retried": 1}
+    assert diff_listing(previous, current).retried == ()  # nothing failed: nothing retried
+
+
+def test_retrain_never_with_settings_the_published_model_cannot_serve_is_an_error():
+    from ae_core.config import TrainConfig
+    from ae_core.errors import AeError
+    diff = diff_listing({"a": (1, "t")}, [ObjectInfo(key="a", path="/a", size=1, tag="t")])
+    assert retrain_decision(TrainConfig(retrain="never"), diff, None) == (False, "retrain=never")
+    assert retrain_decision(TrainConfig(retrain="auto"), diff, "dim changed (32 -> 16)")[0] is True
+    assert retrain_decision(TrainConfig(retrain="always"), diff, "dim changed (32 -> 16)")[0] is True
+    with pytest.raises(AeError, match=r"retrain=never.*dim changed \(32 -> 16\)"):
+        retrain_decision(TrainConfig(retrain="never"), diff, "dim changed (32 -> 16)")
