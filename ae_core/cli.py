@@ -228,8 +228,9 @@ def cmd_outliers(args: argparse.Namespace) -> int:
     _check_writable("--grid", args.grid)
     worst = outliers(args.output, args.n, args.by)
     if args.grid:
-        with open(args.grid, "wb") as f:
-            f.write(outlier_grid(args.output, [w["key"] for w in worst]))
+        png = outlier_grid(args.output, [w["key"] for w in worst])  # before the file is opened:
+        with open(args.grid, "wb") as f:  # an error leaves an earlier picture as it was
+            f.write(png)
     if args.json:
         print(json.dumps({"outliers": worst, "grid": args.grid}))
         return 0
@@ -381,6 +382,13 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _sigterm_while_exiting(signum: int, frame: object) -> None:
+    """After main() returned: the exit handlers (Prefect stopping its server) finish undisturbed,
+    and the process ends with SIGTERM's status."""
+    global _exit_status, _terminated
+    _terminated, _exit_status = True, 128 + signal.SIGTERM
+
+
 def _interrupted() -> int:
     print(f"ae: {'terminated' if _terminated else 'interrupted'}", file=sys.stderr)
     return 128 + (signal.SIGTERM if _terminated else signal.SIGINT)
@@ -411,8 +419,13 @@ def console_main() -> None:
     """The `ae` command (and `python -m ae_core.cli`): main(), then a fast exit."""
     global _exit_status
     atexit.register(_exit_without_finalizing)  # registered first, so it runs after all the others
-    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # not if the parent chose to ignore it
-        signal.signal(signal.SIGTERM, _on_sigterm)
+    ours = False
+    try:
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # not if the parent chose to ignore it
+            signal.signal(signal.SIGTERM, _on_sigterm)
+            ours = True
+    except ValueError:  # not the main thread: no signal handlers there
+        pass
     try:
         _exit_status = main()
     except SystemExit as stop:  # argparse's --help and usage errors
@@ -421,6 +434,8 @@ def console_main() -> None:
             print(stop.code, file=sys.stderr)
     except KeyboardInterrupt:  # outside main's own handler (while parsing or importing)
         _exit_status = _interrupted()
+    if ours:
+        signal.signal(signal.SIGTERM, _sigterm_while_exiting)
     sys.exit(_exit_status)
 
 

@@ -55,8 +55,9 @@ class TrainConfig(_Frozen):
     patience: int = Field(10, ge=1, description="epochs without validation gain before stopping")
     augment: bool = Field(False, description="random shifts of up to 1/16 of the side (off: in "
                           "measurements it cost throughput and raised reconstruction error)")
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$",
-                        description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1'..., 'mps'")
+    device: str = Field("auto", pattern=r"^[a-z_]+(:\d+)?$",
+                        description="'auto' (CUDA when present), or a torch device: 'cpu', 'cuda', "
+                        "'cuda:1', 'mps', 'xpu'...")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bfloat16 mixed precision (autocast, fp32 weights) where the "
         "device computes bf16 natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs), else fp32. "

@@ -88,8 +88,9 @@ def retrain_decision(train: TrainConfig, diff: SourceDiff | None, incompatible: 
     if train.retrain == "always":
         return True, "retrain=always"
     if incompatible and train.retrain == "never":
-        raise AeError(f"retrain=never, but the published model does not fit the settings given: {incompatible}; "
-                      "leave that setting out to reuse the model, or retrain (retrain=auto or always)")
+        raise AeError(f"retrain=never, but the published model does not fit this run's settings: {incompatible} "
+                      "(a setting left out counts at its default); pass the published model's value "
+                      "(`ae info OUTPUT` shows them) to reuse it, or retrain (retrain=auto or always)")
     if incompatible:
         return True, f"the previous model does not fit: {incompatible}"
     if train.retrain == "never":

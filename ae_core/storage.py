@@ -192,7 +192,7 @@ def check_store(fs: AbstractFileSystem, root: str, url: str, role: str) -> None:
     except Exception as err:
         if _is_connection_error(err):
             raise AeError(f"{role} {url!r}: cannot reach the store{where}; check AWS_ENDPOINT_URL "
-                          "and the network") from err
+                          "and the network", transient=True) from err
         raise
 
 

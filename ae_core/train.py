@@ -54,12 +54,16 @@ def pick_device(name: str = "auto") -> torch.device:
     """'auto' = CUDA when present, else CPU. A device torch cannot use here is an AeError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise AeError(f"device {name!r} is not a torch device ({err}); use auto, cpu, cuda or cuda:N") from err
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
         raise AeError(f"device {name!r}: torch sees {torch.cuda.device_count()} CUDA device(s) on this machine; "
                       "use device auto or cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise AeError(f"device {name!r}: MPS is not available on this machine; use device auto or cpu")
+    backend = getattr(torch.backends, device.type, None) if device.type == "mps" else getattr(torch, device.type, None)
+    if device.type not in ("cpu", "cuda") and not (backend is not None and backend.is_available()):
+        raise AeError(f"device {name!r}: no {device.type} device is available to torch here; use device auto or cpu")
     return device
 
 

@@ -34,8 +34,8 @@ def _unless_ae_error(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's
     with an AeError: a wrong setting or a verdict on the data, which the same inputs give again."""
     try:
         state.result()
-    except AeError:
-        return False
+    except AeError as err:
+        return err.transient
     except BaseException:  # noqa: BLE001 - anything else may be transient
         return True
     return True
@@ -44,13 +44,17 @@ def _unless_ae_error(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's
 def _no_flow_retry() -> None:
     """Set this flow run's retries to 0 (Prefect's flows have no retry condition, and its server
     schedules the retry when the run fails): for an AeError, which a retry would only repeat
-    after the delay (a one-line error took 20-40 s with the stage and flow retries)."""
+    after the delay (a one-line error took 20-40 s with the stage and flow retries). Best
+    effort: if the API call fails, the run is retried as before, and the AeError still stands."""
     run = flow_run.get_id()
-    if run is None:
+    if run is None or flow_run.get_flow_name() != FLOW_NAME:  # called as .fn() inside another flow
         return
-    with get_client(sync_client=True) as client:
-        policy = client.read_flow_run(run).empirical_policy
-        client.update_flow_run(run, empirical_policy=policy.model_copy(update={"retries": 0}))
+    try:
+        with get_client(sync_client=True) as client:
+            policy = client.read_flow_run(run).empirical_policy
+            client.update_flow_run(run, empirical_policy=policy.model_copy(update={"retries": 0}))
+    except Exception as err:  # noqa: BLE001 - never hide the AeError behind an API error
+        get_run_logger().warning("could not turn off the retry of flow run %s: %s", run, err)
 
 
 _io = {"cache_policy": NO_CACHE, "retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": _unless_ae_error}
@@ -102,7 +106,10 @@ def _run_id() -> str | None:
     return f"{start:%Y%m%dT%H%M%SZ}-{flow_run.id.replace('-', '')[:8]}"
 
 
-@flow(name="pretrain-and-embed", log_prints=False, retries=1, retry_delay_seconds=10)
+FLOW_NAME = "pretrain-and-embed"
+
+
+@flow(name=FLOW_NAME, log_prints=False, retries=1, retry_delay_seconds=10)
 def pretrain_and_embed(source: str, output: str, ingest: IngestConfig = IngestConfig(),
                        model: ModelConfig = ModelConfig(), train: TrainConfig = TrainConfig(),
                        encode: EncodeConfig = EncodeConfig(), index: IndexConfig = IndexConfig(),
@@ -119,8 +126,9 @@ def pretrain_and_embed(source: str, output: str, ingest: IngestConfig = IngestCo
         return _run(RunConfig(source=source, output=output, ingest=ingest, model=model, train=train,
                               encode=encode, index=index, publish=publish, work_dir=work_dir),
                     aws_credentials_block, pretrain_deployment)
-    except AeError:
-        _no_flow_retry()
+    except AeError as err:
+        if not err.transient:
+            _no_flow_retry()
         raise
 
 

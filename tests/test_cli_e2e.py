@@ -299,10 +299,12 @@ def test_outlier_grid_reads_a_relative_source_from_anywhere_and_refuses_changed_
                    capture_output=True, timeout=600)  # relative paths, run inside `work`
     grid = tmp_path / "grid.png"
     worst = json.loads(ae("outliers", work / "out", "-n", 3, "--grid", grid, "--json").stdout)["outliers"]
-    assert grid.stat().st_size > 0
+    picture = grid.read_bytes()
+    assert picture.startswith(b"\x89PNG")
     (work / "src" / worst[0]["key"]).write_bytes((mnist_subset / names[-1]).read_bytes())  # changed since
     assert_one_line_error(ae("outliers", work / "out", "-n", 3, "--grid", grid, check=False),
                           worst[0]["key"], "has changed since run")
+    assert grid.read_bytes() == picture  # a failed call leaves the earlier picture alone
     (work / "src" / worst[0]["key"]).unlink()
     assert_one_line_error(ae("outliers", work / "out", "-n", 3, "--grid", grid, check=False),
                           worst[0]["key"], "cannot be read")

@@ -70,6 +70,28 @@ def test_an_ae_error_is_not_retried_by_the_stage_or_the_flow(prefect_harness, mn
     assert len(listings) == 1
     assert not (tmp_path / "out").exists()
 
+    # if turning the flow's retry off fails, the AeError still stands (and the run is retried)
+    def no_api(*args, **kwargs):
+        raise ConnectionError("injected: the API is away")
+
+    listings.clear()
+    monkeypatch.setattr(flows_module, "get_client", no_api)
+    with pytest.raises(AeError, match="no objects matching"):
+        flow(source=str(mnist_subset), output=str(tmp_path / "out"), ingest=IngestConfig(include=["*.jpg"]))
+    assert len(listings) == 2
+    monkeypatch.undo()
+    monkeypatch.setattr(flows_module, "list_task", flows_module.list_task.with_options(retry_delay_seconds=0))
+
+    def unreachable(*args, **kwargs):  # a transient AeError is retried like any other error
+        listings.append(1)
+        raise AeError("source: cannot reach the store (injected)", transient=True)
+
+    listings.clear()
+    monkeypatch.setattr(pipeline, "list_objects", unreachable)
+    with pytest.raises(AeError, match="cannot reach"):
+        flow(source=str(mnist_subset), output=str(tmp_path / "out3"))
+    assert len(listings) == 6
+
     def failing_list(*args, **kwargs):  # anything else is retried: the stage, then the flow run
         listings.append(1)
         raise ConnectionError("injected: the store went away")
