@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from fsspec.spec import AbstractFileSystem
 
 from ae_core.errors import AeError
-from ae_core.storage import display_url, join, open_store, read_text, write_bytes_atomic
+from ae_core.storage import check_store, display_url, join, open_store, read_text, redact_url, write_bytes_atomic
 
 LATEST = "LATEST"
 RUNS = "runs"
@@ -96,12 +96,16 @@ def prune_runs(fs: AbstractFileSystem, root: str, keep: int, published: str) -> 
 def resolve(output: str) -> Published:
     """Open the run that OUTPUT/LATEST names, or fail with a message naming OUTPUT and the fix."""
     fs, root = open_store(output)
+    check_store(fs, root, redact_url(output), "output")  # unreachable, no bucket, access denied: one line
     latest = join(root, LATEST)
     try:
         run_id = read_text(fs, latest).strip()
     except FileNotFoundError as err:
         raise AeError(f"no published result at {output!r} (no {LATEST} file); "
                       f"run `ae run SOURCE {output}` first") from err
+    except OSError as err:  # access denied on the object, a dropped connection
+        raise AeError(f"cannot read {LATEST} at {redact_url(output)!r} ({type(err).__name__}: {err}); "
+                      "check the credentials and the endpoint") from err
     try:
         manifest = json.loads(read_text(fs, join(run_path(root, run_id), MANIFEST)))
     except FileNotFoundError as err:

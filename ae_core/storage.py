@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import posixpath
+import tempfile
 import uuid
 from urllib.parse import urlsplit, urlunsplit
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -100,6 +101,8 @@ def _walk_fsspec(fs: AbstractFileSystem, root: str, skip_prefix: str | None) -> 
             path = info["name"]
             if info.get("type") == "directory" or (skip_prefix and _under(path, skip_prefix)):
                 continue
+            if path.endswith("/") or path.rstrip("/") == root.rstrip("/"):
+                continue  # an S3 "folder" marker (a zero-byte key ending in /), not an image
             yield path, int(info.get("size") or 0), listing_tag(info)
 
 
@@ -194,6 +197,26 @@ def check_store(fs: AbstractFileSystem, root: str, url: str, role: str) -> None:
             raise AeError(f"{role} {url!r}: cannot reach the store{where}; check AWS_ENDPOINT_URL "
                           "and the network", transient=True) from err
         raise
+
+
+def check_local_writable(path: str, what: str) -> None:
+    """A local folder that a run will create or write into: its nearest existing ancestor must
+    be a folder where a file can be created (tried with a temporary file, removed at once), so a
+    read-only or impossible path fails before the work, not at the first write after training."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise AeError(f"{what} {path!r}: {probe!r} is a file, so the folder cannot be created; give another path")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".ae-write-check-", dir=probe)
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as err:
+        raise AeError(f"{what} {path!r}: cannot write in {probe!r} ({err.strerror or err}); give a writable path") from err
 
 
 def _under(path: str, prefix: str) -> bool:

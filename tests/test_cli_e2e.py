@@ -249,6 +249,7 @@ def test_unknown_key_is_a_clear_error(digits_run):
 
 def test_query_command_mistakes_are_one_line_errors(digits_run, mnist_subset, tmp_path):
     out, _ = digits_run
+    (tmp_path / "a-file").write_text("not a folder")
     for args, needles in [
         (("neighbours", out, "--image", mnist_subset), ("is a folder",)),
         (("neighbours", out, "--image", "http://127.0.0.1:9/x.png"), ("cannot be read", "ClientConnectorError")),
@@ -259,6 +260,9 @@ def test_query_command_mistakes_are_one_line_errors(digits_run, mnist_subset, tm
         (("evaluate", mnist_subset, "--labels", tmp_path / "x.csv", "--markdown", tmp_path / "nope" / "e.md"),
          ("does not exist",)),
         (("run", mnist_subset, tmp_path / "o", "--device", "tpu"), ("device",)),
+        (("run", mnist_subset, tmp_path / "a-file" / "o"), ("is a file", "cannot be created")),
+        (("run", mnist_subset, tmp_path / "o", "--work-dir", tmp_path / "a-file" / "w"), ("work dir", "is a file")),
+        (("run", mnist_subset, "/proc/ae-out"), ("cannot write in",)),
     ]:
         assert_one_line_error(ae(*args, check=False), *needles)
     names = sorted(os.listdir(mnist_subset))

@@ -48,6 +48,8 @@ def test_s3_to_s3_then_incremental(corpus_400):
     first_run, first_model = info["run_id"], info["model_version"]
 
     fs = _fs()
+    # folders made in the S3 console are zero-byte keys ending in "/": not images, not rejects
+    fs.pipe({f"{bucket}/faces/": b"", f"{bucket}/faces/empty-folder/": b""})
     upload_folder(MNIST, src, _names(400, 410))
     fs.rm([f"{bucket}/faces/{n}" for n in _names(0, 5)])
     proc = ae("run", src, out, "--json")
@@ -56,6 +58,7 @@ def test_s3_to_s3_then_incremental(corpus_400):
     assert (changes["new"], changes["changed"], changes["deleted"], changes["unchanged"]) == (10, 0, 5, 395)
     assert changes["encoded"] == 10 and changes["retrained"] is False
     assert manifest["model_version"] == first_model and manifest["rows"] == 405
+    assert manifest["rejected"] == 0 and changes.get("retried", 0) == 0
     info = json.loads(ae("info", out, "--json").stdout)
     assert info["run_id"] != first_run
     df = pd.read_parquet(info["embeddings"], storage_options={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})
@@ -138,7 +141,13 @@ def test_store_errors_stop_before_writing(s3_bucket, tmp_path):
     proc = _with_env(["run", src, tmp_path / "out"], AWS_ENDPOINT_URL=dead)
     assert_one_line_error(proc, src, "cannot reach", dead)
     assert not (tmp_path / "out").exists()
-    for p in [proc]:
+    # the read commands say the same in one line (they ended in a botocore traceback)
+    reads = [_with_env([*args], AWS_ENDPOINT_URL=dead) for args in
+             (["info", f"s3://{s3_bucket}/out"], ["neighbours", f"s3://{s3_bucket}/out", "--key", "x"],
+              ["outliers", f"s3://{s3_bucket}/out"])]
+    for read in reads:
+        assert_one_line_error(read, "cannot reach", dead)
+    for p in [proc, *reads]:
         assert SECRET not in p.stdout + p.stderr
 
 
@@ -148,6 +157,9 @@ def test_bad_credentials_are_one_line_without_secrets(tmp_path):
         proc = _with_env(["run", "s3://corpus/faces", tmp_path / "out"], AWS_ENDPOINT_URL=url)
         assert_one_line_error(proc, "s3://corpus/faces", "access denied", "AWS_ACCESS_KEY_ID")
         assert SECRET not in proc.stdout + proc.stderr
+        info = _with_env(["info", "s3://corpus/out"], AWS_ENDPOINT_URL=url)
+        assert_one_line_error(info, "s3://corpus/out", "access denied")
+        assert SECRET not in info.stdout + info.stderr
         assert not (tmp_path / "out").exists()
     finally:
         proc_server.terminate()
