@@ -306,13 +306,6 @@ def iter_batches(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-__all__ = [
-    "ObjectInfo", "open_store", "check_store", "listing_tag", "display_url", "join", "key_matches", "list_objects", "read_many",
-    "write_bytes_atomic", "put_file_atomic", "read_text", "fetch_to_local", "same_or_inside",
-    "iter_batches",
-]
-
-
 def redact_url(url: str) -> str:
     """Drop any user:password@ part of a URL before it is logged or stored."""
     parts = urlsplit(url)
@@ -321,3 +314,11 @@ def redact_url(url: str) -> str:
         return urlunsplit((parts.scheme, host + (f":{parts.port}" if parts.port else ""), parts.path,
                            parts.query, parts.fragment))
     return url
+
+
+__all__ = [
+    "ObjectInfo", "open_store", "check_store", "listing_tag", "display_url", "join", "key_matches", "list_objects", "read_many",
+    "write_bytes_atomic", "put_file_atomic", "read_text", "fetch_to_local", "same_or_inside",
+    "iter_batches", "redact_url", "check_local_writable",
+]
+
