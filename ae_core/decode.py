@@ -190,7 +190,7 @@ def _plain_png(data: bytes, max_pixels: int) -> _PlainPng | None:
             idat_end = body_end + 4
         elif kind == b"IEND":
             break
-        elif (kind == b"IHDR" and pos == 8 or length >= _PNG_CHECKED.get(kind, length + 1)
+        elif (kind == b"IHDR" and pos == 8 or kind in _PNG_CHECKED and length >= _PNG_CHECKED[kind]
               or kind[:1].islower() and kind.isalpha() and kind not in _PILLOW_READS):
             # the header, a checked chunk, or a private one Pillow skips: Pillow verifies their CRC
             if zlib.crc32(data[pos + 4:body_end]) != struct.unpack_from(">I", data, body_end)[0]:

@@ -6,6 +6,7 @@ poorly reconstructed images (anomaly scores).
 from __future__ import annotations
 
 import csv
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ def knn_accuracy(x: np.ndarray, y: np.ndarray, k: int = KNN_K, folds: int = FOLD
     from sklearn.neighbors import KNeighborsClassifier
 
     n_folds = _folds(y, folds)
-    smallest_train = len(y) - -(-len(y) // n_folds)  # rows left to fit on beside the largest fold
+    smallest_train = len(y) - math.ceil(len(y) / n_folds)  # rows left to fit on beside the largest fold
     if smallest_train < k:
         raise AeError(f"{k}-NN in {n_folds}-fold cross-validation needs at least {k} labelled rows to fit on "
                       f"in each fold; there are {len(y)} labelled rows: label more images")

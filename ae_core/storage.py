@@ -11,9 +11,9 @@ import os
 import posixpath
 import tempfile
 import uuid
-from urllib.parse import urlsplit, urlunsplit
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 from fsspec.core import url_to_fs
 from fsspec.spec import AbstractFileSystem
@@ -89,6 +89,7 @@ def list_objects(fs: AbstractFileSystem, root: str, include: Sequence[str] = (),
 def _walk_fsspec(fs: AbstractFileSystem, root: str, skip_prefix: str | None) -> Iterator[tuple[str, int, str]]:
     """(path, size, tag) of every non-folder under `root`, folder by folder in sorted order."""
     fs.invalidate_cache(root)  # every run sees the store as it is now, not a cached listing
+    marker = root.rstrip("/")
     for dirpath, dirs, files in fs.walk(root, detail=True):
         dirs_sorted = sorted(dirs)
         dirs.clear()  # walk in sorted order, pruning the skipped prefix
@@ -101,7 +102,7 @@ def _walk_fsspec(fs: AbstractFileSystem, root: str, skip_prefix: str | None) -> 
             path = info["name"]
             if info.get("type") == "directory" or (skip_prefix and _under(path, skip_prefix)):
                 continue
-            if path.endswith("/") or path.rstrip("/") == root.rstrip("/"):
+            if path.endswith("/") or path == marker:
                 continue  # an S3 "folder" marker (a zero-byte key ending in /), not an image
             yield path, int(info.get("size") or 0), listing_tag(info)
 
@@ -321,4 +322,3 @@ __all__ = [
     "write_bytes_atomic", "put_file_atomic", "read_text", "fetch_to_local", "same_or_inside",
     "iter_batches", "redact_url", "check_local_writable",
 ]
-
