@@ -15,6 +15,7 @@ run is complete, so readers always see a whole result: the new one or the previo
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -44,9 +45,40 @@ def run_path(root: str, run_id: str) -> str:
     return join(root, RUNS, run_id)
 
 
+_RUN_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]+$")
+
+
 def publish(fs: AbstractFileSystem, root: str, run_id: str) -> None:
     """Point LATEST at a finished run (a single atomic replace)."""
     write_bytes_atomic(fs, join(root, LATEST), (run_id + "\n").encode())
+
+
+def check_publishable(fs: AbstractFileSystem, root: str, run_id: str, planned_against: str | None,
+                      names: list[str], output: str) -> None:
+    """Refuse, with an AeError, to point LATEST at this run when another run into the same
+    OUTPUT got in the way: one that started later was published while this one worked (LATEST
+    is no longer `planned_against`, the run this one's plan read), so this result would replace
+    a newer one; or files of this run are gone (a run publishing before it prunes unfinished
+    runs that started earlier). Run ids sort by start time. Runs one after another (a queued
+    deployment run) never conflict. This narrows the race to the moment between the check and
+    the replace; it is not a lock."""
+    current = latest_run_id(fs, root)
+    if (current not in (planned_against, run_id) and current is not None and _RUN_ID.match(current)
+            and current > run_id):
+        raise AeError(f"run {run_id}: run {current}, which started after it, was published to {output!r} "
+                      "while this run was working; nothing published (of two runs into one OUTPUT, "
+                      "the later start wins; run again to publish this corpus state)")
+    folder = run_path(root, run_id)
+    fs.invalidate_cache(folder)
+    try:
+        present = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)}
+    except FileNotFoundError:
+        present = set()
+    missing = sorted(set(names) - present)
+    if missing:
+        raise AeError(f"run {run_id}: {', '.join(missing)} vanished from {output!r}/{RUNS}/{run_id} while "
+                      "the run was working (another run into the same OUTPUT deletes unfinished runs that "
+                      "started before it); nothing published, run again")
 
 
 @dataclass(frozen=True)

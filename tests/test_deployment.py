@@ -73,6 +73,26 @@ print(json.dumps([r.state_type.value for r in runs]))
 """
 
 
+_OVERLAP = """
+import json, sys, time
+from prefect.client.orchestration import get_client
+params = {"source": sys.argv[1], "output": sys.argv[2], "train": {"epochs": 2}}
+with get_client(sync_client=True) as client:
+    dep = client.read_deployment_by_name("pretrain-and-embed/nightly")
+    ids = [client.create_flow_run_from_deployment(dep.id, parameters=params).id for _ in range(2)]
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        runs = [client.read_flow_run(i) for i in ids]
+        if all(r.state.is_final() for r in runs):
+            break
+        time.sleep(1)
+    print(json.dumps({"limit": dep.global_concurrency_limit.limit,
+                      "strategy": dep.concurrency_options.collision_strategy.value,
+                      "runs": [{"state": r.state_type.value, "start": r.start_time.timestamp(),
+                                "end": r.end_time.timestamp()} for r in runs]}))
+"""
+
+
 def _run_to_completion(sh, deployment: str, source: Path, output: Path) -> None:
     proc = sh("run", deployment, "--param", f"source={source}", "--param", f"output={output}",
               "--param", 'train={"epochs": 2}')
@@ -111,3 +131,16 @@ def test_gpu_pool_path_runs_pretrain_as_its_own_flow_run(local_prefect, small_co
     assert m["rows"] == 120 and m["train"].get("resumed_from_stage") is True
     assert "pretrain" not in m["timings_s"]  # the parent did not train; the stage did
     assert not (out / "runs" / m["run_id"] / "stage").exists()  # staged pixels are cleaned up
+
+
+def test_a_nightly_run_due_while_one_is_going_waits_for_it(local_prefect, small_corpus, tmp_path):
+    sh, env, prefect = local_prefect
+    out = tmp_path / "out"
+    proc = subprocess.run([os.sys.executable, "-c", _OVERLAP, str(small_corpus), str(out)], env=env,
+                          capture_output=True, text=True, timeout=900, check=True)
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["limit"] == 1 and seen["strategy"] == "ENQUEUE"
+    first, second = sorted(seen["runs"], key=lambda r: r["start"])
+    assert first["state"] == second["state"] == "COMPLETED"
+    assert second["start"] >= first["end"]  # queued behind the first, not run beside it
+    assert len(list((out / "runs").iterdir())) == 2 and _manifest(out)["rows"] == 120

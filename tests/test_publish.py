@@ -1,0 +1,59 @@
+"""Two runs into one OUTPUT at once, through the library's stages (no Prefect): the run that
+started later wins, an earlier one that finishes after it publishes nothing, runs one after
+another never conflict, and a run whose files vanished while it worked never becomes LATEST."""
+
+from __future__ import annotations
+
+import pytest
+
+from ae_core import outputs, pipeline
+from ae_core.config import IngestConfig, RunConfig, TrainConfig
+from ae_core.errors import AeError
+
+
+def _up_to_publish(config: RunConfig, run_id: str):
+    """Every stage of a run but the last; returns its publish step."""
+    ctx = pipeline.prepare_run(config, run_id=run_id)
+    objects = pipeline.list_source(ctx)
+    plan = pipeline.plan_run(ctx, objects)
+    corpus = pipeline.decode_source(ctx, plan)
+    ckpt = pipeline.pretrain(ctx, corpus, plan)
+    encoded = pipeline.encode_corpus(ctx, corpus, ckpt, plan)
+    index_info = pipeline.build_index(ctx, encoded)
+    pictures = pipeline.draw_report(ctx, corpus, ckpt, plan, encoded)
+    return lambda: pipeline.publish_run(ctx, plan, ckpt, encoded, index_info, pictures)
+
+
+def test_of_two_runs_into_one_output_the_later_start_wins(mnist_subset, tmp_path):
+    out = tmp_path / "out"
+
+    def config(name: str) -> RunConfig:
+        return RunConfig(source=str(mnist_subset), output=str(out), work_dir=str(tmp_path / f"work-{name}"),
+                         ingest=IngestConfig(include=["000*"], workers=1),
+                         train=TrainConfig(epochs=1, anomaly_steps=0))
+
+    publish_early = _up_to_publish(config("a"), "20260101T000000Z-aaaaaa")
+    publish_later = _up_to_publish(config("b"), "20260101T000001Z-bbbbbb")
+    manifest = publish_later()
+    assert (out / outputs.LATEST).read_text().strip() == "20260101T000001Z-bbbbbb"
+    # publishing prunes unfinished runs that started before it: the early run's folder
+    assert "20260101T000000Z-aaaaaa" in manifest["pruned_runs"]
+
+    with pytest.raises(AeError, match="which started after it, was published"):
+        publish_early()
+    assert (out / outputs.LATEST).read_text().strip() == "20260101T000001Z-bbbbbb"
+    assert outputs.resolve(str(out)).manifest["rows"] == manifest["rows"] > 0
+
+    # a run after it with an earlier id (a queued deployment run keeps its scheduled time) is
+    # no conflict: LATEST is still the run its plan read
+    publish_queued = _up_to_publish(config("q"), "20251231T235959Z-dddddd")
+    assert publish_queued()["changes"]["previous_run"] == "20260101T000001Z-bbbbbb"
+    assert (out / outputs.LATEST).read_text().strip() == "20251231T235959Z-dddddd"
+
+    # a later run whose index was deleted while it worked is refused too
+    publish_last = _up_to_publish(config("c"), "20260101T000002Z-cccccc")
+    (out / "runs" / "20260101T000002Z-cccccc" / outputs.INDEX).unlink()
+    with pytest.raises(AeError, match=r"index\.faiss vanished"):
+        publish_last()
+    assert (out / outputs.LATEST).read_text().strip() == "20251231T235959Z-dddddd"
+    assert outputs.resolve(str(out)).manifest["run_id"] == "20251231T235959Z-dddddd"
