@@ -38,9 +38,9 @@ from ae_core.ingest import READ_ERROR, DecodedCorpus, ShardedPixels, decode_corp
 from ae_core.model import AEArch
 from ae_core.plan import probe_corpus, resolve_model_config
 from ae_core.quality import pca_comparison
-from ae_core.storage import (ObjectInfo, check_local_writable, check_store, display_url, is_local, join,
-                             list_objects, open_store, put_file_atomic, redact_url, same_or_inside,
-                             write_bytes_atomic)
+from ae_core.storage import (ObjectInfo, check_local_writable, check_store, check_store_writable, display_url,
+                             is_local, join, list_objects, open_store, put_file_atomic, redact_url,
+                             same_or_inside, write_bytes_atomic)
 from ae_core.train import train_autoencoder, train_fold_models
 
 
@@ -100,6 +100,8 @@ def prepare_run(config: RunConfig, storage_options: Mapping[str, dict] | None = 
         raise AeError(f"output {out_url!r} is a file; give a folder or prefix")
     if is_local(out_fs):
         check_local_writable(out_root, "output")
+    else:
+        check_store_writable(out_fs, out_root, out_url, "output")
     work_dir = config.work_dir or default_work_dir(config)
     check_local_writable(work_dir, "work dir")
     return RunContext(config, run_id or outputs.new_run_id(), src_fs, src_root, out_fs, out_root, work_dir)

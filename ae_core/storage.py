@@ -195,9 +195,34 @@ def check_store(fs: AbstractFileSystem, root: str, url: str, role: str) -> None:
                       "bucket's policy") from err
     except Exception as err:
         if _is_connection_error(err):
-            raise AeError(f"{role} {url!r}: cannot reach the store{where}; check AWS_ENDPOINT_URL "
-                          "and the network", transient=True) from err
+            raise _unreachable(role, url, where) from err
         raise
+
+
+def _unreachable(role: str, url: str, where: str) -> AeError:
+    return AeError(f"{role} {url!r}: cannot reach the store{where}; check AWS_ENDPOINT_URL and the network",
+                   transient=True)
+
+
+def check_store_writable(fs: AbstractFileSystem, root: str, url: str, role: str) -> None:
+    """An object store a run will write into and prune: a zero-byte test object is written under
+    ROOT and deleted at once, so credentials that may read but not write (or not delete) fail
+    before the work, not at the first write after training."""
+    probe = join(root, f".ae-write-check-{uuid.uuid4().hex[:8]}")
+    endpoint = getattr(fs, "endpoint_url", None) or os.environ.get("AWS_ENDPOINT_URL")
+    where = f" at {endpoint}" if endpoint else ""
+    for verb, act in (("write", lambda: fs.pipe_file(probe, b"")), ("delete", lambda: fs.rm_file(probe))):
+        try:
+            act()
+        except PermissionError as err:
+            left = f"; remove the test object {display_url(fs, probe)!r}" if verb == "delete" else ""
+            raise AeError(f"{role} {url!r}: access denied when trying to {verb} an object there{where} "
+                          f"({err}); the credentials need permission to write and delete objects under it "
+                          f"(s3:PutObject and s3:DeleteObject){left}") from err
+        except Exception as err:
+            if _is_connection_error(err):
+                raise _unreachable(role, url, where) from err
+            raise
 
 
 def check_local_writable(path: str, what: str) -> None:
@@ -320,5 +345,5 @@ def redact_url(url: str) -> str:
 __all__ = [
     "ObjectInfo", "open_store", "check_store", "listing_tag", "display_url", "join", "key_matches", "list_objects", "read_many",
     "write_bytes_atomic", "put_file_atomic", "read_text", "fetch_to_local", "same_or_inside",
-    "iter_batches", "redact_url", "check_local_writable",
+    "iter_batches", "redact_url", "check_local_writable", "check_store_writable",
 ]

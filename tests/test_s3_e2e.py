@@ -166,6 +166,50 @@ def test_bad_credentials_are_one_line_without_secrets(tmp_path):
         proc_server.wait(10)
 
 
+def _user_with_policy(iam, name: str, actions: list[str]) -> dict:
+    actions = [*actions, "s3:HeadBucket"]  # moto checks a bucket's HEAD as this; AWS as s3:ListBucket
+    iam.create_user(UserName=name)
+    iam.put_user_policy(UserName=name, PolicyName="s3", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}))
+    key = iam.create_access_key(UserName=name)["AccessKey"]
+    return {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+
+
+def test_credentials_that_cannot_write_or_delete_stop_the_run_before_the_work():
+    import boto3
+    from botocore.exceptions import ClientError
+
+    # moto lets the first requests through unchecked (the set-up below), then checks IAM policies
+    server, url = start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "60"})
+    try:
+        admin = {"endpoint_url": url, "aws_access_key_id": "setup", "aws_secret_access_key": "setup"}
+        s3 = boto3.client("s3", **admin)
+        s3.create_bucket(Bucket="corpus")
+        for name in _names(0, 20):
+            s3.put_object(Bucket="corpus", Key=f"digits/{name}", Body=(MNIST / name).read_bytes())
+        iam = boto3.client("iam", region_name="us-east-1", **admin)
+        reader = _user_with_policy(iam, "reader", ["s3:GetObject", "s3:ListBucket"])
+        no_delete = _user_with_policy(iam, "no-delete", ["s3:GetObject", "s3:ListBucket", "s3:PutObject"])
+        with pytest.raises(ClientError):  # use up the unchecked requests
+            for _ in range(60):
+                s3.list_objects_v2(Bucket="corpus", MaxKeys=1)
+
+        for creds, verb in ((reader, "write"), (no_delete, "delete")):
+            proc = _with_env(["run", "s3://corpus/digits", "s3://corpus/out", "--epochs", 1],
+                             AWS_ENDPOINT_URL=url, **creds)
+            assert_one_line_error(proc, "s3://corpus/out", f"access denied when trying to {verb}",
+                                  "s3:PutObject and s3:DeleteObject")
+            assert creds["AWS_SECRET_ACCESS_KEY"] not in proc.stderr
+        # nothing of a run was written: only the test object that could not be deleted, named in the message
+        left = boto3.client("s3", endpoint_url=url, aws_access_key_id=no_delete["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=no_delete["AWS_SECRET_ACCESS_KEY"])
+        keys = [o["Key"] for o in left.list_objects_v2(Bucket="corpus", Prefix="out/").get("Contents", [])]
+        assert len(keys) == 1 and keys[0].startswith("out/.ae-write-check-") and keys[0] in proc.stderr
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
 def _with_env(args: list, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ae_core.cli", *map(str, args)], capture_output=True,
                           text=True, env={**os.environ, **env}, timeout=300)
