@@ -81,6 +81,19 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     return img
 
 
+def might_be_image(head: bytes) -> bool:
+    """Whether an object whose first bytes are `head` could be an image Pillow reads: Pillow
+    opens the head, or one of its formats recognises the signature (a JPEG or a TIFF whose
+    metadata runs past the head). False for a video or an archive, which need not be read whole."""
+    try:
+        with Image.open(io.BytesIO(head)):
+            return True
+    except Exception:  # noqa: BLE001 - anything Pillow raises on a prefix means "not from this part"
+        pass
+    Image.init()
+    return any(accept is not None and accept(head[:16]) for _, accept in Image.OPEN.values())
+
+
 def _orientation(img: Image.Image) -> int:
     try:
         return int(img.getexif().get(0x0112, 1))

@@ -11,22 +11,29 @@ import json
 import multiprocessing as mp
 import os
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 from fsspec.spec import AbstractFileSystem
 
-from ae_core.decode import Preprocess, decode_image, fingerprint
+from ae_core.decode import Preprocess, decode_image, fingerprint, might_be_image
 from ae_core.errors import DecodeError
 from ae_core.hardware import usable_cores
-from ae_core.storage import ObjectInfo, is_local, iter_batches, read_many
+from ae_core.storage import ObjectInfo, is_local, read_heads, read_many
 
 READ_ERROR = "read_error"  # the reject reason of an object that could not be read (worth retrying)
 _IN_PROCESS_BELOW = 512  # objects; below this a process pool costs more to start than it saves
 _IN_PROCESS_MEDIAN_BYTES = 4096  # files smaller than this decode faster than they travel to a worker
 _TINY_FILES_IN_PROCESS_BELOW = 20_000  # ...unless there are so many that two cores pay off
+SNIFF_ABOVE = 16 << 20  # bytes; a larger object is identified from its head before it is read whole
+HEAD_BYTES = 64 << 10
+BATCH_BYTES = 256 << 20  # a batch of objects in memory at once holds at most this much (or one object)
+
+
+class Head(bytes):
+    """The first bytes of an object that was not read whole, because they are not an image."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +139,11 @@ def decode_batch(items: list[tuple[str, int, bytes | None, str | None]],
             rejects.append({"key": key, "reason": READ_ERROR, "detail": read_error or "no data",
                             "size_bytes": size, "fingerprint": None})
             continue
+        if isinstance(data, Head):
+            rejects.append({"key": key, "reason": "not_an_image", "size_bytes": size, "fingerprint": None,
+                            "detail": f"its first {len(data)} bytes are no image format Pillow can read "
+                                      "(the rest was not read)"})
+            continue
         digest = fingerprint(data)
         try:
             dec = decode_image(data, spec)
@@ -230,8 +242,36 @@ def _save_shard(result: ShardResult, plan: ShardPlan, spec: Preprocess, work_dir
     return result
 
 
+def read_objects(fs: AbstractFileSystem, objects: Sequence[ObjectInfo]) -> dict[str, bytes | Exception]:
+    """Every object's bytes, by path; but an object over SNIFF_ABOVE bytes that is not an image
+    by its first HEAD_BYTES (a video or an archive in a photo folder) is never read whole: a
+    `Head` of it stands in, which decoding rejects as not an image."""
+    big = [o.path for o in objects if o.size > SNIFF_ABOVE]
+    got = read_many(fs, [o.path for o in objects if o.size <= SNIFF_ABOVE])
+    heads = read_heads(fs, big, HEAD_BYTES)
+    whole = [p for p in big if isinstance(heads[p], bytes) and might_be_image(heads[p])]
+    got.update({p: Head(h) if isinstance(h, bytes) else h for p, h in heads.items()})
+    got.update(read_many(fs, whole))
+    return got
+
+
+def byte_batches(objects: Sequence[ObjectInfo], count: int, max_bytes: int = BATCH_BYTES) -> Iterator[list[ObjectInfo]]:
+    """Consecutive batches of at most `count` objects and `max_bytes` listed bytes (a larger
+    object alone), so that large files never pile up in memory. Pure."""
+    batch: list[ObjectInfo] = []
+    size = 0
+    for o in objects:
+        if batch and (len(batch) == count or size + o.size > max_bytes):
+            yield batch
+            batch, size = [], 0
+        batch.append(o)
+        size += o.size
+    if batch:
+        yield batch
+
+
 def _fetch(fs: AbstractFileSystem, batch: list[ObjectInfo]) -> list[tuple[str, int, bytes | None, str | None]]:
-    got = read_many(fs, [o.path for o in batch])
+    got = read_objects(fs, batch)
     items = []
     for o in batch:
         data = got.get(o.path)
@@ -239,7 +279,7 @@ def _fetch(fs: AbstractFileSystem, batch: list[ObjectInfo]) -> list[tuple[str, i
             err = f"{type(data).__name__}: {data}" if data is not None else "object vanished"
             items.append((o.key, o.size, None, err))
         else:
-            items.append((o.key, o.size, bytes(data), None))
+            items.append((o.key, o.size, data if isinstance(data, bytes) else bytes(data), None))
     return items
 
 
@@ -291,7 +331,7 @@ def decode_corpus(objects: Sequence[ObjectInfo], fs: AbstractFileSystem, spec: P
     per_task = task_size(len(objects), n_workers, read_batch, workers_read, median_bytes)
     try:
         for plan in todo:
-            batches = list(iter_batches(plan.objects, per_task))
+            batches = list(byte_batches(plan.objects, per_task))
             for i, batch in enumerate(batches):
                 future = (pool.submit(fetch_and_decode, fs, list(batch), spec) if workers_read
                           else pool.submit(decode_batch, _fetch(fs, batch), spec))

@@ -16,9 +16,11 @@ from fsspec.spec import AbstractFileSystem
 from ae_core.config import ModelConfig
 from ae_core.decode import Preprocess, decode_image, read_header
 from ae_core.errors import DecodeError
-from ae_core.storage import ObjectInfo, read_many
+from ae_core.ingest import byte_batches, read_objects
+from ae_core.storage import ObjectInfo
 
 PROBE_SAMPLE = 128  # objects read to choose size and channels; enough for a stable median
+_PROBE_BATCH = 64  # objects read at once (concurrently from S3), and at most ingest.BATCH_BYTES
 MIN_IMAGE_SIZE = 16  # smaller inputs leave no room for two stride-2 stages
 MAX_AUTO_IMAGE_SIZE = 64  # auto choice caps here: larger inputs cost CPU time, not embedding quality
 _GRAY_MODES = {"1", "L", "LA", "La", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
@@ -50,9 +52,14 @@ def _is_gray_content(data: bytes) -> bool:
 
 def probe_corpus(fs: AbstractFileSystem, objects: Sequence[ObjectInfo], max_pixels: int) -> CorpusProbe:
     sample = probe_sample(objects)
-    got = read_many(fs, [o.path for o in sample])
     sides, gray = [], []
-    for o in sample:
+    for batch in byte_batches(sample, _PROBE_BATCH):
+        _probe_batch(read_objects(fs, batch), batch, max_pixels, sides, gray)
+    return CorpusProbe(len(sample), len(sides), tuple(sides), tuple(gray))
+
+
+def _probe_batch(got: dict, batch: list[ObjectInfo], max_pixels: int, sides: list[int], gray: list[bool]) -> None:
+    for o in batch:
         data = got.get(o.path)
         if not isinstance(data, (bytes, bytearray)):
             continue
@@ -63,7 +70,6 @@ def probe_corpus(fs: AbstractFileSystem, objects: Sequence[ObjectInfo], max_pixe
             continue
         sides.append(min(head.width, head.height))
         gray.append(is_gray)
-    return CorpusProbe(len(sample), len(sides), tuple(sides), tuple(gray))
 
 
 def choose_image_size(median_side: float) -> int:

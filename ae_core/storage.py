@@ -82,8 +82,21 @@ def list_objects(fs: AbstractFileSystem, root: str, include: Sequence[str] = (),
     prefix = root.rstrip("/") + "/"
     for path, size, tag in walk:
         key = path[len(prefix):] if path.startswith(prefix) else posixpath.basename(path)
+        if not key.isascii():
+            key = utf8_key(key)
         if key_matches(key, include, exclude):
             yield ObjectInfo(key=key, path=path, size=size, tag=tag)
+
+
+def utf8_key(name: str) -> str:
+    """A key every table can hold: a local file name that is not valid UTF-8 (Python keeps its
+    bytes as surrogates; a Latin-1 zip unpacked on Linux, say) gets each such byte written as
+    \\xNN. The file is still read by its real path."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _walk_fsspec(fs: AbstractFileSystem, root: str, skip_prefix: str | None) -> Iterator[tuple[str, int, str]]:
@@ -263,6 +276,23 @@ def read_many(fs: AbstractFileSystem, paths: Sequence[str]) -> dict[str, bytes |
     return out
 
 
+def read_heads(fs: AbstractFileSystem, paths: Sequence[str], n: int) -> dict[str, bytes | Exception]:
+    """The first `n` bytes of each object (ranged reads, concurrent on async filesystems)."""
+    if not paths:
+        return {}
+    if is_local(fs) and not any("://" in p for p in paths):
+        out: dict[str, bytes | Exception] = {}
+        for p in paths:
+            try:
+                with open(p, "rb") as f:
+                    out[p] = f.read(n)
+            except OSError as err:
+                out[p] = err
+        return out
+    got = fs.cat_ranges(list(paths), [0] * len(paths), [n] * len(paths), on_error="return")
+    return dict(zip(paths, got))
+
+
 def _read_local(paths: Sequence[str]) -> dict[str, bytes | Exception]:
     """Local files straight through the OS: fsspec's local `cat` costs as much per call as
     decoding a tiny image (it normalises each path three times). Same result shape."""
@@ -345,5 +375,5 @@ def redact_url(url: str) -> str:
 __all__ = [
     "ObjectInfo", "open_store", "check_store", "listing_tag", "display_url", "join", "key_matches", "list_objects", "read_many",
     "write_bytes_atomic", "put_file_atomic", "read_text", "fetch_to_local", "same_or_inside",
-    "iter_batches", "redact_url", "check_local_writable", "check_store_writable",
+    "iter_batches", "redact_url", "check_local_writable", "check_store_writable", "read_heads",
 ]

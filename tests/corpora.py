@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -91,4 +92,10 @@ def make_mixed_corpus(folder: Path, coil: Path, mnist: Path) -> tuple[dict[str, 
         path = folder / key
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
+    # a file name that is not UTF-8 (a Latin-1 zip unpacked on Linux): keyed with the byte as \xe9
+    latin = os.fsencode(folder) + b"/names/caf\xe9.png"
+    os.makedirs(os.path.dirname(latin), exist_ok=True)
+    with open(latin, "wb") as f:
+        f.write(good["png/la.png"])
+    good["names/caf\\xe9.png"] = good["png/la.png"]
     return good, broken

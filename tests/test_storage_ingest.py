@@ -3,16 +3,18 @@ filters, concurrent reads, atomic writes, and the decode stage's shard cache."""
 
 from __future__ import annotations
 
+import io
 import uuid
 
 import fsspec
 import numpy as np
 import pytest
+from PIL import Image
 
 from ae_core import ingest
 from ae_core.decode import Preprocess
 from ae_core.errors import AeError
-from ae_core.storage import list_objects, open_store, read_many, write_bytes_atomic
+from ae_core.storage import ObjectInfo, list_objects, open_store, read_many, write_bytes_atomic
 from conftest import MNIST
 
 FILES = {"a.png": 0, "sub/b.png": 1, "sub/deeper/c": 2, ".hidden": 3, "notes.txt": 4}
@@ -63,6 +65,33 @@ def test_read_many_returns_bytes_and_errors(store):
     got = read_many(fs, [f"{root}/a.png", f"{root}/missing.png"])
     assert got[f"{root}/a.png"] == (MNIST / "00000.png").read_bytes()
     assert isinstance(got[f"{root}/missing.png"], Exception)
+
+
+def test_a_large_object_that_is_not_an_image_is_never_read_whole(store, monkeypatch):
+    # a video in a photo folder: identified from its head, rejected without reading the rest
+    monkeypatch.setattr(ingest, "SNIFF_ABOVE", 1000)
+    monkeypatch.setattr(ingest, "HEAD_BYTES", 64)
+    fs, root = open_store(store)
+    video = b"\0\0\0\x18ftypmp42isom" + bytes(5000)
+    bmp = io.BytesIO()
+    Image.open(MNIST / "00000.png").save(bmp, "BMP")  # ~1.9 kB: over the threshold, and an image
+    fs.pipe_file(f"{root}/clip.mp4", video)
+    fs.pipe_file(f"{root}/big.bmp", bmp.getvalue())
+    objs = {o.key: o for o in list_objects(fs, root)}
+    got = ingest.read_objects(fs, list(objs.values()))
+    assert got[objs["clip.mp4"].path] == video[:64]
+    assert got[objs["big.bmp"].path] == bmp.getvalue()
+    assert got[objs["a.png"].path] == (MNIST / "00000.png").read_bytes()
+    items = ingest._fetch(fs, [objs["clip.mp4"], objs["big.bmp"]])
+    images, rejects, _ = ingest.decode_batch(items, Preprocess(image_size=28, channels=1))
+    assert [i["key"] for i in images] == ["big.bmp"]
+    assert [(r["key"], r["reason"], r["size_bytes"]) for r in rejects] == [("clip.mp4", "not_an_image", len(video))]
+
+
+def test_batches_hold_a_bounded_number_of_bytes():
+    objs = [ObjectInfo(f"k{i}", f"p{i}", size) for i, size in enumerate([10, 10, 30, 100, 5, 5, 5])]
+    batches = [[o.key for o in b] for b in ingest.byte_batches(objs, count=3, max_bytes=50)]
+    assert batches == [["k0", "k1", "k2"], ["k3"], ["k4", "k5", "k6"]]
 
 
 def test_atomic_write_leaves_no_temporary(store):
