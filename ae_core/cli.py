@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -70,9 +71,34 @@ def _run_flow(source: str, output: str, kwargs: dict) -> dict:
 
         options = s3_options_from_block(block)
     prepare_run(config, options)
+    _start_temporary_server()
     from flows.pretrain_and_embed import pretrain_and_embed
 
     return pretrain_and_embed(source=source, output=output, **kwargs)
+
+
+def _start_temporary_server() -> None:
+    """Without a Prefect server configured, start Prefect's temporary one now, in a session of
+    its own. Prefect starts it in ae's process group, where a terminal's Ctrl-C (sent to the
+    whole group) stopped it at once; the interrupted run then spent ~70 s retrying the dead
+    server before a traceback. In its own session only ae stops it: Prefect's exit handler
+    does, after the run has been marked. Later `SubprocessASGIServer()` calls return this one."""
+    from prefect.server.api import server as prefect_server
+    from prefect.settings import get_current_settings
+
+    if get_current_settings().api.url:
+        return
+
+    class _OwnSession(prefect_server.SubprocessASGIServer):
+        def _run_uvicorn_command(self):  # noqa: ANN202 - Prefect's signature
+            popen = prefect_server.subprocess.Popen
+            prefect_server.subprocess.Popen = functools.partial(popen, start_new_session=True)
+            try:
+                return super()._run_uvicorn_command()
+            finally:
+                prefect_server.subprocess.Popen = popen
+
+    _OwnSession().start()
 
 
 def _print_summary(m: dict) -> None:
@@ -370,28 +396,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
-_terminated = False  # set by the SIGTERM handler
+_STOPPING = (signal.SIGTERM, signal.SIGHUP)  # handled like Ctrl-C
+_terminated_by = 0  # the signal of _STOPPING that arrived, if one did
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
-    """SIGTERM (kill, a scheduler stopping the job) unwinds like Ctrl-C, so every context closes:
-    Prefect stops its temporary server (with the default handler it was left running, orphaned)
-    and marks the flow run; nothing unfinished is published."""
-    global _terminated
-    _terminated = True
+    """SIGTERM (kill, a scheduler stopping the job) or SIGHUP (the terminal closed) unwinds like
+    Ctrl-C, so every context closes: Prefect stops its temporary server (with the default
+    handlers it was left running, orphaned) and marks the flow run; nothing unfinished is
+    published."""
+    global _terminated_by
+    _terminated_by = signum
     raise KeyboardInterrupt
 
 
 def _sigterm_while_exiting(signum: int, frame: object) -> None:
     """After main() returned: the exit handlers (Prefect stopping its server) finish undisturbed,
-    and the process ends with SIGTERM's status."""
-    global _exit_status, _terminated
-    _terminated, _exit_status = True, 128 + signal.SIGTERM
+    and the process ends with the signal's status."""
+    global _exit_status, _terminated_by
+    _terminated_by, _exit_status = signum, 128 + signum
 
 
 def _interrupted() -> int:
-    print(f"ae: {'terminated' if _terminated else 'interrupted'}", file=sys.stderr)
-    return 128 + (signal.SIGTERM if _terminated else signal.SIGINT)
+    print(f"ae: {'terminated' if _terminated_by else 'interrupted'}", file=sys.stderr)
+    return 128 + (_terminated_by or signal.SIGINT)
 
 
 _exit_status = 1  # what the process returns if main() never comes back (an uncaught exception)
@@ -419,11 +447,12 @@ def console_main() -> None:
     """The `ae` command (and `python -m ae_core.cli`): main(), then a fast exit."""
     global _exit_status
     atexit.register(_exit_without_finalizing)  # registered first, so it runs after all the others
-    ours = False
+    ours = []
     try:
-        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # not if the parent chose to ignore it
-            signal.signal(signal.SIGTERM, _on_sigterm)
-            ours = True
+        for sig in _STOPPING:
+            if signal.getsignal(sig) == signal.SIG_DFL:  # not if the parent chose to ignore it (nohup)
+                signal.signal(sig, _on_sigterm)
+                ours.append(sig)
     except ValueError:  # not the main thread: no signal handlers there
         pass
     try:
@@ -434,8 +463,8 @@ def console_main() -> None:
             print(stop.code, file=sys.stderr)
     except KeyboardInterrupt:  # outside main's own handler (while parsing or importing)
         _exit_status = _interrupted()
-    if ours:
-        signal.signal(signal.SIGTERM, _sigterm_while_exiting)
+    for sig in ours:
+        signal.signal(sig, _sigterm_while_exiting)
     sys.exit(_exit_status)
 
 
