@@ -72,10 +72,12 @@ class RunContext:
         self.timings[stage] = round(self.timings.get(stage, 0.0) + time.perf_counter() - t0, 3)
 
 
-def default_work_dir(config: RunConfig) -> str:
-    """A local scratch folder keyed by source and output, so a rerun finds its cached shards."""
-    digest = hashlib.sha1(f"{config.source}\n{config.output}".encode()).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), "ae-embed-work", digest)
+def default_work_dir(source: str, output: str) -> str:
+    """A local scratch folder keyed by the resolved source and output (absolute paths for local
+    folders: `imgs` in two different folders are two sources) and the user, so a rerun finds
+    its cached shards and no other run's."""
+    key = f"{source}\n{output}\n{os.getuid() if hasattr(os, 'getuid') else ''}"
+    return os.path.join(tempfile.gettempdir(), "ae-embed-work", hashlib.sha1(key.encode()).hexdigest()[:16])
 
 
 def prepare_run(config: RunConfig, storage_options: Mapping[str, dict] | None = None,
@@ -102,7 +104,7 @@ def prepare_run(config: RunConfig, storage_options: Mapping[str, dict] | None = 
         check_local_writable(out_root, "output")
     else:
         check_store_writable(out_fs, out_root, out_url, "output")
-    work_dir = config.work_dir or default_work_dir(config)
+    work_dir = config.work_dir or default_work_dir(display_url(src_fs, src_root), display_url(out_fs, out_root))
     check_local_writable(work_dir, "work dir")
     return RunContext(config, run_id or outputs.new_run_id(), src_fs, src_root, out_fs, out_root, work_dir)
 

@@ -1,6 +1,7 @@
 """Two runs into one OUTPUT at once, through the library's stages (no Prefect): the run that
 started later wins, an earlier one that finishes after it publishes nothing, runs one after
-another never conflict, and a run whose files vanished while it worked never becomes LATEST."""
+another never conflict, and a run whose files vanished while it worked never becomes LATEST.
+Runs of the same relative paths from different folders never share a pixel cache."""
 
 from __future__ import annotations
 
@@ -57,3 +58,15 @@ def test_of_two_runs_into_one_output_the_later_start_wins(mnist_subset, tmp_path
         publish_last()
     assert (out / outputs.LATEST).read_text().strip() == "20251231T235959Z-dddddd"
     assert outputs.resolve(str(out)).manifest["run_id"] == "20251231T235959Z-dddddd"
+
+
+def test_the_pixel_cache_is_keyed_by_where_source_and_output_really_are(tmp_path, monkeypatch):
+    work_dirs = {}
+    for project in ("a", "b"):
+        (tmp_path / project / "imgs").mkdir(parents=True)
+        monkeypatch.chdir(tmp_path / project)
+        for spelling in ("imgs", "./imgs/", str(tmp_path / project / "imgs")):
+            ctx = pipeline.prepare_run(RunConfig(source=spelling, output="out"))
+            work_dirs.setdefault(project, set()).add(ctx.work_dir)
+    # one cache per project whatever the spelling; `imgs` in two folders are two sources
+    assert len(work_dirs["a"]) == len(work_dirs["b"]) == 1 and work_dirs["a"] != work_dirs["b"]
