@@ -81,6 +81,15 @@ def compatible(model: ModelConfig, ingest: IngestConfig, arch: AEArch, spec: Pre
     return None
 
 
+def anomaly_mismatch(anomaly_steps: int, published_steps: int | None, published_models: bool) -> str | None:
+    """Why the previous model cannot give the anomaly scores asked for, or None: it was trained
+    without fold models (anomaly_steps 0) and this run wants them. (A model whose corpus left a
+    fold empty has none either, but was asked for them: nothing would change.) Pure."""
+    if anomaly_steps > 0 and not published_models and published_steps == 0:
+        return f"anomaly scores asked for (anomaly_steps {anomaly_steps}), but it was trained without (anomaly_steps 0)"
+    return None
+
+
 def retrain_decision(train: TrainConfig, diff: SourceDiff | None, incompatible: str | None) -> tuple[bool, str]:
     """(retrain?, why) from the policy, the source's churn and the previous model's fitness."""
     if diff is None:

@@ -32,7 +32,7 @@ from ae_core.config import ModelConfig, RunConfig, TrainConfig
 from ae_core.decode import Preprocess
 from ae_core.encode import anomaly_scores, encode_pixels, folds_of
 from ae_core.errors import AeError
-from ae_core.incremental import (SourceDiff, compatible, diff_listing, listing_from_table,
+from ae_core.incremental import (SourceDiff, anomaly_mismatch, compatible, diff_listing, listing_from_table,
                                  retrain_decision, source_table)
 from ae_core.ingest import READ_ERROR, DecodedCorpus, ShardedPixels, decode_corpus
 from ae_core.model import AEArch
@@ -185,7 +185,10 @@ def plan_run(ctx: RunContext, objects: list[ObjectInfo]) -> RunPlan:
         diff = diff_listing(previous.listing, objects, previous.read_failed) if previous else None
         why_not = None
         if previous:
-            why_not = compatible(cfg.model, cfg.ingest, previous.ckpt.model.arch, previous.ckpt.preprocess)
+            why_not = (compatible(cfg.model, cfg.ingest, previous.ckpt.model.arch, previous.ckpt.preprocess)
+                       or anomaly_mismatch(cfg.train.anomaly_steps,
+                                           previous.manifest.get("config", {}).get("train", {}).get("anomaly_steps"),
+                                           bool(previous.ckpt.anomaly_models)))
         retrain, reason = retrain_decision(cfg.train, diff, why_not)
     if retrain or previous is None:
         model = _probe_model(ctx, objects)

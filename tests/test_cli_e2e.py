@@ -375,3 +375,16 @@ def test_rerun_without_changes_encodes_nothing_and_keeps_every_row(mnist_subset,
     a = pd.read_parquet(query.info(str(out))["embeddings"])
     assert len(a) == 30 and a.key.is_unique
     assert pd.read_parquet(query.info(str(out))["rejects"]).key.tolist() == ["broken.png"]
+
+
+def test_anomaly_scores_asked_for_after_a_run_without_them_retrain(mnist_subset, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in sorted(os.listdir(mnist_subset))[:40]:
+        (src / name).write_bytes((mnist_subset / name).read_bytes())
+    out = tmp_path / "out"
+    ae("run", src, out, "--epochs", 1, "--dim", 4, "--anomaly-steps", 0)
+    assert pd.read_parquet(query.info(str(out))["embeddings"]).anomaly_score.isna().all()
+    again = json.loads(ae("run", src, out, "--epochs", 1, "--dim", 4, "--anomaly-steps", 20, "--json").stdout)
+    assert again["changes"]["retrained"] is True and "anomaly" in again["changes"]["retrain_reason"]
+    assert pd.read_parquet(query.info(str(out))["embeddings"]).anomaly_score.notna().all()

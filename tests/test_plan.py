@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ae_core.config import ModelConfig
-from ae_core.incremental import diff_listing, retrain_decision
+from ae_core.incremental import anomaly_mismatch, diff_listing, retrain_decision
 from ae_core.ingest import decode_workers, plan_shards, task_size
 from ae_core.plan import CorpusProbe, choose_channels, choose_image_size, probe_sample, resolve_model_config
 from ae_core.storage import ObjectInfo, key_matches
@@ -131,3 +131,15 @@ def test_retrain_never_with_settings_the_published_model_cannot_serve_is_an_erro
     assert retrain_decision(TrainConfig(retrain="always"), diff, "dim changed (32 -> 16)")[0] is True
     with pytest.raises(AeError, match=r"retrain=never.*dim changed \(32 -> 16\)"):
         retrain_decision(TrainConfig(retrain="never"), diff, "dim changed (32 -> 16)")
+
+
+@pytest.mark.parametrize("wanted, published_steps, has_models, mismatch", [
+    (300, 0, False, True),  # trained without fold models, scores wanted now: retrain
+    (0, 0, False, False),
+    (300, 300, True, False),
+    (0, 300, True, False),  # the reused model keeps scoring: no column half empty
+    (300, 300, False, False),  # asked for, but a fold was empty: retraining would change nothing
+    (300, None, False, False),  # a manifest from before the setting existed
+])
+def test_anomaly_mismatch_table(wanted, published_steps, has_models, mismatch):
+    assert (anomaly_mismatch(wanted, published_steps, has_models) is not None) is mismatch
