@@ -47,6 +47,8 @@ def _run_config_kwargs(args: argparse.Namespace) -> dict:
                                 "anomaly_steps": args.anomaly_steps}.items() if v is not None}
     ingest = {k: v for k, v in {"include": args.include, "exclude": args.exclude,
                                  "resize": args.resize, "workers": args.workers}.items() if v}
+    if args.max_image_pixels is not None:
+        ingest["max_image_pixels"] = args.max_image_pixels
     publish = {"keep_runs": args.keep_runs} if args.keep_runs is not None else {}
     index = {k: v for k, v in {"kind": args.index_kind, "memory_budget_mb": args.index_memory_mb,
                                 "recall_floor": args.recall_floor}.items() if v is not None}
@@ -108,7 +110,7 @@ def _print_summary(m: dict) -> None:
     c = m.get("changes", {})
     print(f"  images   {m['rows']} embedded, {m['rejected']} rejected" + (f" ({reasons})" if reasons else ""))
     print(f"  source   {c.get('new', 0)} new, {c.get('changed', 0)} changed, {c.get('unchanged', 0)} unchanged,"
-          f" {c.get('deleted', 0)} deleted" + (f", {c['retried']} read again after a read error" if c.get("retried") else "")
+          f" {c.get('deleted', 0)} deleted" + (f", {c['retried']} read again" if c.get("retried") else "")
           + f"; {c.get('encoded', 0)} encoded this run")
     print(f"  model    {'retrained' if c.get('retrained') else 'reused'}: {c.get('retrain_reason')}")
     print(f"           {m['model_version']}: dim {m['dim']}, input {m['image_size']}x{m['image_size']}"
@@ -312,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--exclude", action="append", metavar="GLOB", help="skip keys matching (repeatable)")
     r.add_argument("--resize", choices=("stretch", "crop", "pad"), help="how images fit the square input")
     r.add_argument("--workers", type=int, help="decode processes (default: one per core)")
+    r.add_argument("--max-image-pixels", type=int, metavar="N",
+                   help="larger images are rejected as decompression bombs (default 100,000,000)")
     r.add_argument("--work-dir", help="local scratch for decoded pixels (default: under the temp dir)")
     r.add_argument("--retrain", choices=("auto", "always", "never"),
                    help="auto (default): reuse the published model unless the corpus changed by more "

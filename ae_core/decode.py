@@ -23,6 +23,7 @@ from ae_core.errors import DecodeError
 Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
+DECOMPRESSION_BOMB = "decompression_bomb"  # the reject reason of an image over the pixel limit
 _ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 _BACKGROUND = 255  # transparent pixels are composited onto white, as viewers show them
 
@@ -70,12 +71,12 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     except UnidentifiedImageError as err:
         raise DecodeError("not_an_image", "content is not an image format Pillow can read") from err
     except Image.DecompressionBombError as err:
-        raise DecodeError("decompression_bomb", str(err)) from err
+        raise DecodeError(DECOMPRESSION_BOMB, str(err)) from err
     except Exception as err:  # noqa: BLE001 - any other failure of a header parse is per-object
         raise DecodeError("corrupt_header", f"{type(err).__name__}: {err}") from err
     if img.width * img.height > max_pixels:
-        raise DecodeError("decompression_bomb",
-                          f"{img.width}x{img.height} pixels exceeds the limit of {max_pixels}")
+        raise DecodeError(DECOMPRESSION_BOMB, f"{img.width}x{img.height} pixels exceeds the limit of "
+                          f"{max_pixels} (max_image_pixels; ae run --max-image-pixels)")
     if img.width < 1 or img.height < 1:
         raise DecodeError("corrupt_header", f"invalid size {img.width}x{img.height}")
     return img
@@ -125,11 +126,16 @@ def _to_8bit(img: Image.Image) -> Image.Image:
 
 
 def _normalise_mode(img: Image.Image, channels: int) -> Image.Image:
-    """Any Pillow mode -> 'L' or 'RGB', alpha composited onto a white background."""
+    """Any Pillow mode -> 'L' or 'RGB', alpha composited onto a white background; so is a
+    transparent colour (a PNG's tRNS key) in palette, gray, 16-bit gray and RGB images."""
+    key = img.info.get("transparency")
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        clear = np.asarray(img) == key if isinstance(key, int) else None
         img = _to_8bit(img)
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        if clear is not None and clear.any():
+            img = Image.merge("LA", (img, Image.fromarray(np.where(clear, 0, 255).astype(np.uint8), "L")))
+    elif img.mode == "P" or (key is not None and img.mode in ("L", "RGB")):
+        img = img.convert("RGBA" if key is not None else "RGB")
     if img.mode in ("LA", "La", "PA", "RGBa", "RGBA") or "A" in img.getbands():
         rgba = img.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (_BACKGROUND,) * 3 + (255,))
@@ -144,12 +150,11 @@ def _resize(img: Image.Image, size: int, how: str) -> Image.Image:
         return img  # already the model's size: any resize mode is the identity
     if how == "stretch":
         return img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    if how == "crop":
-        scale = size / min(w, h)
-        rw, rh = max(size, round(w * scale)), max(size, round(h * scale))
-        img = img.resize((rw, rh), Image.Resampling.BILINEAR, reducing_gap=3.0)
-        left, top = (rw - size) // 2, (rh - size) // 2
-        return img.crop((left, top, left + size, top + size))
+    if how == "crop":  # the centred square straight to the model's size: never the whole image
+        side = min(w, h)  # scaled up first (a 1 x 200,000 strip would take gigabytes)
+        left, top = (w - side) // 2, (h - side) // 2
+        return img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side),
+                          reducing_gap=3.0)
     scale = size / max(w, h)  # pad: whole image inside, centred on black
     rw, rh = max(1, round(w * scale)), max(1, round(h * scale))
     img = img.resize((rw, rh), Image.Resampling.BILINEAR, reducing_gap=3.0)
@@ -296,7 +301,8 @@ def _decode_error(err: Exception) -> DecodeError:
 
 def _finish(img: Image.Image, spec: Preprocess, width: int, height: int, mode: str, fmt: str) -> Decoded:
     """The model's mode and size, as a (channels, size, size) uint8 array."""
-    if img.mode != ("L" if spec.channels == 1 else "RGB") or img.size != (spec.image_size,) * 2:
+    if (img.mode != ("L" if spec.channels == 1 else "RGB") or img.size != (spec.image_size,) * 2
+            or "transparency" in img.info):
         img = _resize(_normalise_mode(img, spec.channels), spec.image_size, spec.resize)
     return _as_channels_first(np.frombuffer(img.tobytes(), np.uint8), spec, width, height, mode, fmt)
 

@@ -8,6 +8,7 @@ changed objects are decoded and encoded, and the other rows are carried over.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,7 +30,7 @@ import pyarrow.compute as pc
 
 from ae_core import checkpoint, index as ae_index, outputs, report, table
 from ae_core.config import ModelConfig, RunConfig, TrainConfig
-from ae_core.decode import Preprocess
+from ae_core.decode import DECOMPRESSION_BOMB, Preprocess
 from ae_core.encode import anomaly_scores, encode_pixels, folds_of
 from ae_core.errors import AeError
 from ae_core.incremental import (SourceDiff, anomaly_mismatch, compatible, diff_listing, listing_from_table,
@@ -129,6 +130,7 @@ class PreviousRun:
     checkpoint_bytes: bytes
     ckpt: checkpoint.Checkpoint
     read_failed: frozenset[str] = frozenset()  # keys whose read failed (reject reason read_error)
+    too_large: frozenset[str] = frozenset()  # keys rejected as decompression bombs
 
 
 @dataclass
@@ -164,8 +166,11 @@ def load_previous(ctx: RunContext) -> PreviousRun | None:
         rejects = table.read_table(ctx.out_fs, join(run_dir, manifest["files"]["rejects"]), ["key", "reason"])
     except FileNotFoundError:
         return None
-    failed = rejects.filter(pc.equal(rejects.column("reason"), READ_ERROR)).column("key").to_pylist()
-    return PreviousRun(run_id, manifest, listing, data, checkpoint.from_bytes(data), frozenset(failed))
+    def keys(reason: str) -> frozenset[str]:
+        return frozenset(rejects.filter(pc.equal(rejects.column("reason"), reason)).column("key").to_pylist())
+
+    return PreviousRun(run_id, manifest, listing, data, checkpoint.from_bytes(data), keys(READ_ERROR),
+                       keys(DECOMPRESSION_BOMB))
 
 
 def _probe_model(ctx: RunContext, objects: list[ObjectInfo]) -> ModelConfig:
@@ -182,7 +187,11 @@ def plan_run(ctx: RunContext, objects: list[ObjectInfo]) -> RunPlan:
     cfg = ctx.config
     with ctx.timed("plan"):
         previous = load_previous(ctx)
-        diff = diff_listing(previous.listing, objects, previous.read_failed) if previous else None
+        limit = cfg.ingest.max_image_pixels
+        # read again: failed reads, and images over the pixel limit when it has changed
+        again = previous and previous.read_failed | (
+            previous.too_large if previous.ckpt.preprocess.max_image_pixels != limit else frozenset())
+        diff = diff_listing(previous.listing, objects, again) if previous else None
         why_not = None
         if previous:
             why_not = (compatible(cfg.model, cfg.ingest, previous.ckpt.model.arch, previous.ckpt.preprocess)
@@ -199,8 +208,8 @@ def plan_run(ctx: RunContext, objects: list[ObjectInfo]) -> RunPlan:
     model = cfg.model.model_copy(update={"dim": arch.dim, "image_size": arch.image_size,
                                          "channels": arch.channels, "width": arch.width,
                                          "blocks_per_stage": arch.blocks_per_stage})
-    return RunPlan(False, reason, model, previous.ckpt.preprocess, [*diff.new, *diff.changed, *diff.retried],
-                   objects, diff, previous)
+    spec = dataclasses.replace(previous.ckpt.preprocess, max_image_pixels=limit)  # a filter, not the model's
+    return RunPlan(False, reason, model, spec, [*diff.new, *diff.changed, *diff.retried], objects, diff, previous)
 
 
 def decode_source(ctx: RunContext, plan: RunPlan) -> DecodedCorpus:

@@ -19,7 +19,7 @@ import pytest
 from ae_core import checkpoint, query
 from ae_core.encode import anomaly_scores, encode_pixels, folds_of
 from ae_core.decode import decode_image
-from conftest import MNIST
+from conftest import COIL, MNIST
 
 pytestmark = pytest.mark.slow
 
@@ -388,3 +388,20 @@ def test_anomaly_scores_asked_for_after_a_run_without_them_retrain(mnist_subset,
     again = json.loads(ae("run", src, out, "--epochs", 1, "--dim", 4, "--anomaly-steps", 20, "--json").stdout)
     assert again["changes"]["retrained"] is True and "anomaly" in again["changes"]["retrain_reason"]
     assert pd.read_parquet(query.info(str(out))["embeddings"]).anomaly_score.notna().all()
+
+
+def test_a_raised_pixel_limit_reads_the_images_it_rejected_again(mnist_subset, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in sorted(os.listdir(mnist_subset))[:30]:
+        (src / name).write_bytes((mnist_subset / name).read_bytes())
+    (src / "large.png").write_bytes((COIL / "obj1__0.png").read_bytes())  # 128 x 128 = 16,384 pixels
+    out = tmp_path / "out"
+    first = json.loads(ae("run", src, out, "--epochs", 1, "--dim", 4, "--max-image-pixels", 10_000, "--json").stdout)
+    assert first["rejects_by_reason"] == {"decompression_bomb": 1} and first["rows"] == 30
+    detail = pd.read_parquet(query.info(str(out))["rejects"]).detail[0]
+    assert "128x128 pixels exceeds the limit of 10000" in detail and "--max-image-pixels" in detail
+    again = json.loads(ae("run", src, out, "--dim", 4, "--json").stdout)
+    c = again["changes"]
+    assert (c["unchanged"], c["retried"], c["encoded"], c["retrained"]) == (30, 1, 1, False)
+    assert (again["rows"], again["rejected"]) == (31, 0)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -215,3 +217,37 @@ def test_plain_png_fast_path_gives_what_image_open_gives(spec, monkeypatch):
              if (png := decode._plain_png(d, 10**8)) is not None and decode._png_pixels(png) is not None}
     assert FAST_PATH_TAKES | {"mnist", "coil"} <= taken  # the fast path really runs on plain PNGs
     assert not taken & (set(_png_variants()) - FAST_PATH_TAKES)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "I;16"])
+def test_a_transparent_colour_key_is_composited_on_white(mode):
+    # a PNG's tRNS chunk names one colour as transparent, in gray, RGB and 16-bit gray images too
+    arr = np.full((8, 8), 90, np.uint8)
+    arr[:4] = 0  # the top half in the transparent colour
+    if mode == "RGB":
+        img, key = Image.fromarray(np.stack([arr] * 3, axis=-1)), (0, 0, 0)
+    elif mode == "I;16":
+        img, key = Image.fromarray(arr.astype(np.uint16) * 257), 0
+    else:
+        img, key = Image.fromarray(arr), 0
+    buf = io.BytesIO()
+    img.save(buf, "PNG", transparency=key)
+    px = decode_image(buf.getvalue(), Preprocess(image_size=8, channels=1)).pixels[0]
+    assert (px[:4] == 255).all() and (px[4:] == 90).all()
+
+
+def test_crop_takes_the_centred_square_without_scaling_up_the_whole_image():
+    band = np.zeros((90, 30), np.uint8)
+    band[25:65] = 200  # bright around the centred 30x30 square (rows 30-59), dark above and below
+    buf = io.BytesIO()
+    Image.fromarray(band).save(buf, "PNG")
+    px = decode_image(buf.getvalue(), Preprocess(image_size=16, channels=1, resize="crop")).pixels
+    assert (px == 200).all()
+    # a 2,000,000 x 1 strip of a few kB: scaled up whole to 16 rows first, it took ~0.5 GB
+    code = ("import io,resource,numpy as np;from PIL import Image;from ae_core.decode import Preprocess,decode_image;"
+            "b=io.BytesIO();Image.fromarray(np.tile(np.arange(256,dtype=np.uint8),(1,7813))).save(b,'PNG');"
+            "before=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+            "decode_image(b.getvalue(),Preprocess(image_size=16,channels=1,resize='crop'));"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss-before)")
+    grew_kb = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert grew_kb < 100_000
