@@ -62,10 +62,21 @@ def join(root: str, *parts: str) -> str:
 
 
 def key_matches(key: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
-    """Glob filters on keys: empty include = everything; exclude wins over include."""
-    if include and not any(fnmatch.fnmatchcase(key, pat) for pat in include):
+    """Glob filters on keys (fnmatch: `*` also matches `/`, so `*.jpg` is any depth), where a
+    `**/` also matches no folder at all (`**/*.png` takes top-level PNGs too): empty include =
+    everything; exclude wins over include."""
+    if include and not any(_glob(key, pat) for pat in include):
         return False
-    return not any(fnmatch.fnmatchcase(key, pat) for pat in exclude)
+    return not any(_glob(key, pat) for pat in exclude)
+
+
+def _glob(key: str, pat: str) -> bool:
+    at = pat.find("**/")
+    while at > 0 and pat[at - 1] != "/":  # only a whole `**` segment
+        at = pat.find("**/", at + 1)
+    if at < 0:
+        return fnmatch.fnmatchcase(key, pat)
+    return fnmatch.fnmatchcase(key, pat) or _glob(key, pat[:at] + pat[at + 3:])
 
 
 def list_objects(fs: AbstractFileSystem, root: str, include: Sequence[str] = (),

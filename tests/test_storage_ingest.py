@@ -14,7 +14,7 @@ from PIL import Image
 from ae_core import ingest
 from ae_core.decode import Preprocess
 from ae_core.errors import AeError
-from ae_core.storage import ObjectInfo, list_objects, open_store, read_many, write_bytes_atomic
+from ae_core.storage import ObjectInfo, key_matches, list_objects, open_store, read_many, write_bytes_atomic
 from conftest import MNIST
 
 FILES = {"a.png": 0, "sub/b.png": 1, "sub/deeper/c": 2, ".hidden": 3, "notes.txt": 4}
@@ -222,3 +222,20 @@ def test_local_reads_go_on_to_the_end_of_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(storage.os, "fstat", real_fstat)
     err = read_many(local, [str(tmp_path)])[str(tmp_path)]  # a folder: the read fails, naming it
     assert isinstance(err, OSError) and str(tmp_path) in str(err)
+
+
+@pytest.mark.parametrize("key, pattern, matches", [
+    ("a.png", "*.png", True),
+    ("sub/deeper/c.png", "*.png", True),  # fnmatch: * crosses folders
+    ("a.png", "**/*.png", True),  # **/ also matches no folder
+    ("sub/b.png", "**/*.png", True),
+    ("sub/b.png", "sub/**/b.png", True),
+    ("sub/x/y/b.png", "sub/**/b.png", True),
+    ("other/b.png", "sub/**/b.png", False),
+    ("a**/b.png", "a**/b.png", True),  # ** inside a name is two stars, not a folder wildcard
+    ("ab.png", "a**/b.png", False),
+    ("a.jpg", "**/*.png", False),
+])
+def test_include_globs(key, pattern, matches):
+    assert key_matches(key, [pattern], []) is matches
+    assert key_matches(key, [], [pattern]) is not matches
