@@ -9,7 +9,7 @@ import pyarrow.compute as pc
 
 from ae_core import index as ae_index, outputs, table
 from ae_core.errors import AeError, DecodeError
-from ae_core.storage import open_store, redact_url
+from ae_core.storage import open_store, redact_url, utf8_key
 
 
 def info(output: str) -> dict:
@@ -57,10 +57,16 @@ def _rank(dist: np.ndarray, ids: np.ndarray, keys, k: int, self_row: int | None)
 
 def neighbours_of_key(output: str, key: str, k: int = 10) -> list[Neighbour]:
     pub = outputs.resolve(output)
+    key = utf8_key(key)  # a file name typed as it is on disk, not valid UTF-8: keyed as the listing keys it
     tbl = table.read_table(pub.fs, pub.file(pub.manifest["files"]["embeddings"]), ["key", "embedding"])
     keys = tbl.column("key")
     rows = pc.indices_nonzero(pc.equal(keys, key)).to_numpy()
     if len(rows) == 0:
+        rejects = table.read_table(pub.fs, pub.file(pub.manifest["files"]["rejects"]), ["key", "reason"])
+        hit = rejects.filter(pc.equal(rejects.column("key"), key))
+        if hit.num_rows:
+            raise AeError(f"key {key!r} was rejected ({hit.column('reason')[0].as_py()}), so it has no embedding; "
+                          f"see the rejects table (<ae info --json>.rejects)")
         raise AeError(f"key {key!r} is not in the table at {output!r}; list keys with "
                       f"pandas.read_parquet(<ae info --json>.embeddings).key")
     row = int(rows[0])

@@ -139,6 +139,13 @@ def test_mixed_formats_and_broken_files_complete(mixed_corpus, tmp_path):
     rejects = pd.read_parquet(info["rejects"]).set_index("key")
     assert {k: rejects.reason[k] for k in rejects.index} == {k: r for k, (_, r) in broken.items()}
     assert rejects.detail.str.len().gt(0).all()
+    # the file whose name is not UTF-8, asked for by its name as it is on disk (bytes in argv)
+    raw = subprocess.run([*AE, "neighbours", str(out), "--key", os.fsencode("names/caf\udce9.png"), "-k", "2",
+                          "--json"], capture_output=True, text=True, timeout=300)
+    assert raw.returncode == 0, raw.stderr
+    assert json.loads(raw.stdout)["neighbours"][0]["key"] == "names/caf\\xe9.png"
+    key, reason = next(iter((k, r) for k, (_, r) in broken.items()))
+    assert_one_line_error(ae("neighbours", out, "--key", key, check=False), f"was rejected ({reason})")
 
 
 def test_a_corpus_smaller_than_the_embedding_runs_to_the_end(mnist_subset, tmp_path):
