@@ -221,10 +221,35 @@ def load(fs, path: str) -> faiss.Index:  # noqa: ANN001 - an fsspec filesystem
         os.unlink(tmp)
 
 
+def _breadth(index: faiss.Index, k: int) -> tuple[object, str, int] | None:
+    """(holder, attribute, wider value) of an approximate index's search breadth: every list of
+    an IVF, a candidate list of 2k for HNSW. None for exact search."""
+    inner = _inner(index)
+    if isinstance(inner, faiss.IndexRefine):
+        inner = faiss.downcast_index(inner.base_index)
+    if isinstance(inner, faiss.IndexHNSW):
+        return inner.hnsw, "efSearch", 2 * k
+    if isinstance(inner, faiss.IndexIVF):
+        return inner, "nprobe", inner.nlist
+    return None
+
+
 def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Euclidean distances (not squared) and ids, nearest first; ids of -1 mean 'fewer than k'."""
+    """Euclidean distances (not squared) and ids, nearest first. The index's tuned setting is
+    made for k = 10: when it reaches fewer than k vectors (ids of -1), the search runs again
+    wider, once (the setting is put back after); ids of -1 then mean 'fewer than k'."""
     k = max(1, min(k, index.ntotal))
-    d2, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    d2, ids = index.search(queries, k)
+    breadth = _breadth(index, k) if (ids < 0).any() else None
+    if breadth is not None:
+        holder, name, wide = breadth
+        tuned = getattr(holder, name)
+        setattr(holder, name, max(tuned, wide))
+        try:
+            d2, ids = index.search(queries, k)
+        finally:
+            setattr(holder, name, tuned)
     return np.sqrt(np.maximum(d2, 0)), ids
 
 

@@ -139,6 +139,11 @@ def test_approximate_index_is_tuned_to_the_recall_floor(kind):
     back = ae_index.from_bytes(ae_index.to_bytes(index))
     assert ae_index.search_params(back) == info["search_params"]  # the tuned setting travels with it
     assert back.ntotal == 20_000
+    # far more neighbours than the setting tuned for k = 10 reaches: every one found all the same
+    dist, ids = ae_index.search(back, emb[:3], 3000)
+    assert (ids >= 0).all() and all(len(set(row)) == 3000 for row in ids)
+    assert (np.diff(dist, axis=1) >= -1e-4).all()
+    assert ae_index.search_params(back) == info["search_params"]  # and the setting is put back
 
 
 def test_ivfpq_reranks_by_exact_distance_from_a_memory_mapped_file(tmp_path):
