@@ -19,7 +19,7 @@ from ae_core import outputs, table
 from ae_core.config import TrainConfig
 from ae_core.errors import AeError, DecodeError
 from ae_core.quality import error_ratio, pca_fits
-from ae_core.storage import open_store
+from ae_core.storage import key_path, open_store
 
 KNN_K, FOLDS = 5, 5
 
@@ -157,7 +157,7 @@ def outlier_grid(output: str, keys: Sequence[str]) -> bytes:
     for key in keys:
         why = None
         try:
-            data = fs.cat_file(f"{root}/{key}")
+            data = fs.cat_file(key_path(fs, root, key))
             if fingerprint(data) != prints.get(key):
                 why = f"it has changed since run {pub.run_id}"
             else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import posixpath
+import re
 import stat
 import tempfile
 import uuid
@@ -109,6 +110,17 @@ def utf8_key(name: str) -> str:
         return name
     except UnicodeEncodeError:
         return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def key_path(fs: AbstractFileSystem, root: str, key: str) -> str:
+    """Where an object with this key is: `root/key`, or for a local file whose name is not
+    UTF-8 (its key spells the bad bytes as \\xNN), the file under its real name."""
+    path = join(root, key)
+    if "\\x" in key and is_local(fs) and not os.path.lexists(path):
+        raw = re.sub(r"\\x([89a-f][0-9a-f])", lambda m: chr(0xDC00 + int(m.group(1), 16)), key)
+        if os.path.lexists(join(root, raw)):
+            return join(root, raw)
+    return path
 
 
 def _walk_fsspec(fs: AbstractFileSystem, root: str, skip_prefix: str | None) -> Iterator[tuple[str, int, str]]:
@@ -398,4 +410,5 @@ __all__ = [
     "ObjectInfo", "open_store", "check_store", "listing_tag", "display_url", "join", "key_matches", "list_objects", "read_many",
     "write_bytes_atomic", "put_file_atomic", "read_text", "fetch_to_local", "same_or_inside",
     "iter_batches", "redact_url", "check_local_writable", "check_store_writable", "read_heads",
+    "utf8_key", "key_path",
 ]

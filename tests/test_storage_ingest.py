@@ -4,6 +4,7 @@ filters, concurrent reads, atomic writes, and the decode stage's shard cache."""
 from __future__ import annotations
 
 import io
+import os
 import uuid
 
 import fsspec
@@ -14,7 +15,7 @@ from PIL import Image
 from ae_core import ingest
 from ae_core.decode import Preprocess
 from ae_core.errors import AeError
-from ae_core.storage import ObjectInfo, key_matches, list_objects, open_store, read_many, write_bytes_atomic
+from ae_core.storage import ObjectInfo, key_matches, key_path, list_objects, open_store, read_many, write_bytes_atomic
 from conftest import MNIST
 
 FILES = {"a.png": 0, "sub/b.png": 1, "sub/deeper/c": 2, ".hidden": 3, "notes.txt": 4}
@@ -245,3 +246,16 @@ def test_local_reads_go_on_to_the_end_of_the_file(tmp_path, monkeypatch):
 def test_include_globs(key, pattern, matches):
     assert key_matches(key, [pattern], []) is matches
     assert key_matches(key, [], [pattern]) is not matches
+
+
+def test_a_key_leads_back_to_its_file_even_when_the_name_is_not_utf8(tmp_path):
+    root = tmp_path / "src"
+    root.mkdir()
+    with open(os.fsencode(root) + b"/caf\xe9 \xff.png", "wb") as f:
+        f.write(b"latin")
+    (root / "plain\\x41.png").write_bytes(b"literal")  # a real name that looks like an escape
+    fs, path = open_store(str(root))
+    objs = {o.key: o for o in list_objects(fs, path)}
+    assert set(objs) == {"caf\\xe9 \\xff.png", "plain\\x41.png"}
+    for key, obj in objs.items():
+        assert fs.cat_file(key_path(fs, path, key)) == read_many(fs, [obj.path])[obj.path]
