@@ -65,6 +65,8 @@ def test_readme_classifier_snippet_runs(labelled_run, tmp_path):
     assert proc.returncode == 0, proc.stderr
     acc = float(re.search(r"on 300 embeddings: ([0-9.]+) accuracy", proc.stdout).group(1))
     assert 0.5 < acc <= 1.0
+    probe = json.loads(ae("probe", out, "--labels", labels, "--json").stdout)
+    assert acc == pytest.approx(probe["logreg_accuracy"], abs=5e-4)  # the README says: the same figure
 
 
 def test_outliers_lists_the_worst_reconstructed_with_a_picture(labelled_run, tmp_path):
