@@ -105,16 +105,25 @@ def _orientation(img: Image.Image) -> int:
 def read_header(data: bytes, max_pixels: int = 100_000_000) -> Header:
     """Size (as displayed, EXIF orientation applied) and mode, without decoding pixels."""
     img = _open(data, max_pixels)
-    w, h = img.size
-    if _orientation(img) in _ROTATED_ORIENTATIONS:
-        w, h = h, w
+    w, h = _displayed_size(img, _orientation(img))
     return Header(w, h, img.mode, img.format or "unknown")
+
+
+def _displayed_size(img: Image.Image, orientation: int) -> tuple[int, int]:
+    """(width, height) as shown, EXIF orientation applied. Pillow's TIFF reader reports that
+    already (its stored size, `_tile_size`, is then the other way round): not swapped twice."""
+    w, h = img.size
+    if orientation in _ROTATED_ORIENTATIONS and tuple(getattr(img, "_tile_size", img.size)) == (w, h):
+        w, h = h, w
+    return w, h
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
     """High bit-depth and float modes -> 'L' with a fixed or per-image scale."""
     arr = np.asarray(img)
-    if img.mode.startswith("I;16") or (img.mode == "I" and arr.max(initial=0) <= 65535 and arr.min(initial=0) >= 0):
+    if img.mode == "I" and arr.size and 0 <= arr.min() and arr.max() <= 255:
+        out = arr.astype(np.uint8)  # 8-bit values in a 32-bit container (an int TIFF): as they are
+    elif img.mode.startswith("I;16") or (img.mode == "I" and arr.max(initial=0) <= 65535 and arr.min(initial=0) >= 0):
         out = (arr.astype(np.uint32) >> 8).astype(np.uint8)
     elif img.mode == "F" and arr.size and 0.0 <= float(np.nanmin(arr)) and float(np.nanmax(arr)) <= 1.0:
         out = np.clip(np.nan_to_num(arr) * 255.0 + 0.5, 0, 255).astype(np.uint8)
@@ -256,10 +265,8 @@ def decode_image(data: bytes, spec: Preprocess) -> Decoded:
             return decoded
     img = _open(data, spec.max_image_pixels)
     fmt, mode = img.format or "unknown", img.mode
-    width, height = img.size
     orientation = _orientation(img)
-    if orientation in _ROTATED_ORIENTATIONS:
-        width, height = height, width
+    width, height = _displayed_size(img, orientation)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow warns on odd-but-readable metadata

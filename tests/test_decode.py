@@ -45,11 +45,16 @@ def test_every_format_and_mode_decodes(key, spec):
     assert dec.width >= 1 and dec.height >= 1
 
 
-def test_exif_orientation_is_applied():
-    data = good_files(COIL, MNIST)["jpeg/exif-rotated.jpg"]
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "TIFF", "WEBP"])
+def test_exif_orientation_is_applied(fmt):
+    jpeg = Image.open(io.BytesIO(good_files(COIL, MNIST)["jpeg/exif-rotated.jpg"]))
+    buf = io.BytesIO()
+    jpeg.save(buf, fmt, exif=jpeg.getexif())  # stored 128x96, orientation 6: shown 96x128
+    data = buf.getvalue()
     head = read_header(data)
-    assert (head.width, head.height) == (96, 128)  # stored 128x96, displayed rotated
+    assert (head.width, head.height) == (96, 128)
     dec = decode_image(data, Preprocess(image_size=32, channels=1, resize="pad"))
+    assert (dec.width, dec.height) == (96, 128)  # Pillow's TIFF reader turns the size itself
     # Padded to a square: a portrait image leaves black columns left and right.
     assert dec.pixels[0, :, 0].max() == 0 and dec.pixels[0, :, 16].max() > 0
 
@@ -251,3 +256,11 @@ def test_crop_takes_the_centred_square_without_scaling_up_the_whole_image():
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss-before)")
     grew_kb = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert grew_kb < 100_000
+
+
+def test_eight_bit_values_in_a_32_bit_integer_image_keep_their_levels():
+    arr = np.tile(np.arange(0, 256, 16, dtype=np.int32), (16, 1))  # 0..240 in mode I
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode="I").save(buf, "TIFF")
+    px = decode_image(buf.getvalue(), Preprocess(image_size=16, channels=1)).pixels[0]
+    assert np.array_equal(px, arr.astype(np.uint8))  # not shifted down to 0..0 as 16-bit data
