@@ -188,9 +188,11 @@ def plan_run(ctx: RunContext, objects: list[ObjectInfo]) -> RunPlan:
     with ctx.timed("plan"):
         previous = load_previous(ctx)
         limit = cfg.ingest.max_image_pixels
-        # read again: failed reads, and images over the pixel limit when it has changed
-        again = previous and previous.read_failed | (
-            previous.too_large if previous.ckpt.preprocess.max_image_pixels != limit else frozenset())
+        # read again: failed reads, and images over the pixel limit when the limit the published
+        # run rejected them under has changed
+        if previous:
+            rejected_under = previous.manifest.get("config", {}).get("ingest", {}).get("max_image_pixels")
+            again = previous.read_failed | (previous.too_large if rejected_under != limit else frozenset())
         diff = diff_listing(previous.listing, objects, again) if previous else None
         why_not = None
         if previous:

@@ -218,8 +218,12 @@ def test_a_signal_stops_the_run_and_its_prefect_server(mnist_subset, tmp_path, s
     default SIGTERM handling the server was left running, adopted by init; a terminal's Ctrl-C
     also reached the server, and the run then spent ~70 s retrying it before a traceback."""
     out = tmp_path / "out"
+    def as_in_a_terminal() -> None:  # a background job or nohup (CI, say) would pass these on ignored
+        for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+            signal.signal(s, signal.SIG_DFL)
+
     proc = subprocess.Popen([*AE, "run", str(mnist_subset), str(out), "--epochs", "500"], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=as_in_a_terminal,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
     try:
         deadline, servers = time.monotonic() + 180, []
@@ -408,6 +412,10 @@ def test_a_raised_pixel_limit_reads_the_images_it_rejected_again(mnist_subset, t
     assert first["rejects_by_reason"] == {"decompression_bomb": 1} and first["rows"] == 30
     detail = pd.read_parquet(query.info(str(out))["rejects"]).detail[0]
     assert "128x128 pixels exceeds the limit of 10000" in detail and "--max-image-pixels" in detail
+    # a limit still too low: read again once, rejected again, and then not on every later run
+    for retried in (1, 0):
+        still = json.loads(ae("run", src, out, "--dim", 4, "--max-image-pixels", 12_000, "--json").stdout)
+        assert (still["changes"]["retried"], still["rejected"], still["changes"]["retrained"]) == (retried, 1, False)
     again = json.loads(ae("run", src, out, "--dim", 4, "--json").stdout)
     c = again["changes"]
     assert (c["unchanged"], c["retried"], c["encoded"], c["retrained"]) == (30, 1, 1, False)
