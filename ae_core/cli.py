@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import ctypes
-import functools
 import json
 import logging
 import os
@@ -71,6 +70,7 @@ def _run_flow(source: str, output: str, kwargs: dict) -> dict:
     if block:  # the block lives in Prefect's database: load it for the preflight check too
         from flows.credentials import s3_options_from_block
 
+        _start_temporary_server()  # loading the block needs it: ours, not Prefect's plain one
         options = s3_options_from_block(block)
     prepare_run(config, options)
     _start_temporary_server()
@@ -79,12 +79,19 @@ def _run_flow(source: str, output: str, kwargs: dict) -> dict:
     return pretrain_and_embed(source=source, output=output, **kwargs)
 
 
+# Started in front of Prefect's server command: the server gets SIGTERM when ae dies, however
+# it dies (SIGKILL, the OOM killer), instead of running on, orphaned. Linux's parent-death signal.
+_DIE_WITH_PARENT = ("import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGTERM); "
+                    "os.getppid() == int(sys.argv[1]) or sys.exit(0); os.execv(sys.argv[2], sys.argv[2:])")
+
+
 def _start_temporary_server() -> None:
     """Without a Prefect server configured, start Prefect's temporary one now, in a session of
     its own. Prefect starts it in ae's process group, where a terminal's Ctrl-C (sent to the
     whole group) stopped it at once; the interrupted run then spent ~70 s retrying the dead
     server before a traceback. In its own session only ae stops it: Prefect's exit handler
-    does, after the run has been marked. Later `SubprocessASGIServer()` calls return this one."""
+    does, after the run has been marked; on Linux it also stops when ae dies without exit
+    handlers. Later `SubprocessASGIServer()` calls return this one; a second call does nothing."""
     from prefect.server.api import server as prefect_server
     from prefect.settings import get_current_settings
 
@@ -94,7 +101,13 @@ def _start_temporary_server() -> None:
     class _OwnSession(prefect_server.SubprocessASGIServer):
         def _run_uvicorn_command(self):  # noqa: ANN202 - Prefect's signature
             popen = prefect_server.subprocess.Popen
-            prefect_server.subprocess.Popen = functools.partial(popen, start_new_session=True)
+
+            def own_session(args, **kwargs):  # noqa: ANN001, ANN202
+                if sys.platform.startswith("linux"):
+                    args = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *args]
+                return popen(args, start_new_session=True, **kwargs)
+
+            prefect_server.subprocess.Popen = own_session
             try:
                 return super()._run_uvicorn_command()
             finally:

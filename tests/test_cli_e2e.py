@@ -249,6 +249,37 @@ def test_a_signal_stops_the_run_and_its_prefect_server(mnist_subset, tmp_path, s
     assert not (out / "LATEST").exists()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's parent-death signal")
+def test_the_prefect_server_goes_when_ae_is_killed_outright(mnist_subset, tmp_path):
+    """SIGKILL (or the OOM killer) runs no exit handler: the server stops on its own."""
+    proc = subprocess.Popen([*AE, "run", str(mnist_subset), str(tmp_path / "out"), "--epochs", "500"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    servers = []
+    try:
+        deadline = time.monotonic() + 180
+        while not servers and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            servers = _prefect_server_children(proc.pid)
+        assert servers, f"no temporary Prefect server appeared (ae exit status {proc.poll()})"
+        time.sleep(3)
+        proc.kill()
+        proc.wait(30)
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{pid}").exists() for pid in servers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = [pid for pid in servers if Path(f"/proc/{pid}").exists()]
+        assert not left, "the Prefect server outlived a killed ae"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in servers:  # still a Prefect server (not a reused pid): do not leave it behind
+            try:
+                if b"create_app" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
+
+
 def test_exit_status_and_output_survive_the_fast_exit(digits_run):
     """`ae` leaves through os._exit after the exit handlers: the status and every line of output
     must still come through, whether stdout is a pipe or a file."""
