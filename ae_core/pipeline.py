@@ -441,11 +441,11 @@ def publish_run(ctx: RunContext, plan: RunPlan, ckpt: checkpoint.Checkpoint, enc
     }
     manifest["config"]["source"], manifest["config"]["output"] = manifest["source"], manifest["output"]
     write_bytes_atomic(ctx.out_fs, ctx.out(REPORT), report.summary_markdown(manifest, dict(pictures or {})).encode())
-    write_bytes_atomic(ctx.out_fs, ctx.out(outputs.MANIFEST), json.dumps(manifest, indent=2).encode())
-    files = [outputs.MANIFEST, *(v for k, v in manifest["files"].items() if k != "pictures"),
-             *manifest["files"]["pictures"].values()]
+    files = [*(v for k, v in manifest["files"].items() if k != "pictures"), *manifest["files"]["pictures"].values()]
+    # before the manifest: a refused run stays unfinished, so pruning never counts it as a kept run
     outputs.check_publishable(ctx.out_fs, ctx.out_root, ctx.run_id, plan.previous.run_id if plan.previous else None,
                               files, manifest["output"])
+    write_bytes_atomic(ctx.out_fs, ctx.out(outputs.MANIFEST), json.dumps(manifest, indent=2).encode())
     outputs.publish(ctx.out_fs, ctx.out_root, ctx.run_id)
     if ctx.out_fs.exists(ctx.out(STAGE_DIR)):  # pixels staged for a pretrain stage elsewhere
         ctx.out_fs.rm(ctx.out(STAGE_DIR), recursive=True)

@@ -56,6 +56,8 @@ def test_of_two_runs_into_one_output_the_later_start_wins(mnist_subset, tmp_path
     (out / "runs" / "20260101T000002Z-cccccc" / outputs.INDEX).unlink()
     with pytest.raises(AeError, match=r"index\.faiss vanished"):
         publish_last()
+    # a refused run stays unfinished (no manifest): pruning never keeps it in place of a published one
+    assert not (out / "runs" / "20260101T000002Z-cccccc" / outputs.MANIFEST).exists()
     assert (out / outputs.LATEST).read_text().strip() == "20251231T235959Z-dddddd"
     assert outputs.resolve(str(out)).manifest["run_id"] == "20251231T235959Z-dddddd"
 
