@@ -113,8 +113,9 @@ def prepare_run(config: RunConfig, storage_options: Mapping[str, dict] | None = 
 def list_source(ctx: RunContext) -> list[ObjectInfo]:
     ing = ctx.config.ingest
     with ctx.timed("list"):
-        objects = sorted(list_objects(ctx.src_fs, ctx.src_root, ing.include, ing.exclude),
-                         key=lambda o: o.key)
+        # OUTPUT is never inside SOURCE (prepare_run), but a symlinked folder may lead into it
+        skip = ctx.out_root if is_local(ctx.src_fs) and is_local(ctx.out_fs) else None
+        objects = sorted(list_objects(ctx.src_fs, ctx.src_root, ing.include, ing.exclude, skip), key=lambda o: o.key)
     if not objects:
         raise AeError(f"source {redact_url(ctx.config.source)!r} holds no objects"
                       + (" matching the include/exclude patterns" if ing.include or ing.exclude else "")

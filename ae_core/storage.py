@@ -144,18 +144,20 @@ def _walk_fsspec(fs: AbstractFileSystem, root: str, skip_prefix: str | None) -> 
             yield path, int(info.get("size") or 0), listing_tag(info)
 
 
-def _walk_local(root: str, skip_prefix: str | None,
-                ancestors: frozenset[str] | None = None) -> Iterator[tuple[str, int, str]]:
+def _walk_local(root: str, skip_prefix: str | None, ancestors: frozenset[str] | None = None,
+                skip_real: str | None = None) -> Iterator[tuple[str, int, str]]:
     """(path, size, tag) of every file under a local `root`, folder by folder in sorted order:
     what `fs.walk(detail=True)` gives, from one `os.scandir` and one stat per entry instead of
     fsspec's per-entry `info` (~9 us each, as much as decoding a 28x28 PNG). Same values, but:
     a symlink's size is its target's, and its mtime the later of its own and its target's
     (fsspec gives its own only, so a target rewritten at the same size looked unchanged, and
     its embedding stale); a symlink to a folder is followed, unless it leads back into a folder
-    it lies in (a loop); pipes, sockets and devices are left out (reading a pipe waits forever). Only small
+    it lies in (a loop) or into `skip_prefix` (OUTPUT, through a link); pipes, sockets and devices are left out (reading a pipe waits forever). Only small
     tuples are kept while a folder is read, not its DirEntry objects: a folder of 100,000
     files held ~70 MB of them, which the allocator kept after the listing."""
-    ancestors = frozenset([os.path.realpath(root)]) if ancestors is None else ancestors
+    if ancestors is None:
+        ancestors = frozenset([os.path.realpath(root)])
+        skip_real = os.path.realpath(skip_prefix) if skip_prefix else None
     base = root.rstrip("/")
     files: list[tuple[str, int, str]] = []
     subdirs: list[str] = []
@@ -196,8 +198,8 @@ def _walk_local(root: str, skip_prefix: str | None,
     yield from files
     for sub in sorted(subdirs):
         real = os.path.realpath(sub)
-        if real not in ancestors:
-            yield from _walk_local(sub, skip_prefix, ancestors | {real})
+        if real not in ancestors and not (skip_real and _under(real, skip_real)):
+            yield from _walk_local(sub, skip_prefix, ancestors | {real}, skip_real)
 
 
 def listing_tag(info: dict) -> str:

@@ -182,6 +182,7 @@ def test_local_listing_gives_what_fsspec_walk_gives(tmp_path):
     os.symlink(root / "a" / "b", root / "dirlink")
     os.symlink(root / "missing", root / "broken")
     os.symlink(root, root / "a" / "b" / "up")  # a loop
+    os.symlink(root / "out", root / "outlink")  # into the skipped OUTPUT, through a link
     os.mkfifo(root / "pipe")
     os.utime(root / "a" / "link.png", (1, 1), follow_symlinks=False)  # older than its target
     fs, path = open_store(str(root))
@@ -191,18 +192,20 @@ def test_local_listing_gives_what_fsspec_walk_gives(tmp_path):
         # deliberate differences: a link's tag follows its target's mtime too (fsspec: the
         # link's own only), so a target rewritten at the same size is seen as changed; a link to
         # a folder is followed (fsspec lists it as a file), not when it loops; a pipe is left out
-        odd = ("a/link.png", "dirlink", "dirlink/f.png", "pipe", "a/b/up", "dirlink/up")
+        odd = ("a/link.png", "dirlink", "dirlink/f.png", "pipe", "a/b/up", "dirlink/up", "outlink", "outlink/x/o.png")
         assert [r for r in ours if r[0] not in odd] == [r for r in ref if r[0] not in odd]
         target = [r for r in ours if r[0] == "z.png"][0]
         assert [r[2:] for r in ours if r[0] == "a/link.png"] == [target[2:]]
         f_png = [r for r in ours if r[0] == "a/b/f.png"][0]
         assert [r[2:] for r in ours if r[0] == "dirlink/f.png"] == [f_png[2:]]
+        assert ("outlink/x/o.png" in [r[0] for r in ours]) is (skip is None)
     before = [o.tag for o in list_objects(fs, path) if o.key == "a/link.png"]
     (root / "z.png").write_bytes(b"34")  # same size, new content
     os.utime(root / "z.png", (2e9, 2e9))
     assert [o.tag for o in list_objects(fs, path) if o.key == "a/link.png"] != before
     keys = [o.key for o in list_objects(fs, path)]
-    assert {"z.png", "a/b/f.png", "a/link.png", "dirlink/f.png", "broken", "epoch.png", "out/x/o.png"} == set(keys)
+    assert {"z.png", "a/b/f.png", "a/link.png", "dirlink/f.png", "broken", "epoch.png", "out/x/o.png",
+            "outlink/x/o.png"} == set(keys)
     assert [o.tag for o in list_objects(fs, path) if o.key == "epoch.png"][0] != "size:3:mtime:"
     mnist_fs, mnist = open_store(str(MNIST))
     assert [(o.key, o.path, o.size, o.tag) for o in list_objects(mnist_fs, mnist)] == _fsspec_listing(mnist_fs, mnist)
