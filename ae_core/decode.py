@@ -121,9 +121,7 @@ def _displayed_size(img: Image.Image, orientation: int) -> tuple[int, int]:
 def _to_8bit(img: Image.Image) -> Image.Image:
     """High bit-depth and float modes -> 'L' with a fixed or per-image scale."""
     arr = np.asarray(img)
-    if img.mode == "I" and arr.size and 0 <= arr.min() and arr.max() <= 255:
-        out = arr.astype(np.uint8)  # 8-bit values in a 32-bit container (an int TIFF): as they are
-    elif img.mode.startswith("I;16") or (img.mode == "I" and arr.max(initial=0) <= 65535 and arr.min(initial=0) >= 0):
+    if img.mode.startswith("I;16") or (img.mode == "I" and arr.max(initial=0) <= 65535 and arr.min(initial=0) >= 0):
         out = (arr.astype(np.uint32) >> 8).astype(np.uint8)
     elif img.mode == "F" and arr.size and 0.0 <= float(np.nanmin(arr)) and float(np.nanmax(arr)) <= 1.0:
         out = np.clip(np.nan_to_num(arr) * 255.0 + 0.5, 0, 255).astype(np.uint8)

@@ -83,7 +83,8 @@ def compatible(model: ModelConfig, ingest: IngestConfig, arch: AEArch, spec: Pre
 
 def anomaly_mismatch(anomaly_steps: int, published_steps: int | None, published_models: bool) -> str | None:
     """Why the previous model cannot give the anomaly scores asked for, or None: it was trained
-    without fold models (anomaly_steps 0) and this run wants them. (A model whose corpus left a
+    without fold models (`published_steps`, the anomaly_steps it was trained with, is 0) and
+    this run wants them. (A model whose corpus left a
     fold empty has none either, but was asked for them: nothing would change.) Pure."""
     if anomaly_steps > 0 and not published_models and published_steps == 0:
         return f"anomaly scores asked for (anomaly_steps {anomaly_steps}), but it was trained without (anomaly_steps 0)"

@@ -75,10 +75,11 @@ class RunContext:
 
 def default_work_dir(source: str, output: str) -> str:
     """A local scratch folder keyed by the resolved source and output (absolute paths for local
-    folders: `imgs` in two different folders are two sources) and the user, so a rerun finds
-    its cached shards and no other run's."""
-    key = f"{source}\n{output}\n{os.getuid() if hasattr(os, 'getuid') else ''}"
-    return os.path.join(tempfile.gettempdir(), "ae-embed-work", hashlib.sha1(key.encode()).hexdigest()[:16])
+    folders: `imgs` in two different folders are two sources), so a rerun finds its cached
+    shards and no other run's; under a folder of the user's own (see prepare_run)."""
+    user = f"ae-embed-work-{os.getuid()}" if hasattr(os, "getuid") else "ae-embed-work"
+    digest = hashlib.sha1(f"{source}\n{output}".encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), user, digest)
 
 
 def prepare_run(config: RunConfig, storage_options: Mapping[str, dict] | None = None,
@@ -105,7 +106,13 @@ def prepare_run(config: RunConfig, storage_options: Mapping[str, dict] | None = 
         check_local_writable(out_root, "output")
     else:
         check_store_writable(out_fs, out_root, out_url, "output")
-    work_dir = config.work_dir or default_work_dir(display_url(src_fs, src_root), display_url(out_fs, out_root))
+    work_dir = config.work_dir
+    if work_dir is None:  # decoded pixels of private images: a folder only the user can read
+        work_dir = default_work_dir(display_url(src_fs, src_root), display_url(out_fs, out_root))
+        try:
+            os.makedirs(os.path.dirname(work_dir), mode=0o700, exist_ok=True)
+        except OSError:
+            pass  # check_local_writable says why, in one line
     check_local_writable(work_dir, "work dir")
     return RunContext(config, run_id or outputs.new_run_id(), src_fs, src_root, out_fs, out_root, work_dir)
 
@@ -197,10 +204,10 @@ def plan_run(ctx: RunContext, objects: list[ObjectInfo]) -> RunPlan:
         diff = diff_listing(previous.listing, objects, again) if previous else None
         why_not = None
         if previous:
-            why_not = (compatible(cfg.model, cfg.ingest, previous.ckpt.model.arch, previous.ckpt.preprocess)
-                       or anomaly_mismatch(cfg.train.anomaly_steps,
-                                           previous.manifest.get("config", {}).get("train", {}).get("anomaly_steps"),
-                                           bool(previous.ckpt.anomaly_models)))
+            why_not = compatible(cfg.model, cfg.ingest, previous.ckpt.model.arch, previous.ckpt.preprocess)
+            if why_not is None and cfg.train.retrain != "never":  # never: reuse, anomaly_score stays null
+                why_not = anomaly_mismatch(cfg.train.anomaly_steps, previous.ckpt.extra.get("train", {}).get("anomaly_steps"),
+                                           bool(previous.ckpt.anomaly_models))
         retrain, reason = retrain_decision(cfg.train, diff, why_not)
     if retrain or previous is None:
         model = _probe_model(ctx, objects)
@@ -265,7 +272,7 @@ def train_and_save(fs: AbstractFileSystem, run_dir: str, pixels: np.ndarray, spe
         result = train_autoencoder(pixels, arch, train, on_epoch)
     t0 = time.perf_counter()
     fold_models = train_fold_models(pixels, folds_of(keys), arch, train)
-    summary = {**result.summary(), "anomaly_models": len(fold_models),
+    summary = {**result.summary(), "anomaly_steps": train.anomaly_steps, "anomaly_models": len(fold_models),
                "anomaly_seconds": round(time.perf_counter() - t0, 2)}
     extra = {"train": summary, "run_id": run_id}
     data, version = checkpoint.to_bytes(result.model, spec, extra, fold_models)

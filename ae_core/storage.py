@@ -223,6 +223,12 @@ def _is_connection_error(err: BaseException) -> bool:
         names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionClosedError"})
 
 
+def _where(fs: AbstractFileSystem) -> str:
+    """' at <endpoint>' for an S3-compatible store with a custom endpoint, else ''."""
+    endpoint = getattr(fs, "endpoint_url", None) or (os.environ.get("AWS_ENDPOINT_URL") if _protocol(fs) in ("s3", "s3a") else None)
+    return f" at {endpoint}" if endpoint else ""
+
+
 def check_store(fs: AbstractFileSystem, root: str, url: str, role: str) -> None:
     """Touch the store once, writing nothing; failures become one line naming URL and fix.
 
@@ -230,8 +236,7 @@ def check_store(fs: AbstractFileSystem, root: str, url: str, role: str) -> None:
     credentials in effect. Credentials never appear in the message.
     """
     bucket = root.split("/", 1)[0] if _protocol(fs) in ("s3", "s3a", "gs", "gcs", "az", "abfs") else None
-    endpoint = getattr(fs, "endpoint_url", None) or os.environ.get("AWS_ENDPOINT_URL")
-    where = f" at {endpoint}" if endpoint and bucket else ""
+    where = _where(fs) if bucket else ""
     try:
         if bucket:
             fs.info(bucket)
@@ -245,6 +250,10 @@ def check_store(fs: AbstractFileSystem, root: str, url: str, role: str) -> None:
     except Exception as err:
         if _is_connection_error(err):
             raise _unreachable(role, url, where) from err
+        if {cls.__name__ for cls in type(err).__mro__} & {"NoCredentialsError", "PartialCredentialsError"}:
+            raise AeError(f"{role} {url!r}: no credentials found{where}; set AWS_ACCESS_KEY_ID and "
+                          "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or name a Prefect block with "
+                          "--aws-credentials-block") from err
         raise
 
 
@@ -258,16 +267,16 @@ def check_store_writable(fs: AbstractFileSystem, root: str, url: str, role: str)
     ROOT and deleted at once, so credentials that may read but not write (or not delete) fail
     before the work, not at the first write after training."""
     probe = join(root, f".ae-write-check-{uuid.uuid4().hex[:8]}")
-    endpoint = getattr(fs, "endpoint_url", None) or os.environ.get("AWS_ENDPOINT_URL")
-    where = f" at {endpoint}" if endpoint else ""
+    where = _where(fs)
+    needs = " (s3:PutObject and s3:DeleteObject)" if _protocol(fs) in ("s3", "s3a") else ""
     for verb, act in (("write", lambda: fs.pipe_file(probe, b"")), ("delete", lambda: fs.rm_file(probe))):
         try:
             act()
         except PermissionError as err:
             left = f"; remove the test object {display_url(fs, probe)!r}" if verb == "delete" else ""
             raise AeError(f"{role} {url!r}: access denied when trying to {verb} an object there{where} "
-                          f"({err}); the credentials need permission to write and delete objects under it "
-                          f"(s3:PutObject and s3:DeleteObject){left}") from err
+                          f"({err}); the credentials need permission to write and delete objects under "
+                          f"it{needs}{left}") from err
         except Exception as err:
             if _is_connection_error(err):
                 raise _unreachable(role, url, where) from err
@@ -317,21 +326,15 @@ def read_heads(fs: AbstractFileSystem, paths: Sequence[str], n: int) -> dict[str
     if not paths:
         return {}
     if is_local(fs) and not any("://" in p for p in paths):
-        out: dict[str, bytes | Exception] = {}
-        for p in paths:
-            try:
-                with open(p, "rb") as f:
-                    out[p] = f.read(n)
-            except OSError as err:
-                out[p] = err
-        return out
+        return _read_local(paths, n)
     got = fs.cat_ranges(list(paths), [0] * len(paths), [n] * len(paths), on_error="return")
     return dict(zip(paths, got))
 
 
-def _read_local(paths: Sequence[str]) -> dict[str, bytes | Exception]:
-    """Local files straight through the OS: fsspec's local `cat` costs as much per call as
-    decoding a tiny image (it normalises each path three times). Same result shape."""
+def _read_local(paths: Sequence[str], head: int | None = None) -> dict[str, bytes | Exception]:
+    """Local files (or their first `head` bytes) straight through the OS: fsspec's local `cat`
+    costs as much per call as decoding a tiny image (it normalises each path three times).
+    Same result shape."""
     out: dict[str, bytes | Exception] = {}
     for p in paths:
         try:
@@ -340,6 +343,9 @@ def _read_local(paths: Sequence[str]) -> dict[str, bytes | Exception]:
             out[p] = err
             continue
         try:  # raw os.read: half the cost of open().read() on a 300-byte file
+            if head is not None:
+                out[p] = os.read(fd, head)  # a short read only shortens the sniffed head
+                continue
             size = os.fstat(fd).st_size
             data = os.read(fd, size + 1)
             if len(data) != size:  # grew since its stat, or a short read (over 2 GiB, FUSE...)

@@ -427,6 +427,8 @@ def test_anomaly_scores_asked_for_after_a_run_without_them_retrain(mnist_subset,
     out = tmp_path / "out"
     ae("run", src, out, "--epochs", 1, "--dim", 4, "--anomaly-steps", 0)
     assert pd.read_parquet(query.info(str(out))["embeddings"]).anomaly_score.isna().all()
+    kept = json.loads(ae("run", src, out, "--dim", 4, "--anomaly-steps", 20, "--retrain", "never", "--json").stdout)
+    assert kept["changes"]["retrained"] is False  # never: the model is reused, the scores stay null
     again = json.loads(ae("run", src, out, "--epochs", 1, "--dim", 4, "--anomaly-steps", 20, "--json").stdout)
     assert again["changes"]["retrained"] is True and "anomaly" in again["changes"]["retrain_reason"]
     assert pd.read_parquet(query.info(str(out))["embeddings"]).anomaly_score.notna().all()

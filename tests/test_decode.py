@@ -257,10 +257,3 @@ def test_crop_takes_the_centred_square_without_scaling_up_the_whole_image():
     grew_kb = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert grew_kb < 100_000
 
-
-def test_eight_bit_values_in_a_32_bit_integer_image_keep_their_levels():
-    arr = np.tile(np.arange(0, 256, 16, dtype=np.int32), (16, 1))  # 0..240 in mode I
-    buf = io.BytesIO()
-    Image.fromarray(arr, mode="I").save(buf, "TIFF")
-    px = decode_image(buf.getvalue(), Preprocess(image_size=16, channels=1)).pixels[0]
-    assert np.array_equal(px, arr.astype(np.uint8))  # not shifted down to 0..0 as 16-bit data

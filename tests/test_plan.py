@@ -139,7 +139,7 @@ def test_retrain_never_with_settings_the_published_model_cannot_serve_is_an_erro
     (300, 300, True, False),
     (0, 300, True, False),  # the reused model keeps scoring: no column half empty
     (300, 300, False, False),  # asked for, but a fold was empty: retraining would change nothing
-    (300, None, False, False),  # a manifest from before the setting existed
+    (300, None, False, False),  # a checkpoint from before it recorded its anomaly_steps
 ])
 def test_anomaly_mismatch_table(wanted, published_steps, has_models, mismatch):
     assert (anomaly_mismatch(wanted, published_steps, has_models) is not None) is mismatch

@@ -5,6 +5,8 @@ Runs of the same relative paths from different folders never share a pixel cache
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from ae_core import outputs, pipeline
@@ -72,3 +74,5 @@ def test_the_pixel_cache_is_keyed_by_where_source_and_output_really_are(tmp_path
             work_dirs.setdefault(project, set()).add(ctx.work_dir)
     # one cache per project whatever the spelling; `imgs` in two folders are two sources
     assert len(work_dirs["a"]) == len(work_dirs["b"]) == 1 and work_dirs["a"] != work_dirs["b"]
+    parent = os.path.dirname(next(iter(work_dirs["a"])))  # the user's own: decoded private images
+    assert os.stat(parent).st_uid == os.getuid() and os.stat(parent).st_mode & 0o077 == 0

@@ -154,10 +154,18 @@ def test_store_errors_stop_before_writing(s3_bucket, tmp_path):
 def test_bad_credentials_are_one_line_without_secrets(tmp_path):
     proc_server, url = start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})  # moto checks keys here
     try:
-        proc = _with_env(["run", "s3://corpus/faces", tmp_path / "out"], AWS_ENDPOINT_URL=url)
+        none = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        proc = subprocess.run([sys.executable, "-m", "ae_core.cli", "run", "s3://corpus/faces", str(tmp_path / "out")],
+                              capture_output=True, text=True, timeout=300,
+                              env={**none, "AWS_ENDPOINT_URL": url, "AWS_EC2_METADATA_DISABLED": "true",
+                                   "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+                                   "AWS_CONFIG_FILE": str(tmp_path / "none")})
+        assert_one_line_error(proc, "s3://corpus/faces", "no credentials found", "AWS_ACCESS_KEY_ID")
+        unknown = {"AWS_ACCESS_KEY_ID": "AKIAUNKNOWNKEY000000", "AWS_SECRET_ACCESS_KEY": SECRET}
+        proc = _with_env(["run", "s3://corpus/faces", tmp_path / "out"], AWS_ENDPOINT_URL=url, **unknown)
         assert_one_line_error(proc, "s3://corpus/faces", "access denied", "AWS_ACCESS_KEY_ID")
         assert SECRET not in proc.stdout + proc.stderr
-        info = _with_env(["info", "s3://corpus/out"], AWS_ENDPOINT_URL=url)
+        info = _with_env(["info", "s3://corpus/out"], AWS_ENDPOINT_URL=url, **unknown)
         assert_one_line_error(info, "s3://corpus/out", "access denied")
         assert SECRET not in info.stdout + info.stderr
         assert not (tmp_path / "out").exists()
