@@ -7,6 +7,7 @@ reuses the shards that were finished. A file that cannot be decoded becomes a re
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -212,32 +213,47 @@ def _shard_signature(plan: ShardPlan, spec: Preprocess) -> dict:
     return {"spec": spec.to_dict(), "objects": [[o.key, o.size, o.tag] for o in plan.objects]}
 
 
+def _digest(pixels: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(pixels).data, digest_size=16).hexdigest()
+
+
 def _load_cached(plan: ShardPlan, spec: Preprocess, work_dir: str) -> ShardResult | None:
+    """A shard an earlier try finished, or None: missing, made for other objects or settings, or
+    damaged (a truncated or replaced file after a crash or a power loss), so decoded again."""
     npy, meta_path = _shard_paths(work_dir, plan.index)
     if not os.path.exists(meta_path):
         return None
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if meta.get("signature") != _shard_signature(plan, spec):
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get("signature") != _shard_signature(plan, spec):
+            return None
+        images, rejects = meta["images"], meta["rejects"]
+        if images:
+            pixels = np.load(npy, mmap_mode="r")  # reads the header; a short file fails here
+            shape = (len(images), spec.channels, spec.image_size, spec.image_size)
+            if pixels.shape != shape or pixels.dtype != np.uint8 or meta.get("pixels") != _digest(pixels):
+                return None
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    pixels = npy if meta["images"] else None
-    if pixels and not os.path.exists(pixels):
-        return None
-    return ShardResult(plan.index, pixels, meta["images"], meta["rejects"])
+    return ShardResult(plan.index, npy if images else None, images, rejects)
 
 
 def _save_shard(result: ShardResult, plan: ShardPlan, spec: Preprocess, work_dir: str,
                 pixels: list[np.ndarray]) -> ShardResult:
     npy, meta_path = _shard_paths(work_dir, plan.index)
+    digest = None
     if result.images:
         tmp = npy + ".tmp.npy"
-        np.save(tmp, np.concatenate(pixels))
+        stacked = np.concatenate(pixels)
+        digest = _digest(stacked)
+        np.save(tmp, stacked)
         os.replace(tmp, npy)
         result.pixels_path = npy
     tmp = meta_path + ".tmp"
     with open(tmp, "w") as f:  # json.dumps, not json.dump: dump to a file runs the pure-Python encoder
         f.write(json.dumps({"signature": _shard_signature(plan, spec), "images": result.images,
-                            "rejects": result.rejects}))
+                            "rejects": result.rejects, "pixels": digest}))
     os.replace(tmp, meta_path)
     return result
 

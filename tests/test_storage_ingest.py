@@ -122,6 +122,24 @@ def test_decode_corpus_quarantines_and_caches(store, tmp_path, monkeypatch):
     assert again.images == corpus.images and np.array_equal(again.pixels(), px)
 
 
+@pytest.mark.parametrize("damage", ["truncated pixels", "replaced pixels", "broken metadata"])
+def test_a_damaged_cached_shard_is_decoded_again(tmp_path, damage):
+    fs, root = open_store(str(MNIST))
+    objects = sorted(list_objects(fs, root), key=lambda o: o.key)[:6]
+    spec, work = Preprocess(image_size=28, channels=1), tmp_path / "work"
+    first = ingest.decode_corpus(objects, fs, spec, str(work), shard_size=3)
+    px = np.array(first.pixels())
+    npy, meta = work / "shard-00000.npy", work / "shard-00000.json"
+    if damage == "truncated pixels":  # a crash or a power loss before the data reached the disk
+        npy.write_bytes(npy.read_bytes()[:1000])
+    elif damage == "replaced pixels":
+        np.save(npy, np.zeros((3, 1, 28, 28), np.uint8))
+    else:
+        meta.write_text(meta.read_text()[:40])
+    again = ingest.decode_corpus(objects, fs, spec, str(work), shard_size=3)
+    assert again.images == first.images and np.array_equal(np.array(again.pixels()), px)
+
+
 def test_process_pool_path_gives_the_same_pixels(tmp_path):
     fs = fsspec.filesystem("file")
     objects = sorted(list_objects(fs, str(MNIST)), key=lambda o: o.key)[:600]
