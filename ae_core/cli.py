@@ -329,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=int, help="decode processes (default: one per core)")
     r.add_argument("--max-image-pixels", type=int, metavar="N",
                    help="larger images are rejected as decompression bombs (default 100,000,000)")
-    r.add_argument("--work-dir", help="local scratch for decoded pixels (default: under the temp dir)")
+    r.add_argument("--work-dir", help="local folder for the decoded-pixel cache, kept in a subfolder "
+                   "ae-cache-* that a finished run deletes (default: a private folder under the temp dir)")
     r.add_argument("--retrain", choices=("auto", "always", "never"),
                    help="auto (default): reuse the published model unless the corpus changed by more "
                    "than --retrain-fraction")

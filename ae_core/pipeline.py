@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Mapping
@@ -73,13 +74,29 @@ class RunContext:
         self.timings[stage] = round(self.timings.get(stage, 0.0) + time.perf_counter() - t0, 3)
 
 
-def default_work_dir(source: str, output: str) -> str:
-    """A local scratch folder keyed by the resolved source and output (absolute paths for local
-    folders: `imgs` in two different folders are two sources), so a rerun finds its cached
-    shards and no other run's; under a folder of the user's own (see prepare_run)."""
-    user = f"ae-embed-work-{os.getuid()}" if hasattr(os, "getuid") else "ae-embed-work"
-    digest = hashlib.sha1(f"{source}\n{output}".encode()).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), user, digest)
+def cache_dir(parent: str, source: str, output: str) -> str:
+    """The pixel cache of one (source, output) pair: a folder of its own inside `parent` (the
+    work dir), keyed by the resolved locations (`imgs` in two folders are two sources), so a
+    rerun finds its cached shards and no other run's. A finished run deletes this folder only,
+    never the work dir the user named."""
+    return os.path.join(parent, "ae-cache-" + hashlib.sha1(f"{source}\n{output}".encode()).hexdigest()[:16])
+
+
+def _private_work_dir() -> str:
+    """The default work dir: a folder of the user's own under the temp dir (mode 700: the cache
+    holds decoded private images), refused if someone else made it or it is a link."""
+    parent = os.path.join(tempfile.gettempdir(), f"ae-embed-work-{os.getuid()}" if hasattr(os, "getuid") else "ae-embed-work")
+    try:
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+        st = os.lstat(parent)
+    except OSError:
+        return parent  # check_local_writable says why, in one line
+    if hasattr(os, "getuid") and (not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid()):
+        raise AeError(f"work dir {parent!r} is not a folder of your own (a link, or made by another user); "
+                      "remove it, or pass --work-dir")
+    if st.st_mode & 0o077:
+        os.chmod(parent, 0o700)
+    return parent
 
 
 def prepare_run(config: RunConfig, storage_options: Mapping[str, dict] | None = None,
@@ -106,14 +123,12 @@ def prepare_run(config: RunConfig, storage_options: Mapping[str, dict] | None = 
         check_local_writable(out_root, "output")
     else:
         check_store_writable(out_fs, out_root, out_url, "output")
-    work_dir = config.work_dir
-    if work_dir is None:  # decoded pixels of private images: a folder only the user can read
-        work_dir = default_work_dir(display_url(src_fs, src_root), display_url(out_fs, out_root))
-        try:
-            os.makedirs(os.path.dirname(work_dir), mode=0o700, exist_ok=True)
-        except OSError:
-            pass  # check_local_writable says why, in one line
-    check_local_writable(work_dir, "work dir")
+    parent = os.path.abspath(os.path.expanduser(config.work_dir)) if config.work_dir else _private_work_dir()
+    if is_local(src_fs) and same_or_inside(src_fs, os.path.realpath(parent), src_fs, os.path.realpath(src_root)):
+        raise AeError(f"work dir {parent!r} lies inside source {src_url!r}; choose one outside (--work-dir), "
+                      "or the cached pixels would be read back as images")
+    check_local_writable(parent, "work dir")
+    work_dir = cache_dir(parent, display_url(src_fs, src_root), display_url(out_fs, out_root))
     return RunContext(config, run_id or outputs.new_run_id(), src_fs, src_root, out_fs, out_root, work_dir)
 
 

@@ -453,3 +453,18 @@ def test_a_raised_pixel_limit_reads_the_images_it_rejected_again(mnist_subset, t
     c = again["changes"]
     assert (c["unchanged"], c["retried"], c["encoded"], c["retrained"]) == (30, 1, 1, False)
     assert (again["rows"], again["rejected"]) == (31, 0)
+
+
+def test_a_finished_run_deletes_its_cache_not_the_work_dir_it_was_given(mnist_subset, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in sorted(os.listdir(mnist_subset))[:20]:
+        (src / name).write_bytes((mnist_subset / name).read_bytes())
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("important")
+    ae("run", src, tmp_path / "out", "--epochs", 1, "--dim", 4, "--anomaly-steps", 0, "--work-dir", mine)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]  # the cache went, the rest stayed
+    inside = ae("run", src, tmp_path / "out2", "--work-dir", src / ".cache", check=False)
+    assert_one_line_error(inside, "lies inside source")
+    assert not (src / ".cache").exists() and not (tmp_path / "out2").exists()
