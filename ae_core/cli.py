@@ -411,6 +411,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ae: error: {_validation_line(err)}", file=sys.stderr)
     except KeyboardInterrupt:
         return _interrupted()
+    except BrokenPipeError:  # `ae info | head -1`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     return 2
 
 

@@ -72,12 +72,13 @@ def read_labels(url: str, key_col: str, label_col: str) -> dict[str, str]:
     except UnicodeDecodeError as err:
         raise AeError(f"labels file {url!r} is not UTF-8 text ({err.reason} at byte {err.start}); "
                       "save it as a UTF-8 CSV") from err
-    rows = list(csv.DictReader(text.splitlines()))
-    if not rows or key_col not in rows[0] or label_col not in rows[0]:
-        cols = ", ".join(str(c) for c in rows[0] if c is not None) if rows else "none"
-        raise AeError(f"labels file {url!r} needs columns {key_col!r} and {label_col!r} (it has: {cols}); "
-                      "pass --key-col / --label-col")
-    return {r[key_col]: r[label_col] for r in rows}
+    reader = csv.DictReader(text.splitlines())
+    cols = [c for c in reader.fieldnames or [] if c is not None]
+    if key_col not in cols or label_col not in cols:
+        raise AeError(f"labels file {url!r} needs columns {key_col!r} and {label_col!r} "
+                      f"(it has: {', '.join(cols) or 'none'}); pass --key-col / --label-col")
+    # a blank label is no label: those rows count as without one, not as a class ""
+    return {r[key_col]: r[label_col].strip() for r in reader if (r[label_col] or "").strip()}
 
 
 def label_of(labels: dict[str, str], key: str) -> str | None:

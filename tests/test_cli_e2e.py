@@ -291,6 +291,10 @@ def test_exit_status_and_output_survive_the_fast_exit(digits_run):
     with open(out.parent / "info.json", "w") as f:  # a file: block-buffered, flushed only at exit
         subprocess.run([*AE, "info", str(out), "--json"], stdout=f, check=True, timeout=300)
     assert json.loads((out.parent / "info.json").read_text()) == piped and piped["rows"] == 300
+    # a reader that leaves early (`| head -1`): no BrokenPipeError traceback
+    head = subprocess.run(["bash", "-c", f"{' '.join(AE)} neighbours {out} --key 00000.png -k 200 | head -1"],
+                          capture_output=True, text=True, timeout=300)
+    assert head.stdout.count("\n") == 1 and head.stderr == ""
 
 
 def test_unknown_key_is_a_clear_error(digits_run):
@@ -381,13 +385,18 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def _first_digits(mnist_subset: Path, folder: Path, n: int) -> Path:
+    """A source folder of the first n digits."""
+    folder.mkdir()
+    for name in sorted(os.listdir(mnist_subset))[:n]:
+        (folder / name).write_bytes((mnist_subset / name).read_bytes())
+    return folder
+
+
 def test_a_file_that_failed_to_read_is_read_again_next_run(mnist_subset, tmp_path):
     """A read error (throttling, a network error, a permission since fixed) is not a verdict on
     the file: the next run reads it again even though the listing says it is unchanged."""
-    src = tmp_path / "src"
-    src.mkdir()
-    for name in sorted(os.listdir(mnist_subset))[:30]:
-        (src / name).write_bytes((mnist_subset / name).read_bytes())
+    src = _first_digits(mnist_subset, tmp_path / "src", 30)
     out = tmp_path / "out"
     first = subprocess.run([sys.executable, "-c", _FAIL_ONE_READ, "run", str(src), str(out), "--epochs", "1",
                             "--dim", "4", "--json"], capture_output=True, text=True, timeout=600)
@@ -402,10 +411,7 @@ def test_a_file_that_failed_to_read_is_read_again_next_run(mnist_subset, tmp_pat
 
 
 def test_rerun_without_changes_encodes_nothing_and_keeps_every_row(mnist_subset, tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    for name in sorted(os.listdir(mnist_subset))[:30]:
-        (src / name).write_bytes((mnist_subset / name).read_bytes())
+    src = _first_digits(mnist_subset, tmp_path / "src", 30)
     (src / "broken.png").write_bytes(b"")
     out = tmp_path / "out"
     first = json.loads(ae("run", src, out, "--epochs", 1, "--dim", 4, "--json").stdout)
@@ -420,10 +426,7 @@ def test_rerun_without_changes_encodes_nothing_and_keeps_every_row(mnist_subset,
 
 
 def test_anomaly_scores_asked_for_after_a_run_without_them_retrain(mnist_subset, tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    for name in sorted(os.listdir(mnist_subset))[:40]:
-        (src / name).write_bytes((mnist_subset / name).read_bytes())
+    src = _first_digits(mnist_subset, tmp_path / "src", 40)
     out = tmp_path / "out"
     ae("run", src, out, "--epochs", 1, "--dim", 4, "--anomaly-steps", 0)
     assert pd.read_parquet(query.info(str(out))["embeddings"]).anomaly_score.isna().all()
@@ -435,10 +438,7 @@ def test_anomaly_scores_asked_for_after_a_run_without_them_retrain(mnist_subset,
 
 
 def test_a_raised_pixel_limit_reads_the_images_it_rejected_again(mnist_subset, tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    for name in sorted(os.listdir(mnist_subset))[:30]:
-        (src / name).write_bytes((mnist_subset / name).read_bytes())
+    src = _first_digits(mnist_subset, tmp_path / "src", 30)
     (src / "large.png").write_bytes((COIL / "obj1__0.png").read_bytes())  # 128 x 128 = 16,384 pixels
     out = tmp_path / "out"
     first = json.loads(ae("run", src, out, "--epochs", 1, "--dim", 4, "--max-image-pixels", 10_000, "--json").stdout)
@@ -456,10 +456,7 @@ def test_a_raised_pixel_limit_reads_the_images_it_rejected_again(mnist_subset, t
 
 
 def test_a_finished_run_deletes_its_cache_not_the_work_dir_it_was_given(mnist_subset, tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    for name in sorted(os.listdir(mnist_subset))[:20]:
-        (src / name).write_bytes((mnist_subset / name).read_bytes())
+    src = _first_digits(mnist_subset, tmp_path / "src", 20)
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("important")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ae_core.errors import AeError
 from ae_core.quality import PCA_EXACT_MSE, pca_comparison, ratio_text
 from conftest import COIL, MNIST, ROOT
 from test_cli_e2e import ae
@@ -126,3 +127,16 @@ def test_evaluate_prints_ae_pca_and_raw_side_by_side(mnist_subset, tmp_path):
     assert ratio == pytest.approx(ae_mse / pca_mse, rel=1e-2)
     assert all(0.0 < float(c) <= 1.0 for c in cells[6:11])
     assert md.read_text().startswith("Evaluation of")
+
+
+def test_blank_labels_are_no_labels_and_a_header_alone_has_its_columns(tmp_path):
+    from ae_core.evaluate import read_labels
+
+    csv_file = tmp_path / "labels.csv"
+    csv_file.write_text("filename,label\na.png,3\nb.png,\nc.png,  \nd.png, 7 \n")
+    assert read_labels(str(csv_file), "filename", "label") == {"a.png": "3", "d.png": "7"}
+    csv_file.write_text("filename,label\n")
+    assert read_labels(str(csv_file), "filename", "label") == {}
+    csv_file.write_text("name,class\n")
+    with pytest.raises(AeError, match=r"\(it has: name, class\)"):
+        read_labels(str(csv_file), "filename", "label")
