@@ -62,7 +62,10 @@ def check_publishable(fs: AbstractFileSystem, root: str, run_id: str, planned_ag
     runs that started earlier). Run ids sort by start time. Runs one after another (a queued
     deployment run) never conflict. This narrows the race to the moment between the check and
     the replace; it is not a lock."""
-    current = latest_run_id(fs, root)
+    try:
+        current = latest_run_id(fs, root)
+    except AeError:  # damaged: this run replaces it
+        current = None
     if (current not in (planned_against, run_id) and current is not None and _RUN_ID.match(current)
             and current > run_id):
         raise AeError(f"run {run_id}: run {current}, which started after it, was published to {output!r} "
@@ -101,11 +104,23 @@ class Published:
         return display_url(self.fs, self.file(name))
 
 
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # what a run folder's name may be
+
+
 def latest_run_id(fs: AbstractFileSystem, root: str) -> str | None:
+    """The run LATEST names, None without one; an AeError when its content is not a run id (zeros
+    after a power loss, a path, stray text)."""
     try:
-        return read_text(fs, join(root, LATEST)).strip() or None
+        text = read_text(fs, join(root, LATEST)).strip()
     except FileNotFoundError:
         return None
+    except UnicodeDecodeError:
+        text = "\ufffd"
+    if text and not _RUN_NAME.match(text):
+        raise AeError(f"{display_url(fs, join(root, LATEST))!r} is damaged: it should hold the id of a run "
+                      f"in {RUNS}/ and holds {text[:40]!r}; write the newest run's id into it, or run "
+                      "`ae run` again (it replaces it)")
+    return text or None
 
 
 def prune_runs(fs: AbstractFileSystem, root: str, keep: int, published: str) -> list[str]:
@@ -129,18 +144,19 @@ def resolve(output: str) -> Published:
     """Open the run that OUTPUT/LATEST names, or fail with a message naming OUTPUT and the fix."""
     fs, root = open_store(output)
     check_store(fs, root, redact_url(output), "output")  # unreachable, no bucket, access denied: one line
-    latest = join(root, LATEST)
     try:
-        run_id = read_text(fs, latest).strip()
-    except FileNotFoundError as err:
-        raise AeError(f"no published result at {output!r} (no {LATEST} file); "
-                      f"run `ae run SOURCE {output}` first") from err
+        run_id = latest_run_id(fs, root)
     except OSError as err:  # access denied on the object, a dropped connection
         raise AeError(f"cannot read {LATEST} at {redact_url(output)!r} ({type(err).__name__}: {err}); "
                       "check the credentials and the endpoint") from err
+    if run_id is None:
+        raise AeError(f"no published result at {output!r} (no {LATEST} file); "
+                      f"run `ae run SOURCE {output}` first")
     try:
         manifest = json.loads(read_text(fs, join(run_path(root, run_id), MANIFEST)))
     except FileNotFoundError as err:
         raise AeError(f"{output!r}: {LATEST} names run {run_id!r} but its manifest is missing; "
                       "the folder was altered by hand, rerun `ae run`") from err
+    except ValueError as err:  # not JSON, not UTF-8: damaged
+        raise AeError(f"{output!r}: the manifest of run {run_id!r} is damaged ({err}); rerun `ae run`") from err
     return Published(fs, root, run_id, manifest)

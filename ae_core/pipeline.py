@@ -178,7 +178,10 @@ class RunPlan:
 
 def load_previous(ctx: RunContext) -> PreviousRun | None:
     """The published run in OUTPUT, if it records its source listing (needed for a diff)."""
-    run_id = outputs.latest_run_id(ctx.out_fs, ctx.out_root)
+    try:
+        run_id = outputs.latest_run_id(ctx.out_fs, ctx.out_root)
+    except AeError:  # damaged LATEST: nothing to diff against; this run starts afresh and replaces it
+        return None
     if run_id is None:
         return None
     run_dir = outputs.run_path(ctx.out_root, run_id)

@@ -76,3 +76,17 @@ def test_the_pixel_cache_is_keyed_by_where_source_and_output_really_are(tmp_path
     assert len(work_dirs["a"]) == len(work_dirs["b"]) == 1 and work_dirs["a"] != work_dirs["b"]
     parent = os.path.dirname(next(iter(work_dirs["a"])))  # the user's own: decoded private images
     assert os.stat(parent).st_uid == os.getuid() and os.stat(parent).st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize("damage", [bytes(26), b"\x00\xff\xfe", b"../../etc\n"])
+def test_a_damaged_latest_is_one_line_and_the_next_run_replaces_it(mnist_subset, tmp_path, damage):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / outputs.LATEST).write_bytes(damage)  # zeros after a power loss, stray bytes, a path
+    with pytest.raises(AeError, match="is damaged: it should hold the id of a run"):
+        outputs.resolve(str(out))
+    config = RunConfig(source=str(mnist_subset), output=str(out), work_dir=str(tmp_path / "work"),
+                       ingest=IngestConfig(include=["000*"], workers=1), train=TrainConfig(epochs=1, anomaly_steps=0))
+    manifest = _up_to_publish(config, "20260101T000000Z-eeeeee")()
+    assert manifest["changes"]["previous_run"] is None
+    assert outputs.resolve(str(out)).run_id == "20260101T000000Z-eeeeee"
