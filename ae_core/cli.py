@@ -12,6 +12,7 @@ import ctypes
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -411,6 +412,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ae: error: {_validation_line(err)}", file=sys.stderr)
     except KeyboardInterrupt:
         return _interrupted()
+    except FileNotFoundError as err:  # a published run's file gone: altered by hand, or pruned meanwhile
+        quoted = re.search(r"'([^']+)'", str(err))  # Arrow's errors name the file only in the text
+        what = err.filename or (quoted.group(1) if quoted else str(err))
+        print(f"ae: error: {what} is missing; if it belongs to a published run, its folder "
+              "was altered or a newer run pruned it meanwhile: run the command again, or `ae run` again",
+              file=sys.stderr)
     except BrokenPipeError:  # `ae info | head -1`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE

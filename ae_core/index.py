@@ -211,6 +211,8 @@ def load(fs, path: str) -> faiss.Index:  # noqa: ANN001 - an fsspec filesystem
     until the index is freed)."""
     set_threads()
     if is_local(fs):
+        if not os.path.isfile(path):  # faiss says only "could not open", in a C++ traceback
+            raise FileNotFoundError(2, "No such file or directory", path)
         return faiss.read_index(path, _MMAP)
     fd, tmp = tempfile.mkstemp(suffix=".faiss")
     os.close(fd)

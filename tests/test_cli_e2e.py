@@ -297,6 +297,18 @@ def test_exit_status_and_output_survive_the_fast_exit(digits_run):
     assert head.stdout.count("\n") == 1 and head.stderr == ""
 
 
+def test_a_published_file_gone_missing_is_one_line(digits_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(digits_run[0], out)
+    run = out / "runs" / (out / "LATEST").read_text().strip()
+    (run / "index.faiss").unlink()
+    assert_one_line_error(ae("neighbours", out, "--key", "00000.png", check=False), "index.faiss is missing")
+    (run / "embeddings.parquet").unlink()
+    assert_one_line_error(ae("outliers", out, check=False), "embeddings.parquet is missing")
+
+
 def test_unknown_key_is_a_clear_error(digits_run):
     out, _ = digits_run
     assert_one_line_error(ae("neighbours", out, "--key", "nope.png", check=False), "nope.png", "not in the table")
