@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 
@@ -428,13 +429,28 @@ _STOPPING = (signal.SIGTERM, signal.SIGHUP)  # handled like Ctrl-C
 _terminated_by = 0  # the signal of _STOPPING that arrived, if one did
 
 
+def _in_finalizer(frame) -> bool:  # noqa: ANN001 - a frame
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _on_sigterm(signum: int, frame: object) -> None:
     """SIGTERM (kill, a scheduler stopping the job) or SIGHUP (the terminal closed) unwinds like
     Ctrl-C, so every context closes: Prefect stops its temporary server (with the default
     handlers it was left running, orphaned) and marks the flow run; nothing unfinished is
-    published."""
+    published. Ctrl-C (SIGINT) comes here too. A signal that lands while a `__del__` runs (the
+    garbage collector finalising an asyncio transport, say) cannot stop the run from there:
+    Python prints an exception raised in `__del__` and drops it, and the run went on to publish.
+    It is sent again a moment later instead."""
     global _terminated_by
-    _terminated_by = signum
+    if signum != signal.SIGINT:
+        _terminated_by = signum
+    if _in_finalizer(frame):
+        threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+        return
     raise KeyboardInterrupt
 
 
@@ -477,8 +493,8 @@ def console_main() -> None:
     atexit.register(_exit_without_finalizing)  # registered first, so it runs after all the others
     ours = []
     try:
-        for sig in _STOPPING:
-            if signal.getsignal(sig) == signal.SIG_DFL:  # not if the parent chose to ignore it (nohup)
+        for sig in (*_STOPPING, signal.SIGINT):  # not if the parent chose to ignore one (nohup, &)
+            if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
                 signal.signal(sig, _on_sigterm)
                 ours.append(sig)
     except ValueError:  # not the main thread: no signal handlers there

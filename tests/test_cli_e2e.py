@@ -249,6 +249,30 @@ def test_a_signal_stops_the_run_and_its_prefect_server(mnist_subset, tmp_path, s
     assert not (out / "LATEST").exists()
 
 
+_SIGNAL_IN_DEL = """
+import os, signal, time
+from ae_core import cli
+signal.signal(signal.SIGTERM, cli._on_sigterm)
+class Finalised:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler runs here, inside __del__
+try:
+    Finalised()
+    time.sleep(5)
+    print("went on")
+except KeyboardInterrupt:
+    print("stopped")
+"""
+
+
+def test_a_stop_signal_that_lands_in_a_finaliser_still_stops_the_run():
+    """Python prints and drops an exception raised while a __del__ runs: a SIGHUP that landed in
+    the garbage collection of an asyncio transport let a run go on to publish."""
+    proc = subprocess.run([sys.executable, "-c", _SIGNAL_IN_DEL], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "stopped", proc.stdout + proc.stderr
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's parent-death signal")
 def test_the_prefect_server_goes_when_ae_is_killed_outright(mnist_subset, tmp_path):
     """SIGKILL (or the OOM killer) runs no exit handler: the server stops on its own."""
