@@ -51,8 +51,9 @@ def listing_from_table(table: pa.Table) -> dict[str, tuple[int, str]]:
 def diff_listing(previous: Mapping[str, tuple[int, str]], current: Sequence[ObjectInfo],
                  read_failed: Collection[str] = ()) -> SourceDiff:
     """An object is unchanged when its size and listing tag (ETag, or mtime) are both the same.
-    An unchanged object whose read failed last time (`read_failed`: a throttled request, a
-    network error, a permission since fixed) is `retried`, not carried over as a reject."""
+    An unchanged object in `read_failed` (its read failed last time: a throttled request, a
+    network error, a permission since fixed; or it was over a pixel limit since changed) is
+    `retried`, not carried over as a reject."""
     new, changed, unchanged, retried = [], [], [], []
     for o in current:
         before = previous.get(o.key)
@@ -84,8 +85,8 @@ def compatible(model: ModelConfig, ingest: IngestConfig, arch: AEArch, spec: Pre
 def anomaly_mismatch(anomaly_steps: int, published_steps: int | None, published_models: bool) -> str | None:
     """Why the previous model cannot give the anomaly scores asked for, or None: it was trained
     without fold models (`published_steps`, the anomaly_steps it was trained with, is 0) and
-    this run wants them. (A model whose corpus left a
-    fold empty has none either, but was asked for them: nothing would change.) Pure."""
+    this run wants them. (A model whose corpus left a fold empty has none either, but was asked
+    for them: retraining would change nothing.) Pure."""
     if anomaly_steps > 0 and not published_models and published_steps == 0:
         return f"anomaly scores asked for (anomaly_steps {anomaly_steps}), but it was trained without (anomaly_steps 0)"
     return None

@@ -152,9 +152,10 @@ def _walk_local(root: str, skip_prefix: str | None, ancestors: frozenset[str] | 
     a symlink's size is its target's, and its mtime the later of its own and its target's
     (fsspec gives its own only, so a target rewritten at the same size looked unchanged, and
     its embedding stale); a symlink to a folder is followed, unless it leads back into a folder
-    it lies in (a loop) or into `skip_prefix` (OUTPUT, through a link); pipes, sockets and devices are left out (reading a pipe waits forever). Only small
-    tuples are kept while a folder is read, not its DirEntry objects: a folder of 100,000
-    files held ~70 MB of them, which the allocator kept after the listing."""
+    it lies in (a loop) or into `skip_prefix` (OUTPUT, through a link); pipes, sockets and
+    devices are left out (reading a pipe waits forever). Only small tuples are kept while a
+    folder is read, not its DirEntry objects: a folder of 100,000 files held ~70 MB of them,
+    which the allocator kept after the listing."""
     if ancestors is None:
         ancestors = frozenset([os.path.realpath(root)])
         skip_real = os.path.realpath(skip_prefix) if skip_prefix else None

@@ -37,7 +37,7 @@ def _unless_ae_error(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's
     except AeError as err:
         return err.transient
     except BaseException:  # noqa: BLE001 - anything else may be transient
-        return True
+        pass
     return True
 
 
