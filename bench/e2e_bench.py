@@ -97,7 +97,7 @@ def notebook_pipeline(source: str, out: str, epochs: int, dim: int, size: int) -
     return {"seconds": time.perf_counter() - t0, "mse": float(err.mean())}
 
 
-FAST = ["--blocks-per-stage", "0", "--anomaly-steps", "0"]
+FAST = ["--blocks-per-stage", "0", "--width", "16", "--lr", "0.01", "--anomaly-steps", "0"]
 
 
 @contextlib.contextmanager

@@ -66,10 +66,10 @@ def product_epochs(pixels: np.ndarray, arch: AEArch, epochs: int, precision: str
     return [len(pixels) / t for t in per_epoch]
 
 
-def compare(source: str, image_size: int, channels: int, blocks: int, epochs: int) -> list[dict]:
+def compare(source: str, image_size: int, channels: int, blocks: int, epochs: int, width: int = 32) -> list[dict]:
     fs = fsspec.filesystem("file")
     objects = sorted(list_objects(fs, source), key=lambda o: o.key)
-    arch = AEArch(dim=32, image_size=image_size, channels=channels, blocks_per_stage=blocks)
+    arch = AEArch(dim=32, image_size=image_size, channels=channels, width=width, blocks_per_stage=blocks)
     with tempfile.TemporaryDirectory() as work:
         t0 = time.perf_counter()
         corpus = decode_corpus(objects, fs, Preprocess(image_size, channels), work)
@@ -95,15 +95,16 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--image-size", type=int, default=28)
     p.add_argument("--blocks-per-stage", type=int, default=1, help="the model's residual blocks (1: the default)")
+    p.add_argument("--width", type=int, default=32, help="channels of the first conv stage (32: the default)")
     p.add_argument("--photos", type=int, default=0, help="also compare on this many JPEG photos at 64x64x3 (0 = skip)")
     args = p.parse_args()
     set_threads()
-    rows = compare(args.source, args.image_size, 1, args.blocks_per_stage, args.epochs)
+    rows = compare(args.source, args.image_size, 1, args.blocks_per_stage, args.epochs, args.width)
     if args.photos:
         from bench.ingest_bench import make_photos
 
-        rows += compare(make_photos(args.photos), 64, 3, args.blocks_per_stage, args.epochs)
-    print(f"machine: {machine()}; model: dim 32, width 32, {args.blocks_per_stage} residual block(s) per stage; "
+        rows += compare(make_photos(args.photos), 64, 3, args.blocks_per_stage, args.epochs, args.width)
+    print(f"machine: {machine()}; model: dim 32, width {args.width}, {args.blocks_per_stage} residual block(s) per stage; "
           f"batch {BATCH}; median over {args.epochs} epochs\n")
     print(table(rows))
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import faiss
@@ -157,13 +159,16 @@ def test_a_corpus_smaller_than_the_embedding_runs_to_the_end(mnist_subset, tmp_p
     for name in names:
         (few / name).write_bytes((mnist_subset / name).read_bytes())
     out = tmp_path / "out"
-    proc = ae("run", few, out, "--epochs", 2)
+    proc = ae("run", few, out, "--epochs", 2, "--width", 8, "--lr", 0.005)
     assert "3 embedded, 0 rejected" in proc.stdout
     assert "(no ratio: PCA reproduces these images exactly)" in proc.stdout
     info = json.loads(ae("info", out, "--json").stdout)
     assert info["rows"] == 3 and info["quality"]["ae_over_pca"] is None and info["quality"]["sample"] == 3
     report = (Path(info["manifest"]).parent / "report.md").read_text()
     assert "reproduces these 3 images exactly" in report
+    config = json.loads(Path(info["manifest"]).read_text())["config"]
+    assert (config["model"]["width"], config["train"]["lr"]) == (8, 0.005)
+    assert checkpoint.from_bytes(Path(info["checkpoint"]).read_bytes()).model.arch.width == 8
     hits = ae("neighbours", out, "--key", names[0], "-k", 3).stdout
     assert all(name in hits for name in names)
 
@@ -178,6 +183,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
 
 
 def test_user_errors_are_one_line_and_write_nothing(mnist_subset, tmp_path):
+    servers = prefect_servers_not_ours()
     out = tmp_path / "never-written"
     assert_one_line_error(ae("run", tmp_path / "no-such-dir", out, check=False), "no-such-dir", "missing")
     assert_one_line_error(ae("run", mnist_subset, out, "--image-size", 30, check=False), "image_size", "multiple of 4")
@@ -187,6 +193,19 @@ def test_user_errors_are_one_line_and_write_nothing(mnist_subset, tmp_path):
     assert not out.exists() and not (mnist_subset / "out").exists()
     assert_one_line_error(ae("info", out, check=False), "no published result", "ae run")
     assert_one_line_error(ae("neighbours", out, "--key", "x", check=False), "no published result")
+    # Prefect's temporary server starts before the stores are checked; a refused run stops it
+    assert prefect_servers_not_ours() - servers == set()
+
+
+def test_a_prefect_server_that_cannot_start_is_one_line_naming_why(mnist_subset, tmp_path):
+    out = tmp_path / "never-written"
+    env = {**os.environ, "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path}/no-such-dir/x.db"}
+    env.pop("PREFECT_API_URL", None)
+    started = time.monotonic()
+    proc = subprocess.run([*AE, "run", mnist_subset, out], capture_output=True, text=True, env=env, timeout=300)
+    assert_one_line_error(proc, "temporary server", "unable to open database file")
+    assert time.monotonic() - started < 60  # no retries until Prefect's startup timeout
+    assert not out.exists()
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
@@ -302,6 +321,34 @@ def test_the_prefect_server_goes_when_ae_is_killed_outright(mnist_subset, tmp_pa
                     os.kill(pid, signal.SIGKILL)
             except (OSError, ProcessLookupError):
                 pass
+
+
+def test_a_port_taken_before_the_temporary_server_binds_it_is_retried_on_another(monkeypatch):
+    """ae picks a free port and the server binds it a moment later: another process may take it
+    in between. The server then exits with uvicorn's status 3, and ae starts it again elsewhere."""
+    from ae_core import cli
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ports = [taken.getsockname()[1]]
+
+    class FirstPortTaken(socket.socket):
+        def getsockname(self):  # noqa: ANN202
+            return ("127.0.0.1", ports.pop()) if ports else super().getsockname()
+
+    monkeypatch.setattr(cli.socket, "socket", FirstPortTaken)
+    server = cli._TemporaryServer()
+    try:
+        server._start()
+        first = server.port
+        server.wait_ready()
+        assert first == taken.getsockname()[1] and server.port != first
+        assert "already in use" not in server._output()  # the log of the attempt that served
+        assert urllib.request.urlopen(f"{server.api_url}/health", timeout=10).status == 200
+    finally:
+        server.stop()
+        taken.close()
 
 
 def test_exit_status_and_output_survive_the_fast_exit(digits_run):

@@ -158,3 +158,25 @@ def test_channels_last_training_layout_computes_the_same_function_and_gradients(
     reloaded = ConvAutoencoder(arch).train()
     reloaded.load_state_dict(last.state_dict())
     assert torch.allclose(reloaded(x)[1], y1, atol=1e-6)
+
+
+@pytest.mark.parametrize("c_in, c_out, side, bias", [(16, 1, 14, True), (32, 3, 32, True), (8, 2, 5, False)])
+def test_the_output_layer_as_a_subpixel_convolution_is_the_same_function(c_in, c_out, side, bias):
+    from ae_core.model import OutputConvTranspose2d
+
+    torch.manual_seed(0)
+    layer = OutputConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=bias).double()
+    x = torch.randn(3, c_in, side, side, dtype=torch.float64, requires_grad=True)
+    results = []
+    for subpixel in (False, True):
+        layer.subpixel = subpixel
+        y = layer(x)
+        grad_out = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        results.append((y, *torch.autograd.grad((y * grad_out).sum(), [x, *layer.parameters()])))
+    assert results[0][0].shape == (3, c_out, 2 * side, 2 * side)
+    for plain, sub in zip(*results):
+        assert torch.allclose(plain, sub, atol=1e-12, rtol=0)
+    # the layout CPU training uses turns it on; a state dict loads either way
+    model = ConvAutoencoder(AEArch(8, 16, 1, width=8, blocks_per_stage=0)).to_channels_last()
+    assert [m.subpixel for m in model.modules() if isinstance(m, OutputConvTranspose2d)] == [True]
+    assert ConvAutoencoder(AEArch(8, 16, 1, width=8, blocks_per_stage=0)).load_state_dict(model.state_dict())
