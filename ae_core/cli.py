@@ -112,6 +112,8 @@ class _TemporaryServer:
     The command and environment are Prefect's own (prefect.server.api.server.SubprocessASGIServer).
     """
 
+    _current: _TemporaryServer | None = None  # one per process, like Prefect's own
+
     def __init__(self) -> None:
         self.process, self.port, self.ready, self.log = None, 0, False, None
 
@@ -122,7 +124,9 @@ class _TemporaryServer:
         stopped again if a Prefect profile names a server."""
         if os.environ.get("PREFECT_API_URL"):
             return None
-        server = cls()
+        if cls._current is not None and cls._current.process is not None:  # main() called again in-process
+            return cls._current
+        server = cls._current = cls()
         server._start()
         atexit.register(server.stop)
         from prefect.settings import get_current_settings
@@ -211,10 +215,11 @@ def _prefect_api(server: _TemporaryServer | None) -> Iterator[None]:
     if server is None:
         yield
         return
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
     server.wait_ready()
-    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+    # no UI is served, and the server goes with ae: no "View at http://..." link in the logs
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url, PREFECT_UI_URL: ""}):
         yield
 
 

@@ -48,8 +48,8 @@ class TrainConfig(_Frozen):
                                "epochs and 1,500 optimizer steps, at most 500 epochs")
     max_minutes: float = Field(5.0, gt=0, description="training stops after this wall time")
     batch_size: int = Field(128, gt=0)
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
+    lr: float = Field(2e-3, gt=0, allow_inf_nan=False, description="peak learning rate of AdamW")
+    weight_decay: float = Field(1e-4, ge=0, allow_inf_nan=False)
     seed: int = 0
     val_fraction: float = Field(0.05, ge=0, lt=0.5, description="held out for early stopping")
     patience: int = Field(10, ge=1, description="epochs without validation gain before stopping")

@@ -67,7 +67,7 @@ _PHASE_TAPS = torch.tensor([[a + 4 - 2 * d for d in range(3)] for a in range(2)]
 
 class OutputConvTranspose2d(nn.ConvTranspose2d):
     """The decoder's last layer (4x4, stride 2, padding 1, to the image's 1 or 3 channels), with
-    the same weights and function as nn.ConvTranspose2d. With `subpixel` set, it runs as a 3x3
+    the same weights and function as nn.ConvTranspose2d. With `subpixel` set (and that shape), it runs as a 3x3
     convolution to 4x the channels (one per output phase, its kernel gathered from this one's)
     and a pixel shuffle: oneDNN runs a transposed convolution with so few output channels at
     ~20 GFLOP/s. Exact up to float summation order (1e-15 in float64, tests/test_model.py)."""
@@ -75,7 +75,8 @@ class OutputConvTranspose2d(nn.ConvTranspose2d):
     subpixel = False
 
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
-        if not self.subpixel or output_size is not None:
+        shape = (self.kernel_size, self.stride, self.padding, self.output_padding, self.dilation, self.groups)
+        if not self.subpixel or output_size is not None or shape != ((4, 4), (2, 2), (1, 1), (0, 0), (1, 1), 1):
             return super().forward(x, output_size)
         w = nn.functional.pad(self.weight, (1, 1, 1, 1))  # (in, out, 6, 6)
         k = w[:, :, _PHASE_TAPS[:, :, None, None], _PHASE_TAPS[None, None, :, :]]  # in, out, a, dy, b, dx
@@ -168,6 +169,6 @@ class ConvAutoencoder(nn.Module):
         28x28 digits, 1.08x the default model's, 1.02x on 64x64 photos (bench/train_bench.py)."""
         self.encoder.channels_last = self.decoder.channels_last = True
         for layer in self.decoder.modules():
-            if isinstance(layer, OutputConvTranspose2d):
-                layer.subpixel = True
+            if isinstance(layer, OutputConvTranspose2d):  # measured on CPU only; GPUs keep cuDNN's
+                layer.subpixel = layer.weight.device.type == "cpu"
         return self.to(memory_format=torch.channels_last)

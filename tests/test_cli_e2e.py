@@ -188,6 +188,7 @@ def test_user_errors_are_one_line_and_write_nothing(mnist_subset, tmp_path):
     assert_one_line_error(ae("run", tmp_path / "no-such-dir", out, check=False), "no-such-dir", "missing")
     assert_one_line_error(ae("run", mnist_subset, out, "--image-size", 30, check=False), "image_size", "multiple of 4")
     assert_one_line_error(ae("run", mnist_subset, out, "--dim", 0, check=False), "dim")
+    assert_one_line_error(ae("run", mnist_subset, out, "--lr", "inf", check=False), "lr", "finite")
     assert_one_line_error(ae("run", mnist_subset, mnist_subset / "out", check=False), "inside source")
     assert_one_line_error(ae("run", mnist_subset, "nosuchproto://x/y", check=False), "nosuchproto")
     assert not out.exists() and not (mnist_subset / "out").exists()
@@ -241,8 +242,9 @@ def test_a_signal_stops_the_run_and_its_prefect_server(mnist_subset, tmp_path, s
         for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
             signal.signal(s, signal.SIG_DFL)
 
-    proc = subprocess.Popen([*AE, "run", str(mnist_subset), str(out), "--epochs", "500"], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=as_in_a_terminal,
+    work = tmp_path / "work"
+    proc = subprocess.Popen([*AE, "run", str(mnist_subset), str(out), "--epochs", "500", "--work-dir", str(work)],
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=as_in_a_terminal,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
     try:
         deadline, servers = time.monotonic() + 180, []
@@ -250,7 +252,11 @@ def test_a_signal_stops_the_run_and_its_prefect_server(mnist_subset, tmp_path, s
             time.sleep(0.2)
             servers = _prefect_server_children(proc.pid)
         assert servers, f"no temporary Prefect server appeared (ae exit status {proc.poll()})"
-        time.sleep(4)  # into the flow run
+        # into the flow run: its decode stage has written pixel shards, training has begun
+        while not list(work.rglob("shard-*.npy")) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert list(work.rglob("shard-*.npy")), f"the flow never decoded (ae exit status {proc.poll()})"
+        time.sleep(1)
         if group:
             os.killpg(proc.pid, sig)
         else:

@@ -179,4 +179,5 @@ def test_the_output_layer_as_a_subpixel_convolution_is_the_same_function(c_in, c
     # the layout CPU training uses turns it on; a state dict loads either way
     model = ConvAutoencoder(AEArch(8, 16, 1, width=8, blocks_per_stage=0)).to_channels_last()
     assert [m.subpixel for m in model.modules() if isinstance(m, OutputConvTranspose2d)] == [True]
-    assert ConvAutoencoder(AEArch(8, 16, 1, width=8, blocks_per_stage=0)).load_state_dict(model.state_dict())
+    loaded = ConvAutoencoder(AEArch(8, 16, 1, width=8, blocks_per_stage=0)).load_state_dict(model.state_dict())
+    assert not loaded.missing_keys and not loaded.unexpected_keys
