@@ -103,7 +103,8 @@ class _TemporaryServer:
     - Earlier: Prefect starts it when the flow first calls the API and waits for it there. ae
       starts it as soon as the arguments are valid. It gets ready (~3 s of imports and database
       checks, in its own process) while ae checks the stores and imports the pipeline, and ae
-      never imports Prefect's server module itself. That is ~4 s less per run on 2 cores.
+      never imports Prefect's server module itself. On 2 cores a 1-epoch run went from
+      10.5-10.8 s to 7.8-8.1 s (docs/benchmarks.md).
     - In a session of its own: a terminal's Ctrl-C goes to the whole process group. It stopped
       Prefect's server at once, and the interrupted run then spent ~70 s retrying the dead
       server before a traceback. Here only ae stops it, with its exit handlers, after the run
