@@ -36,7 +36,11 @@ def _offline_prefect_env(verbose: bool) -> None:
     # A fresh PREFECT_HOME migrates its database on first start (~10-30 s on 2 cores).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     if os.environ.get("PREFECT_HOME"):  # the ephemeral server hangs, not fails, when it is missing
-        os.makedirs(os.path.expanduser(os.environ["PREFECT_HOME"]), exist_ok=True)
+        try:
+            os.makedirs(os.path.expanduser(os.environ["PREFECT_HOME"]), exist_ok=True)
+        except OSError as err:
+            raise AeError(f"PREFECT_HOME {os.environ['PREFECT_HOME']!r} is not a folder Prefect can use "
+                          f"({err.strerror}); point it at a folder") from err
     # The CLI prints its own progress and summary; Prefect's per-task logs are opt-in.
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "CRITICAL")
 
@@ -88,7 +92,20 @@ def _run_flow(source: str, output: str, kwargs: dict) -> dict:
     from flows.pretrain_and_embed import pretrain_and_embed
 
     with _prefect_api(server):
-        return pretrain_and_embed(source=source, output=output, **kwargs)
+        try:
+            return pretrain_and_embed(source=source, output=output, **kwargs)
+        except RuntimeError as err:  # Prefect's client, before the flow run exists: nothing was written
+            if server is None and str(err).startswith("Failed to reach API"):
+                raise AeError(f"the Prefect server configured in PREFECT_API_URL ({_configured_api_url()}) "
+                              "does not answer; start it, or unset PREFECT_API_URL (in the environment "
+                              "or your Prefect profile) to let ae start a temporary one") from err
+            raise
+
+
+def _configured_api_url() -> str:
+    from prefect.settings import get_current_settings
+
+    return str(get_current_settings().api.url)
 
 
 # Started in front of Prefect's server command: the server gets SIGTERM when ae dies, however
@@ -271,7 +288,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     q = out["quality"]
     print(f"run {out['run_id']} ({out['finished_at']}) from {out['source']}")
     print(f"  rows {out['rows']}, rejected {out['rejected']}, dim {out['dim']}, "
-          f"input {out['image_size']}x{out['image_size']}x{out['channels']}, model {out['model_version']}")
+          f"input {out['image_size']}x{out['image_size']}x{out['channels']}, width {out['width']}, "
+          f"{out['blocks_per_stage']} block(s) per stage, model {out['model_version']}")
     if q.get("sample"):
         from ae_core.quality import ratio_text
 
@@ -423,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--blocks-per-stage", type=int, metavar="N",
                    help="residual blocks per conv stage (default 1; 0 trains ~3x faster per epoch)")
     r.add_argument("--width", type=int, metavar="N", help="channels of the first conv stage, doubled per "
-                   "stage (default 32)")
+                   "stage up to 256 (default 32, at most 256)")
     r.add_argument("--epochs", type=int, help="training epochs (default: from corpus size, 20 to 500)")
     r.add_argument("--max-minutes", type=float, help="training time budget (default 5)")
     r.add_argument("--batch-size", type=int)

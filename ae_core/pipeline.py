@@ -455,6 +455,7 @@ def publish_run(ctx: RunContext, plan: RunPlan, ckpt: checkpoint.Checkpoint, enc
         "output": redact_url(ctx.config.output),
         "model_version": ckpt.version, "dim": ckpt.model.arch.dim,
         "image_size": ckpt.preprocess.image_size, "channels": ckpt.preprocess.channels,
+        "width": ckpt.model.arch.width, "blocks_per_stage": ckpt.model.arch.blocks_per_stage,
         "rows": encoded.rows, "rejected": encoded.rejected, "rejects_by_reason": encoded.rejects_by_reason,
         "changes": {**plan.counts(), "encoded": encoded.encoded,
                     "previous_run": plan.previous.run_id if plan.previous else None},

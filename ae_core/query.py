@@ -21,6 +21,9 @@ def info(output: str) -> dict:
         "output": output, "run_id": pub.run_id, "finished_at": m.get("finished_at"),
         "rows": m["rows"], "rejected": m["rejected"], "rejects_by_reason": m.get("rejects_by_reason", {}),
         "dim": m["dim"], "image_size": m["image_size"], "channels": m["channels"],
+        # runs published before these were recorded: the settings they ran with
+        "width": m.get("width", m.get("config", {}).get("model", {}).get("width")),
+        "blocks_per_stage": m.get("blocks_per_stage", m.get("config", {}).get("model", {}).get("blocks_per_stage")),
         "model_version": m["model_version"],
         "embeddings": pub.url(files["embeddings"]), "rejects": pub.url(files["rejects"]),
         "index": pub.url(files["index"]), "checkpoint": pub.url(files["checkpoint"]),

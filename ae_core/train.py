@@ -142,6 +142,18 @@ def evaluate_mse(model: ConvAutoencoder, pixels: np.ndarray, device: torch.devic
     return total / max(count, 1)
 
 
+def _weights_sum(model: ConvAutoencoder) -> float:
+    return float(sum(p.detach().float().sum() for p in model.parameters()))
+
+
+def _check_finite(value: float, epoch: int, cfg: TrainConfig) -> None:
+    """A diverged run (a learning rate too high) must stop: published, its NaN embeddings would
+    replace a good run's, and every query on them would come back empty."""
+    if not math.isfinite(value):
+        raise AeError(f"training diverged at epoch {epoch} (loss or weights became {value}) with learning "
+                      f"rate {cfg.lr:g}; lower --lr")
+
+
 def train_autoencoder(pixels: np.ndarray, arch: AEArch, cfg: TrainConfig,
                       on_epoch: Callable[[dict], None] = lambda h: None,
                       rows: np.ndarray | None = None) -> TrainResult:
@@ -191,10 +203,13 @@ def train_autoencoder(pixels: np.ndarray, arch: AEArch, cfg: TrainConfig,
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += float(loss.detach()) * len(x)
+            value = float(loss.detach())
+            _check_finite(value, epoch, cfg)
+            loss_sum += value * len(x)
             result.images_seen += len(x)
             step += 1
         val = evaluate_mse(model, val_px, device) if len(val_px) else None
+        _check_finite(val if val is not None else _weights_sum(model), epoch, cfg)
         record = {"epoch": epoch, "train_mse": loss_sum / len(train_rows), "val_mse": val,
                   "seconds": round(time.perf_counter() - t0, 2), "lr": opt.param_groups[0]["lr"]}
         result.history.append(record)

@@ -72,6 +72,7 @@ def test_info_json_points_at_openable_outputs(digits_run, mnist_subset):
     out, _ = digits_run
     info = json.loads(ae("info", out, "--json").stdout)
     assert (info["rows"], info["rejected"], info["dim"], info["image_size"], info["channels"]) == (300, 0, 16, 28, 1)
+    assert (info["width"], info["blocks_per_stage"]) == (32, 1)  # what `--retrain never` errors point to
     assert info["model_version"].startswith("ae-")
     df = pd.read_parquet(info["embeddings"])
     assert len(df) == 300 and df.key.is_unique
@@ -168,7 +169,8 @@ def test_a_corpus_smaller_than_the_embedding_runs_to_the_end(mnist_subset, tmp_p
     assert "reproduces these 3 images exactly" in report
     config = json.loads(Path(info["manifest"]).read_text())["config"]
     assert (config["model"]["width"], config["train"]["lr"]) == (8, 0.005)
-    assert checkpoint.from_bytes(Path(info["checkpoint"]).read_bytes()).model.arch.width == 8
+    assert checkpoint.from_bytes(Path(info["checkpoint"]).read_bytes()).model.arch.width == 8 == info["width"]
+    assert "width 8, 1 block(s) per stage" in ae("info", out).stdout
     hits = ae("neighbours", out, "--key", names[0], "-k", 3).stdout
     assert all(name in hits for name in names)
 
@@ -189,11 +191,20 @@ def test_user_errors_are_one_line_and_write_nothing(mnist_subset, tmp_path):
     assert_one_line_error(ae("run", mnist_subset, out, "--image-size", 30, check=False), "image_size", "multiple of 4")
     assert_one_line_error(ae("run", mnist_subset, out, "--dim", 0, check=False), "dim")
     assert_one_line_error(ae("run", mnist_subset, out, "--lr", "inf", check=False), "lr", "finite")
+    assert_one_line_error(ae("run", mnist_subset, out, "--width", 300, check=False), "width", "256")
+    # a learning rate that makes training diverge: NaN embeddings must never be published
+    assert_one_line_error(ae("run", mnist_subset, out, "--lr", "1e6", "--epochs", 3, check=False), "diverged", "--lr")
     assert_one_line_error(ae("run", mnist_subset, mnist_subset / "out", check=False), "inside source")
     assert_one_line_error(ae("run", mnist_subset, "nosuchproto://x/y", check=False), "nosuchproto")
     assert not out.exists() and not (mnist_subset / "out").exists()
     assert_one_line_error(ae("info", out, check=False), "no published result", "ae run")
     assert_one_line_error(ae("neighbours", out, "--key", "x", check=False), "no published result")
+    for env, needles in (({"PREFECT_HOME": str(mnist_subset / "00000.png")}, ("PREFECT_HOME", "not a folder")),
+                         ({"PREFECT_API_URL": "http://127.0.0.1:9/api"}, ("PREFECT_API_URL", "does not answer"))):
+        proc = subprocess.run([*AE, "run", mnist_subset, out], capture_output=True, text=True,
+                              env={**os.environ, **env}, timeout=300)
+        assert_one_line_error(proc, *needles)
+    assert not out.exists()
     # Prefect's temporary server starts before the stores are checked; a refused run stops it
     assert prefect_servers_not_ours() - servers == set()
 
