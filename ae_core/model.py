@@ -67,10 +67,11 @@ _PHASE_TAPS = torch.tensor([[a + 4 - 2 * d for d in range(3)] for a in range(2)]
 
 class OutputConvTranspose2d(nn.ConvTranspose2d):
     """The decoder's last layer (4x4, stride 2, padding 1, to the image's 1 or 3 channels), with
-    the same weights and function as nn.ConvTranspose2d. With `subpixel` set (and that shape), it runs as a 3x3
-    convolution to 4x the channels (one per output phase, its kernel gathered from this one's)
-    and a pixel shuffle: oneDNN runs a transposed convolution with so few output channels at
-    ~20 GFLOP/s. Exact up to float summation order (1e-15 in float64, tests/test_model.py)."""
+    the same weights and function as nn.ConvTranspose2d. With `subpixel` set (and that shape),
+    it runs as a 3x3 convolution to 4x the channels (one per output phase, its kernel gathered
+    from this one's) and a pixel shuffle: oneDNN runs a transposed convolution with so few
+    output channels at ~20 GFLOP/s. Exact up to float summation order (1e-15 in float64,
+    tests/test_model.py)."""
 
     subpixel = False
 
