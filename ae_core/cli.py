@@ -177,6 +177,8 @@ class _TemporaryServer:
 
     def wait_ready(self) -> None:
         """Block until the server answers; the timeout is Prefect's own setting."""
+        if self.ready:
+            return
         import httpx
         from prefect.settings import get_current_settings
 

@@ -75,9 +75,13 @@ class OutputConvTranspose2d(nn.ConvTranspose2d):
 
     subpixel = False
 
-    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - nn.ConvTranspose2d's
+        super().__init__(*args, **kwargs)
         shape = (self.kernel_size, self.stride, self.padding, self.output_padding, self.dilation, self.groups)
-        if not self.subpixel or output_size is not None or shape != ((4, 4), (2, 2), (1, 1), (0, 0), (1, 1), 1):
+        self._phases_fit = shape == ((4, 4), (2, 2), (1, 1), (0, 0), (1, 1), 1)  # the only shape rewritten
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        if not (self.subpixel and self._phases_fit) or output_size is not None:
             return super().forward(x, output_size)
         w = nn.functional.pad(self.weight, (1, 1, 1, 1))  # (in, out, 6, 6)
         k = w[:, :, _PHASE_TAPS[:, :, None, None], _PHASE_TAPS[None, None, :, :]]  # in, out, a, dy, b, dx
