@@ -119,9 +119,14 @@ def _displayed_size(img: Image.Image, orientation: int) -> tuple[int, int]:
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
-    """High bit-depth and float modes -> 'L' with a fixed or per-image scale."""
+    """High bit-depth and float modes -> 'L' with a fixed or per-image scale. 32-bit integer
+    ('I', as from a TIFF or PGM) holding 0..255 is taken as 8-bit values (a 16-bit image that
+    dark is black at 8 bits anyway); holding up to 65535, as 16-bit."""
     arr = np.asarray(img)
-    if img.mode.startswith("I;16") or (img.mode == "I" and arr.max(initial=0) <= 65535 and arr.min(initial=0) >= 0):
+    lo, hi = (int(arr.min(initial=0)), int(arr.max(initial=0))) if img.mode == "I" else (0, 0)
+    if img.mode == "I" and 0 <= lo and hi <= 255:
+        out = arr.astype(np.uint8)
+    elif img.mode.startswith("I;16") or (img.mode == "I" and 0 <= lo and hi <= 65535):
         out = (arr.astype(np.uint32) >> 8).astype(np.uint8)
     elif img.mode == "F" and arr.size and 0.0 <= float(np.nanmin(arr)) and float(np.nanmax(arr)) <= 1.0:
         out = np.clip(np.nan_to_num(arr) * 255.0 + 0.5, 0, 255).astype(np.uint8)

@@ -75,6 +75,17 @@ def test_sixteen_bit_keeps_its_range():
     assert dec.pixels.min() <= 1 and dec.pixels.max() >= 254
 
 
+@pytest.mark.parametrize("scale", [1, 257])
+def test_32_bit_integer_image_is_read_as_8_or_16_bit_by_its_range(scale):
+    # a TIFF of int32 values: 0..255 is 8-bit data (was shifted to near-black), 0..65535 16-bit
+    digit = np.asarray(Image.open(MNIST / "00000.png"))
+    buf = io.BytesIO()
+    Image.fromarray(digit.astype(np.int32) * scale).save(buf, "TIFF")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode == "I"
+    dec = decode_image(buf.getvalue(), Preprocess(image_size=28, channels=1))
+    assert np.array_equal(dec.pixels[0], digit)
+
+
 @pytest.mark.parametrize("key", sorted(broken_files(COIL, MNIST)))
 def test_broken_files_raise_decode_error_with_reason(key):
     data, reason = broken_files(COIL, MNIST)[key]
