@@ -46,6 +46,11 @@ def to_bytes(model: ConvAutoencoder, preprocess: Preprocess, extra: dict | None 
     return data, "ae-" + hashlib.sha256(data).hexdigest()[:12]
 
 
+def read_checkpoint(fs, path: str) -> Checkpoint:  # noqa: ANN001 - an fsspec filesystem
+    """The checkpoint file at `path` on `fs`, loaded on the CPU."""
+    return from_bytes(fs.cat_file(path))
+
+
 def from_bytes(data: bytes, device: str | torch.device = "cpu") -> Checkpoint:
     """Load with weights_only=True: no arbitrary pickle is ever executed."""
     payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

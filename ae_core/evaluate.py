@@ -113,7 +113,7 @@ def join_labels(tbl: pa.Table, labels: dict[str, str]) -> Labelled:
 def probe(output: str, labels_url: str, key_col: str = "filename", label_col: str = "label") -> dict:
     """Downstream accuracy of the published embeddings: k-NN and logistic regression, 5-fold CV."""
     pub = outputs.resolve(output)
-    tbl = table.read_table(pub.fs, pub.file(pub.manifest["files"]["embeddings"]), ["key", "embedding"])
+    tbl = pub.load("embeddings", lambda fs, path: table.read_table(fs, path, ["key", "embedding"]))
     data = join_labels(tbl, read_labels(labels_url, key_col, label_col))
     return {"output": output, "run_id": pub.run_id, "model_version": pub.manifest["model_version"],
             "rows_labelled": len(data.keys), "rows_without_label": data.unmatched_rows,
@@ -130,10 +130,9 @@ def outliers(output: str, n: int = 20, by: str = "anomaly_score") -> list[dict]:
     if by not in ("anomaly_score", "recon_error"):
         raise AeError(f"--by {by!r}: choose anomaly_score or recon_error")
     pub = outputs.resolve(output)
-    path = pub.file(pub.manifest["files"]["embeddings"])
-    names = set(table.read_schema(pub.fs, path).names)
+    names = set(pub.load("embeddings", table.read_schema).names)
     cols = ["key", "recon_error"] + (["anomaly_score"] if "anomaly_score" in names else [])
-    tbl = table.read_table(pub.fs, path, cols)
+    tbl = pub.load("embeddings", lambda fs, path: table.read_table(fs, path, cols))
     if by == "anomaly_score" and ("anomaly_score" not in names or tbl.column("anomaly_score").null_count):
         by = "recon_error"
     order = pc.sort_indices(tbl, sort_keys=[(by, "descending"), ("key", "ascending")])
@@ -149,8 +148,8 @@ def outlier_grid(output: str, keys: Sequence[str]) -> bytes:
     if not keys:
         raise AeError("--grid: no images to draw (the table is empty, or -n is 0)")
     pub = outputs.resolve(output)
-    ckpt = checkpoint.from_bytes(pub.fs.cat_file(pub.file(pub.manifest["files"]["checkpoint"])))
-    tbl = table.read_table(pub.fs, pub.file(pub.manifest["files"]["embeddings"]), ["key", "fingerprint"])
+    ckpt = pub.load("checkpoint", checkpoint.read_checkpoint)
+    tbl = pub.load("embeddings", lambda fs, path: table.read_table(fs, path, ["key", "fingerprint"]))
     prints = dict(zip(tbl.column("key").to_pylist(), tbl.column("fingerprint").to_pylist()))
     source = pub.manifest["config"]["source"]
     fs, root = open_store(source)

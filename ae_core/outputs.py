@@ -15,10 +15,13 @@ run is complete, so readers always see a whole result: the new one or the previo
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import TypeVar
 
 from fsspec.spec import AbstractFileSystem
 
@@ -33,6 +36,14 @@ REJECTS = "rejects.parquet"
 INDEX = "index.faiss"
 CHECKPOINT = "model.pt"
 SOURCE = "source.parquet"
+
+# What reading a file whose bytes are damaged (truncated, emptied after a power loss, edited)
+# raises: pyarrow's ArrowInvalid and json's errors are ValueErrors, torch's zip reader and faiss
+# raise RuntimeError, torch's weights-only unpickler UnpicklingError; a manifest without an entry,
+# KeyError or TypeError. A missing file stays a FileNotFoundError, and access errors OSErrors.
+CONTENT_ERRORS = (ValueError, RuntimeError, EOFError, KeyError, TypeError, pickle.UnpicklingError)
+
+T = TypeVar("T")
 
 
 def new_run_id(now: datetime | None = None) -> str:
@@ -102,6 +113,23 @@ class Published:
 
     def url(self, name: str) -> str:
         return display_url(self.fs, self.file(name))
+
+    def load(self, kind: str, read: Callable[[AbstractFileSystem, str], T]) -> T:
+        """`read(fs, path)` of the run's file `kind` (a key of the manifest's "files"). Damaged
+        content is one AeError naming the file and the fix (a run replaces a damaged one)."""
+        files = self.manifest.get("files") if isinstance(self.manifest, dict) else None
+        name = files.get(kind) if isinstance(files, dict) else None
+        if not isinstance(name, str):
+            raise AeError(f"{self.url(MANIFEST)!r} names no {kind} file, it is damaged; {_RERUN}")
+        try:
+            return read(self.fs, self.file(name))
+        except CONTENT_ERRORS as err:
+            detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise AeError(f"{self.url(name)!r} cannot be read, it is damaged ({type(err).__name__}: {detail}); "
+                          f"{_RERUN}") from err
+
+
+_RERUN = "run `ae run` into this output again: a run replaces a published run it cannot read"
 
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # what a run folder's name may be

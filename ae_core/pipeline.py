@@ -176,8 +176,13 @@ class RunPlan:
                 "retrain_reason": self.reason}
 
 
+class DamagedRun(Exception):
+    """The published run's files cannot be read: this run starts afresh and replaces it."""
+
+
 def load_previous(ctx: RunContext) -> PreviousRun | None:
-    """The published run in OUTPUT, if it records its source listing (needed for a diff)."""
+    """The published run in OUTPUT, if it records its source listing (needed for a diff). A
+    DamagedRun when a file it needs is unreadable (truncated, emptied after a power loss, edited)."""
     try:
         run_id = outputs.latest_run_id(ctx.out_fs, ctx.out_root)
     except AeError:  # damaged LATEST: nothing to diff against; this run starts afresh and replaces it
@@ -185,18 +190,27 @@ def load_previous(ctx: RunContext) -> PreviousRun | None:
     if run_id is None:
         return None
     run_dir = outputs.run_path(ctx.out_root, run_id)
+    name = outputs.MANIFEST
     try:
-        manifest = json.loads(ctx.out_fs.cat_file(join(run_dir, outputs.MANIFEST)))
-        listing = listing_from_table(table.read_table(ctx.out_fs, join(run_dir, outputs.SOURCE)))
-        data = ctx.out_fs.cat_file(join(run_dir, manifest["files"]["checkpoint"]))
-        rejects = table.read_table(ctx.out_fs, join(run_dir, manifest["files"]["rejects"]), ["key", "reason"])
+        manifest = json.loads(ctx.out_fs.cat_file(join(run_dir, name)))
+        name = outputs.SOURCE
+        listing = listing_from_table(table.read_table(ctx.out_fs, join(run_dir, name)))
+        name = manifest["files"]["checkpoint"]
+        data = ctx.out_fs.cat_file(join(run_dir, name))
+        ckpt = checkpoint.from_bytes(data)
+        name = manifest["files"]["rejects"]
+        rejects = table.read_table(ctx.out_fs, join(run_dir, name), ["key", "reason"])
+        name = manifest["files"]["embeddings"]  # its rows are carried over when the model is reused
+        table.read_schema(ctx.out_fs, join(run_dir, name))
     except FileNotFoundError:
         return None
+    except outputs.CONTENT_ERRORS as err:
+        raise DamagedRun(f"the published run {run_id}'s {name} cannot be read ({type(err).__name__}); "
+                         "starting afresh") from err
     def keys(reason: str) -> frozenset[str]:
         return frozenset(rejects.filter(pc.equal(rejects.column("reason"), reason)).column("key").to_pylist())
 
-    return PreviousRun(run_id, manifest, listing, data, checkpoint.from_bytes(data), keys(READ_ERROR),
-                       keys(DECOMPRESSION_BOMB))
+    return PreviousRun(run_id, manifest, listing, data, ckpt, keys(READ_ERROR), keys(DECOMPRESSION_BOMB))
 
 
 def _probe_model(ctx: RunContext, objects: list[ObjectInfo]) -> ModelConfig:
@@ -212,7 +226,10 @@ def plan_run(ctx: RunContext, objects: list[ObjectInfo]) -> RunPlan:
     """Retrain on everything, or reuse the published model and decode only what changed."""
     cfg = ctx.config
     with ctx.timed("plan"):
-        previous = load_previous(ctx)
+        try:
+            previous, damaged = load_previous(ctx), None
+        except DamagedRun as err:
+            previous, damaged = None, str(err)
         limit = cfg.ingest.max_image_pixels
         # read again: failed reads, and images over the pixel limit when the limit the published
         # run rejected them under has changed
@@ -227,6 +244,7 @@ def plan_run(ctx: RunContext, objects: list[ObjectInfo]) -> RunPlan:
                 why_not = anomaly_mismatch(cfg.train.anomaly_steps, previous.ckpt.extra.get("train", {}).get("anomaly_steps"),
                                            bool(previous.ckpt.anomaly_models))
         retrain, reason = retrain_decision(cfg.train, diff, why_not)
+        reason = damaged or reason
     if retrain or previous is None:
         model = _probe_model(ctx, objects)
         spec = Preprocess(image_size=model.image_size, channels=model.channels,

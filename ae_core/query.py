@@ -42,11 +42,11 @@ class Neighbour:
 
 
 def _load_index(pub: outputs.Published):
-    return ae_index.load(pub.fs, pub.file(pub.manifest["files"]["index"]))
+    return pub.load("index", ae_index.load)
 
 
 def _keys(pub: outputs.Published):
-    return table.read_table(pub.fs, pub.file(pub.manifest["files"]["embeddings"]), ["key"]).column("key")
+    return pub.load("embeddings", lambda fs, path: table.read_table(fs, path, ["key"])).column("key")
 
 
 def _rank(dist: np.ndarray, ids: np.ndarray, keys, k: int, self_row: int | None) -> list[Neighbour]:
@@ -61,11 +61,11 @@ def _rank(dist: np.ndarray, ids: np.ndarray, keys, k: int, self_row: int | None)
 def neighbours_of_key(output: str, key: str, k: int = 10) -> list[Neighbour]:
     pub = outputs.resolve(output)
     key = utf8_key(key)  # a file name typed as it is on disk, not valid UTF-8: keyed as the listing keys it
-    tbl = table.read_table(pub.fs, pub.file(pub.manifest["files"]["embeddings"]), ["key", "embedding"])
+    tbl = pub.load("embeddings", lambda fs, path: table.read_table(fs, path, ["key", "embedding"]))
     keys = tbl.column("key")
     rows = pc.indices_nonzero(pc.equal(keys, key)).to_numpy()
     if len(rows) == 0:
-        rejects = table.read_table(pub.fs, pub.file(pub.manifest["files"]["rejects"]), ["key", "reason"])
+        rejects = pub.load("rejects", lambda fs, path: table.read_table(fs, path, ["key", "reason"]))
         hit = rejects.filter(pc.equal(rejects.column("key"), key))
         if hit.num_rows:
             raise AeError(f"key {key!r} was rejected ({hit.column('reason')[0].as_py()}), so it has no embedding; "
@@ -85,7 +85,7 @@ def neighbours_of_image(output: str, image_url: str, k: int = 10) -> list[Neighb
     from ae_core.encode import encode_pixels
 
     pub = outputs.resolve(output)
-    ckpt = checkpoint.from_bytes(pub.fs.cat_file(pub.file(pub.manifest["files"]["checkpoint"])))
+    ckpt = pub.load("checkpoint", checkpoint.read_checkpoint)
     fs, path = open_store(image_url)
     shown = redact_url(image_url)
     try:

@@ -6,6 +6,7 @@ Runs of the same relative paths from different folders never share a pixel cache
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 
 import pytest
 
@@ -90,3 +91,47 @@ def test_a_damaged_latest_is_one_line_and_the_next_run_replaces_it(mnist_subset,
     manifest = _up_to_publish(config, "20260101T000000Z-eeeeee")()
     assert manifest["changes"]["previous_run"] is None
     assert outputs.resolve(str(out)).run_id == "20260101T000000Z-eeeeee"
+
+
+def _query_reading(name: str, out: str, digits) -> None:
+    """The query that reads the published file `name`."""
+    from ae_core import query
+
+    if name == "model.pt":
+        query.neighbours_of_image(out, str(digits / "00001.png"))
+    elif name == "rejects.parquet":  # read to say why a key has no row
+        query.neighbours_of_key(out, "no-such-key.png")
+    elif name == "manifest.json":
+        outputs.resolve(out)
+    else:
+        query.neighbours_of_key(out, "00001.png")
+
+
+# each published file, damaged as a power loss or a hand edit leaves it: emptied or cut short
+_DAMAGE = {"manifest.json": 0.5, "source.parquet": 0.0, "model.pt": 0.1, "rejects.parquet": 0.0,
+           "embeddings.parquet": 0.5, "index.faiss": 0.5}
+
+
+@pytest.mark.parametrize("name", sorted(_DAMAGE))
+def test_a_damaged_published_file_is_one_line_and_the_next_run_replaces_the_run(mnist_subset, tmp_path, name):
+    # before: an unreadable file made every later run fail with a traceback (after Prefect's
+    # retries), even with --retrain always, and queries printed tracebacks
+    out = tmp_path / "out"
+    config = RunConfig(source=str(mnist_subset), output=str(out), work_dir=str(tmp_path / "work"),
+                       ingest=IngestConfig(include=["000*"], workers=1), train=TrainConfig(epochs=1, anomaly_steps=0))
+    _up_to_publish(config, "20260101T000000Z-aaaaaa")()
+    path = out / outputs.RUNS / "20260101T000000Z-aaaaaa" / name
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * _DAMAGE[name])])
+    if name != "source.parquet":  # read by the next run only
+        with pytest.raises(AeError, match=rf"{name.split('.')[0]}.*damaged"):
+            _query_reading(name, str(out), mnist_subset)
+    manifest = _up_to_publish(config, "20260101T000001Z-bbbbbb")()
+    assert outputs.resolve(str(out)).run_id == "20260101T000001Z-bbbbbb"
+    if name != "index.faiss":  # the index is built afresh by every run: the rows are reused
+        assert manifest["changes"]["retrained"] and manifest["changes"]["previous_run"] is None
+        assert f"{name} cannot be read" in manifest["changes"]["retrain_reason"]
+    for query_of in _DAMAGE:
+        if query_of != "source.parquet":
+            with pytest.raises(AeError, match="no-such-key") if query_of == "rejects.parquet" else nullcontext():
+                _query_reading(query_of, str(out), mnist_subset)
