@@ -7,9 +7,12 @@ reuses the shards that were finished. A file that cannot be decoded becomes a re
 
 from __future__ import annotations
 
+import ctypes
 import json
 import multiprocessing as mp
 import os
+import signal
+import sys
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -307,6 +310,16 @@ def fetch_and_decode(fs: AbstractFileSystem, batch: list[ObjectInfo], spec: Prep
     return decode_batch(_fetch(fs, batch), spec)
 
 
+def _die_with_parent(parent: int) -> None:
+    """A decode worker's initializer: on Linux the worker is killed when the process that
+    started it dies without shutting the pool down (SIGKILL, the OOM killer). Each worker holds
+    both ends of its call queue, so it never sees the parent go and would run on forever."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the prctl
+        os._exit(0)
+
+
 def decode_corpus(objects: Sequence[ObjectInfo], fs: AbstractFileSystem, spec: Preprocess,
                   work_dir: str, shard_size: int = 2048, read_batch: int = 64, workers: int = 0,
                   on_done: Callable[[int], None] = lambda n: None) -> DecodedCorpus:
@@ -316,7 +329,10 @@ def decode_corpus(objects: Sequence[ObjectInfo], fs: AbstractFileSystem, spec: P
     sizes = sorted(o.size for o in objects)
     median_bytes = sizes[len(sizes) // 2] if sizes else 0
     n_workers = decode_workers(len(objects), workers, median_bytes)
-    pool: Executor = (ProcessPoolExecutor(n_workers, mp_context=mp.get_context("spawn"))
+    # the parent-death signal fires when the thread that started a worker ends: this one, which
+    # also shuts the pool down before it returns
+    pool: Executor = (ProcessPoolExecutor(n_workers, mp_context=mp.get_context("spawn"),
+                                          initializer=_die_with_parent, initargs=(os.getpid(),))
                       if n_workers else _InlineExecutor())
     shards: list[ShardResult | None] = [None] * len(plans)
     todo = []

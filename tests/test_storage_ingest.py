@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
+import time
 import uuid
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -280,3 +284,56 @@ def test_a_key_leads_back_to_its_file_even_when_the_name_is_not_utf8(tmp_path):
     assert set(objs) == {"caf\\xe9 \\xff.png", "plain\\x41.png"}
     for key, obj in objs.items():
         assert fs.cat_file(key_path(fs, path, key)) == read_many(fs, [obj.path])[obj.path]
+
+
+_KILLED_PARENT = """
+import sys, time
+import fsspec
+from ae_core import ingest
+from ae_core.decode import Preprocess
+from ae_core.storage import list_objects
+
+fs = fsspec.filesystem("file")
+objects = sorted(list_objects(fs, sys.argv[1]), key=lambda o: o.key)
+
+def on_done(n):  # the workers exist and wait for more: stop here until killed
+    print("decoding", flush=True)
+    time.sleep(600)
+
+ingest.decode_corpus(objects, fs, Preprocess(28, 1), sys.argv[2], shard_size=64, workers=2, on_done=on_done)
+"""
+
+
+def _stat(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command name: state, parent pid, ...; [] when gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def _alive(pid: int) -> bool:
+    return _stat(pid)[:1] not in ([], ["Z"])
+
+
+def _children(pid: int) -> set[int]:
+    return {int(e) for e in os.listdir("/proc") if e.isdigit() and _stat(int(e))[1:2] == [str(pid)] and _alive(int(e))}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's parent-death signal")
+def test_decode_workers_go_when_their_process_is_killed_outright(mnist_subset, tmp_path):
+    # before: SIGKILL or the OOM killer left the spawned workers running forever, orphaned
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_PARENT, str(mnist_subset), str(tmp_path / "work")],
+                            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert proc.stdout.readline() == "decoding\n"
+        workers = _children(proc.pid)
+        assert len(workers) >= 2  # two decode workers (and multiprocessing's resource tracker)
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 20
+    while any(_alive(w) for w in workers):
+        assert time.monotonic() < deadline, f"decode workers {sorted(workers)} outlived their killed parent"
+        time.sleep(0.2)
