@@ -19,7 +19,7 @@ from ae_core import outputs, table
 from ae_core.config import TrainConfig
 from ae_core.errors import AeError, DecodeError
 from ae_core.quality import error_ratio, pca_fits
-from ae_core.storage import key_path, open_store
+from ae_core.storage import key_path, open_store, read_named_file
 
 KNN_K, FOLDS = 5, 5
 
@@ -62,13 +62,9 @@ def _folds(y: np.ndarray, folds: int) -> int:
 
 def read_labels(url: str, key_col: str, label_col: str) -> dict[str, str]:
     """key -> label from a CSV (any fsspec URL)."""
-    fs, path = open_store(url)
+    data = read_named_file(url, "labels file", "give the CSV file")
     try:
-        text = fs.cat_file(path).decode("utf-8-sig")  # -sig: Excel's "CSV UTF-8" starts with a BOM
-    except FileNotFoundError as err:
-        raise AeError(f"labels file {url!r} not found") from err
-    except IsADirectoryError as err:
-        raise AeError(f"labels file {url!r} is a folder; give the CSV file") from err
+        text = data.decode("utf-8-sig")  # -sig: Excel's "CSV UTF-8" starts with a BOM
     except UnicodeDecodeError as err:
         raise AeError(f"labels file {url!r} is not UTF-8 text ({err.reason} at byte {err.start}); "
                       "save it as a UTF-8 CSV") from err

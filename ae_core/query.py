@@ -9,7 +9,7 @@ import pyarrow.compute as pc
 
 from ae_core import index as ae_index, outputs, table
 from ae_core.errors import AeError, DecodeError
-from ae_core.storage import open_store, redact_url, utf8_key
+from ae_core.storage import read_named_file, redact_url, utf8_key
 
 
 def info(output: str) -> dict:
@@ -86,17 +86,8 @@ def neighbours_of_image(output: str, image_url: str, k: int = 10) -> list[Neighb
 
     pub = outputs.resolve(output)
     ckpt = pub.load("checkpoint", checkpoint.read_checkpoint)
-    fs, path = open_store(image_url)
     shown = redact_url(image_url)
-    try:
-        data = fs.cat_file(path)
-    except FileNotFoundError as err:
-        raise AeError(f"image {shown!r} not found; give a path or URL of an image file") from err
-    except IsADirectoryError as err:
-        raise AeError(f"image {shown!r} is a folder; give a path or URL of an image file") from err
-    except Exception as err:  # noqa: BLE001 - unreachable host, credentials, permissions: one line
-        raise AeError(f"image {shown!r} cannot be read ({type(err).__name__}: {err}); check the URL, "
-                      "the endpoint and the credentials") from err
+    data = read_named_file(image_url, "image", "give a path or URL of an image file")
     try:
         pixels = decode_image(data, ckpt.preprocess).pixels[None]
     except DecodeError as err:

@@ -375,6 +375,27 @@ def put_file_atomic(fs: AbstractFileSystem, local_path: str, path: str) -> None:
     fs.mv(tmp, path)
 
 
+def read_named_file(url: str, what: str, fix: str) -> bytes:
+    """The bytes of one file a user named on the command line (`what`: "image", "labels file"),
+    every failure one AeError: missing, a folder, a pipe or device (reading one would block), an
+    unreachable store, missing credentials. `fix` ends the missing / not-a-file messages."""
+    fs, path = open_store(url)
+    shown = redact_url(url)
+    try:
+        if is_local(fs) and fs.info(path)["type"] not in ("file", "directory"):
+            raise AeError(f"{what} {shown!r} is not a regular file (a pipe, a device or a socket); {fix}")
+        return fs.cat_file(path)
+    except AeError:
+        raise
+    except FileNotFoundError as err:
+        raise AeError(f"{what} {shown!r} not found; {fix}") from err
+    except IsADirectoryError as err:
+        raise AeError(f"{what} {shown!r} is a folder; {fix}") from err
+    except Exception as err:  # noqa: BLE001 - unreachable host, credentials, permissions: one line
+        raise AeError(f"{what} {shown!r} cannot be read ({type(err).__name__}: {err}); check the URL, "
+                      "the endpoint and the credentials") from err
+
+
 def read_text(fs: AbstractFileSystem, path: str) -> str:
     return fs.cat_file(path).decode("utf-8")
 

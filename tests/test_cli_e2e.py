@@ -405,9 +405,13 @@ def test_unknown_key_is_a_clear_error(digits_run):
 def test_query_command_mistakes_are_one_line_errors(digits_run, mnist_subset, tmp_path):
     out, _ = digits_run
     (tmp_path / "a-file").write_text("not a folder")
+    os.mkfifo(tmp_path / "fifo")  # reading it blocked forever
     for args, needles in [
         (("neighbours", out, "--image", mnist_subset), ("is a folder",)),
         (("neighbours", out, "--image", "http://127.0.0.1:9/x.png"), ("cannot be read", "ClientConnectorError")),
+        (("neighbours", out, "--image", tmp_path / "fifo"), ("not a regular file",)),
+        (("probe", out, "--labels", tmp_path / "fifo"), ("not a regular file",)),
+        (("probe", out, "--labels", "http://127.0.0.1:9/l.csv"), ("cannot be read", "ClientConnectorError")),
         (("outliers", out, "-n", -1), ("-n -1",)),
         (("outliers", out, "--grid", tmp_path / "no-such-folder" / "g.png"), ("no-such-folder", "does not exist")),
         (("outliers", out, "-n", 0, "--grid", tmp_path / "g.png"), ("no images to draw",)),
