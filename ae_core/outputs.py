@@ -26,7 +26,8 @@ from typing import TypeVar
 from fsspec.spec import AbstractFileSystem
 
 from ae_core.errors import AeError
-from ae_core.storage import check_store, display_url, join, open_store, read_text, redact_url, write_bytes_atomic
+from ae_core.storage import (check_store, display_url, join, open_store, read_text, redact_url, remove_tree,
+                             write_bytes_atomic)
 
 LATEST = "LATEST"
 RUNS = "runs"
@@ -164,7 +165,7 @@ def prune_runs(fs: AbstractFileSystem, root: str, keep: int, published: str) -> 
     kept = set(finished[-keep:]) | {published}
     doomed = [r for r in ids if r not in kept and (r in finished or r < published)]
     for run_id in doomed:
-        fs.rm(join(runs_dir, run_id), recursive=True)
+        remove_tree(fs, join(runs_dir, run_id))
     return doomed
 
 

@@ -42,7 +42,7 @@ from ae_core.plan import probe_corpus, resolve_model_config
 from ae_core.quality import pca_comparison
 from ae_core.storage import (ObjectInfo, check_local_writable, check_store, check_store_writable, display_url,
                              is_local, join, list_objects, open_store, put_file_atomic, redact_url,
-                             same_or_inside, write_bytes_atomic)
+                             remove_tree, same_or_inside, write_bytes_atomic)
 from ae_core.train import train_autoencoder, train_fold_models
 
 
@@ -493,7 +493,7 @@ def publish_run(ctx: RunContext, plan: RunPlan, ckpt: checkpoint.Checkpoint, enc
     write_bytes_atomic(ctx.out_fs, ctx.out(outputs.MANIFEST), json.dumps(manifest, indent=2).encode())
     outputs.publish(ctx.out_fs, ctx.out_root, ctx.run_id)
     if ctx.out_fs.exists(ctx.out(STAGE_DIR)):  # pixels staged for a pretrain stage elsewhere
-        ctx.out_fs.rm(ctx.out(STAGE_DIR), recursive=True)
+        remove_tree(ctx.out_fs, ctx.out(STAGE_DIR))
     manifest["pruned_runs"] = outputs.prune_runs(ctx.out_fs, ctx.out_root, ctx.config.publish.keep_runs, ctx.run_id)
     shutil.rmtree(ctx.work_dir, ignore_errors=True)  # the pixel cache is only for resuming this run
     manifest["published_url"] = display_url(ctx.out_fs, ctx.run_dir)

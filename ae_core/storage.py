@@ -6,6 +6,7 @@ Listing, batched concurrent reads (s3fs's async `cat` on many paths at once), an
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import posixpath
@@ -315,11 +316,10 @@ def read_many(fs: AbstractFileSystem, paths: Sequence[str]) -> dict[str, bytes |
         return {}
     if is_local(fs) and not any("://" in p for p in paths):
         return _read_local(paths)
-    out = fs.cat(list(paths), on_error="return")
-    # fsspec returns a bare value for a single non-glob path on some filesystems.
-    if not isinstance(out, dict):
-        out = {paths[0]: out}
-    return out
+    # cat_ranges, not cat: cat expands glob characters, so a key with `[1]` in it read another
+    # object or none. Whole objects: no start, no end.
+    got = fs.cat_ranges(list(paths), None, None, on_error="return")
+    return dict(zip(paths, got))
 
 
 def read_heads(fs: AbstractFileSystem, paths: Sequence[str], n: int) -> dict[str, bytes | Exception]:
@@ -364,7 +364,7 @@ def write_bytes_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     fs.pipe_file(tmp, data)
-    fs.mv(tmp, path)
+    _move(fs, tmp, path)
 
 
 def put_file_atomic(fs: AbstractFileSystem, local_path: str, path: str) -> None:
@@ -372,7 +372,32 @@ def put_file_atomic(fs: AbstractFileSystem, local_path: str, path: str) -> None:
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     fs.put_file(local_path, tmp)
-    fs.mv(tmp, path)
+    _move(fs, tmp, path)
+
+
+def _move(fs: AbstractFileSystem, src: str, dst: str) -> None:
+    """A rename on a local disk; elsewhere a copy in the store and a delete, one object (what
+    fs.mv does there, but fs.mv expands glob characters: an OUTPUT named `out [1]` failed)."""
+    if is_local(fs):
+        fs.mv(src, dst)
+    else:
+        fs.cp_file(src, dst)
+        fs.rm_file(src)
+
+
+_GLOB_MAGIC = re.compile(r"[*?\[]")  # what fsspec's glob expansion reacts to
+
+
+def remove_tree(fs: AbstractFileSystem, path: str) -> None:
+    """Delete a folder and everything under it. fs.rm expands glob characters, so a folder
+    whose path holds `[`, `*` or `?` is emptied object by object (found, not globbed)."""
+    if is_local(fs) or not _GLOB_MAGIC.search(path):
+        fs.rm(path, recursive=True)
+        return
+    for p in fs.find(path):
+        fs.rm_file(p)
+    with contextlib.suppress(OSError):  # a pseudo folder (memory://); S3 has none
+        fs.rmdir(path)
 
 
 def read_named_file(url: str, what: str, fix: str) -> bytes:

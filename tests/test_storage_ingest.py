@@ -19,7 +19,8 @@ from PIL import Image
 from ae_core import ingest
 from ae_core.decode import Preprocess
 from ae_core.errors import AeError
-from ae_core.storage import ObjectInfo, key_matches, key_path, list_objects, open_store, read_many, write_bytes_atomic
+from ae_core.storage import (ObjectInfo, key_matches, key_path, list_objects, open_store, read_many, remove_tree,
+                             write_bytes_atomic)
 from conftest import MNIST
 
 FILES = {"a.png": 0, "sub/b.png": 1, "sub/deeper/c": 2, ".hidden": 3, "notes.txt": 4}
@@ -97,6 +98,24 @@ def test_batches_hold_a_bounded_number_of_bytes():
     objs = [ObjectInfo(f"k{i}", f"p{i}", size) for i, size in enumerate([10, 10, 30, 100, 5, 5, 5])]
     batches = [[o.key for o in b] for b in ingest.byte_batches(objs, count=3, max_bytes=50)]
     assert batches == [["k0", "k1", "k2"], ["k3"], ["k4", "k5", "k6"]]
+
+
+def test_names_with_glob_characters_are_names_not_patterns(store):
+    # before, on S3 and memory://: fsspec's cat, mv and rm expanded `[1]` as a character class,
+    # so `br[1].png` read as `br1.png` or as missing (a read_error reject every run), and an
+    # OUTPUT named `out [1]` could never publish (its temporary files "vanished")
+    fs, root = open_store(store)
+    folder = f"{root}/set [2024]"
+    names = {"br[1].png": 1, "br1.png": 2, "photo [2].png": 3, "star*.png": 4, "what?.png": 5}
+    for name, i in names.items():
+        write_bytes_atomic(fs, f"{folder}/{name}", (MNIST / f"{i:05d}.png").read_bytes())
+    got = read_many(fs, [f"{folder}/{n}" for n in names])
+    assert got == {f"{folder}/{n}": (MNIST / f"{i:05d}.png").read_bytes() for n, i in names.items()}
+    assert sorted(o.key for o in list_objects(fs, folder)) == sorted(names)  # no temporary left
+    write_bytes_atomic(fs, f"{root}/set 2/keep.png", b"x")  # `set [2024]` as a pattern matches `set 2`
+    remove_tree(fs, folder)
+    fs.invalidate_cache()
+    assert not fs.exists(f"{folder}/br1.png") and fs.cat_file(f"{root}/set 2/keep.png") == b"x"
 
 
 def test_atomic_write_leaves_no_temporary(store):
