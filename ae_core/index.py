@@ -77,13 +77,19 @@ def ivf_lists(n: int) -> int:
     return max(1, min(n // 39, int(IVF_LISTS_PER_SQRT * math.sqrt(n))))  # faiss wants >= 39 points a list
 
 
+def check_trainable(kind: str, n: int) -> None:
+    """An AeError when the requested index kind cannot be trained on n vectors. A run checks it
+    with its listing's count (at least the vectors it will have) before it trains."""
+    if kind == "ivfpq" and n < PQ_MIN_VECTORS:
+        raise AeError(f"an IVF-PQ index needs at least {PQ_MIN_VECTORS} vectors to train its codebooks "
+                      f"(this run has {n}); use --index-kind auto or flat (index.kind in the flow's parameters)")
+
+
 def choose_index(n: int, dim: int, memory_budget_bytes: int, kind: str = "auto") -> IndexChoice:
     """Pick the index from size and budget. Pure; tested as a table."""
     factories = {"flat": "Flat", "hnsw": f"HNSW{HNSW_M},Flat", "ivf": f"IVF{ivf_lists(n)},Flat",
                  "ivfpq": f"IVF{ivf_lists(n)},PQ{pq_subvectors(dim)}x8,RFlat"}
-    if kind == "ivfpq" and n < PQ_MIN_VECTORS:
-        raise AeError(f"an IVF-PQ index needs at least {PQ_MIN_VECTORS} vectors to train its codebooks "
-                      f"(this run has {n}); use index.kind=auto or flat")
+    check_trainable(kind, n)
     if kind != "auto":
         return IndexChoice(kind, factories[kind], "requested", _bytes(kind, n, dim))
     if n <= FLAT_MAX_VECTORS and _bytes("flat", n, dim) <= memory_budget_bytes:
@@ -185,8 +191,8 @@ def build_index(emb: np.ndarray, cfg: IndexConfig, seed: int = 0) -> tuple[faiss
                 search_params=search_params(index))
     if recall - CONFIDENCE_Z * stderr < cfg.recall_floor:
         raise AeError(f"the {choice.kind} index reached recall@10 {recall:.3f} (+-{stderr:.3f}) against "
-                      f"exact search, under the floor {cfg.recall_floor}; not published. Use index.kind=flat or a "
-                      "larger index.memory_budget_mb")
+                      f"exact search, under the floor {cfg.recall_floor}; not published. Use --index-kind flat or a "
+                      "larger --index-memory-mb (index.kind, index.memory_budget_mb in the flow's parameters)")
     return index, info
 
 

@@ -225,6 +225,7 @@ def _probe_model(ctx: RunContext, objects: list[ObjectInfo]) -> ModelConfig:
 def plan_run(ctx: RunContext, objects: list[ObjectInfo]) -> RunPlan:
     """Retrain on everything, or reuse the published model and decode only what changed."""
     cfg = ctx.config
+    ae_index.check_trainable(cfg.index.kind, len(objects))  # at most this many vectors: before training
     with ctx.timed("plan"):
         try:
             previous, damaged = load_previous(ctx), None

@@ -113,6 +113,20 @@ def test_ivfpq_on_too_few_vectors_is_a_clear_error():
         ae_index.choose_index(500, 32, 4096 * MiB, "ivfpq")
 
 
+def test_ivfpq_on_too_few_images_is_refused_before_training(mnist_subset, tmp_path):
+    # before: the run decoded and trained, then failed at the index stage
+    from ae_core import pipeline
+    from ae_core.config import RunConfig
+    from ae_core.errors import AeError
+
+    config = RunConfig(source=str(mnist_subset), output=str(tmp_path / "out"), work_dir=str(tmp_path / "work"),
+                       index=IndexConfig(kind="ivfpq"))
+    ctx = pipeline.prepare_run(config)
+    objects = pipeline.list_source(ctx)
+    with pytest.raises(AeError, match="--index-kind auto or flat"):
+        pipeline.plan_run(ctx, objects)  # the stage before decoding and training
+
+
 @pytest.mark.parametrize("ivf_n,lists", [(100, 2), (10_000, 256), (1_000_000, 4000)])
 def test_ivf_lists(ivf_n, lists):
     assert ae_index.ivf_lists(ivf_n) == lists
