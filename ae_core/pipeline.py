@@ -222,6 +222,14 @@ def _probe_model(ctx: RunContext, objects: list[ObjectInfo]) -> ModelConfig:
     return resolve_model_config(model, probe)
 
 
+def _rows_over(ctx: RunContext, previous: PreviousRun, limit: int) -> frozenset[str]:
+    """Keys of the published rows whose images have more than `limit` pixels."""
+    rows = table.read_table(ctx.out_fs, join(outputs.run_path(ctx.out_root, previous.run_id),
+                                             previous.manifest["files"]["embeddings"]), ["key", "width", "height"])
+    pixels = pc.multiply(rows.column("width").cast(pa.int64()), rows.column("height").cast(pa.int64()))
+    return frozenset(rows.filter(pc.greater(pixels, limit)).column("key").to_pylist())
+
+
 def plan_run(ctx: RunContext, objects: list[ObjectInfo]) -> RunPlan:
     """Retrain on everything, or reuse the published model and decode only what changed."""
     cfg = ctx.config
@@ -232,11 +240,13 @@ def plan_run(ctx: RunContext, objects: list[ObjectInfo]) -> RunPlan:
         except DamagedRun as err:
             previous, damaged = None, str(err)
         limit = cfg.ingest.max_image_pixels
-        # read again: failed reads, and images over the pixel limit when the limit the published
-        # run rejected them under has changed
+        # read again: failed reads; images over the pixel limit when the limit the published run
+        # rejected them under has changed; under a lower limit, its rows now over it (to reject)
         if previous:
             rejected_under = previous.manifest.get("config", {}).get("ingest", {}).get("max_image_pixels")
             again = previous.read_failed | (previous.too_large if rejected_under != limit else frozenset())
+            if rejected_under is None or limit < rejected_under:
+                again |= _rows_over(ctx, previous, limit)
         diff = diff_listing(previous.listing, objects, again) if previous else None
         why_not = None
         if previous:

@@ -541,7 +541,7 @@ def test_anomaly_scores_asked_for_after_a_run_without_them_retrain(mnist_subset,
     assert pd.read_parquet(query.info(str(out))["embeddings"]).anomaly_score.notna().all()
 
 
-def test_a_raised_pixel_limit_reads_the_images_it_rejected_again(mnist_subset, tmp_path):
+def test_a_changed_pixel_limit_reads_again_the_images_it_concerns(mnist_subset, tmp_path):
     src = _first_digits(mnist_subset, tmp_path / "src", 30)
     (src / "large.png").write_bytes((COIL / "obj1__0.png").read_bytes())  # 128 x 128 = 16,384 pixels
     out = tmp_path / "out"
@@ -557,6 +557,10 @@ def test_a_raised_pixel_limit_reads_the_images_it_rejected_again(mnist_subset, t
     c = again["changes"]
     assert (c["unchanged"], c["retried"], c["encoded"], c["retrained"]) == (30, 1, 1, False)
     assert (again["rows"], again["rejected"]) == (31, 0)
+    # a lower limit again: the published row over it is read again and rejected, as a fresh run
+    # would (it was carried over, whatever the limit)
+    lower = json.loads(ae("run", src, out, "--dim", 4, "--max-image-pixels", 10_000, "--json").stdout)
+    assert (lower["changes"]["retried"], lower["rows"], lower["rejects_by_reason"]) == (1, 30, {"decompression_bomb": 1})
 
 
 def test_a_finished_run_deletes_its_cache_not_the_work_dir_it_was_given(mnist_subset, tmp_path):
