@@ -1,6 +1,6 @@
 """Every data path is an fsspec URL: plain paths, file://, memory:// and s3:// share this code.
 
-Listing, batched concurrent reads (s3fs's async `cat` on many paths at once), and atomic writes
+Listing, batched concurrent reads (s3fs's async `cat_ranges` on many paths at once), and atomic writes
 (write under a temporary name, then move into place) live here and nowhere else.
 """
 
