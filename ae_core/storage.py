@@ -125,24 +125,20 @@ def key_path(fs: AbstractFileSystem, root: str, key: str) -> str:
 
 
 def _walk_fsspec(fs: AbstractFileSystem, root: str, skip_prefix: str | None) -> Iterator[tuple[str, int, str]]:
-    """(path, size, tag) of every non-folder under `root`, folder by folder in sorted order."""
+    """(path, size, tag) of every non-folder under `root`, sorted by path. One flat listing
+    (`find`), not a walk folder by folder: a walk splits keys at "/" and on S3 lost a key with an
+    empty segment (`a//b.png`, from joining `prefix/` and `/name`), neither a row nor a reject."""
     fs.invalidate_cache(root)  # every run sees the store as it is now, not a cached listing
     marker = root.rstrip("/")
-    for dirpath, dirs, files in fs.walk(root, detail=True):
-        dirs_sorted = sorted(dirs)
-        dirs.clear()  # walk in sorted order, pruning the skipped prefix
-        for name in dirs_sorted:
-            sub = join(dirpath, name)
-            if skip_prefix is None or not _under(sub, skip_prefix):
-                dirs[name] = None  # type: ignore[index]
-        for name in sorted(files):
-            info = files[name]
-            path = info["name"]
-            if info.get("type") == "directory" or (skip_prefix and _under(path, skip_prefix)):
-                continue
-            if path.endswith("/") or path == marker:
-                continue  # an S3 "folder" marker (a zero-byte key ending in /), not an image
-            yield path, int(info.get("size") or 0), listing_tag(info)
+    found = fs.find(root, withdirs=False, detail=True)
+    for name in sorted(found):
+        info = found[name]
+        path = info.get("name", name)
+        if info.get("type") == "directory" or (skip_prefix and _under(path, skip_prefix)):
+            continue
+        if path.endswith("/") or path == marker:
+            continue  # an S3 "folder" marker (a zero-byte key ending in /), not an image
+        yield path, int(info.get("size") or 0), listing_tag(info)
 
 
 def _walk_local(root: str, skip_prefix: str | None, ancestors: frozenset[str] | None = None,

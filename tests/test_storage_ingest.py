@@ -118,6 +118,17 @@ def test_names_with_glob_characters_are_names_not_patterns(store):
     assert not fs.exists(f"{folder}/br1.png") and fs.cat_file(f"{root}/set 2/keep.png") == b"x"
 
 
+def test_an_s3_key_with_an_empty_segment_is_listed_and_read(s3_bucket):
+    # before: fs.walk split `a//b.png` into folders and dropped it, with no row and no reject
+    fs, root = open_store(f"s3://{s3_bucket}/slashes")
+    data = (MNIST / "00001.png").read_bytes()
+    for key in ("a//b.png", "a/c.png", "d.png"):
+        fs.pipe_file(f"{root}/{key}", data)
+    objects = sorted(list_objects(fs, root), key=lambda o: o.key)
+    assert [o.key for o in objects] == ["a//b.png", "a/c.png", "d.png"]
+    assert all(v == data for v in read_many(fs, [o.path for o in objects]).values())
+
+
 def test_atomic_write_leaves_no_temporary(store):
     fs, root = open_store(store)
     write_bytes_atomic(fs, f"{root}/out/x.bin", b"123")
