@@ -109,7 +109,7 @@ def join_labels(tbl: pa.Table, labels: dict[str, str]) -> Labelled:
 def probe(output: str, labels_url: str, key_col: str = "filename", label_col: str = "label") -> dict:
     """Downstream accuracy of the published embeddings: k-NN and logistic regression, 5-fold CV."""
     pub = outputs.resolve(output)
-    tbl = pub.load("embeddings", lambda fs, path: table.read_table(fs, path, ["key", "embedding"]))
+    tbl = pub.load("embeddings", table.read_table, ["key", "embedding"])
     data = join_labels(tbl, read_labels(labels_url, key_col, label_col))
     return {"output": output, "run_id": pub.run_id, "model_version": pub.manifest["model_version"],
             "rows_labelled": len(data.keys), "rows_without_label": data.unmatched_rows,
@@ -128,7 +128,7 @@ def outliers(output: str, n: int = 20, by: str = "anomaly_score") -> list[dict]:
     pub = outputs.resolve(output)
     names = set(pub.load("embeddings", table.read_schema).names)
     cols = ["key", "recon_error"] + (["anomaly_score"] if "anomaly_score" in names else [])
-    tbl = pub.load("embeddings", lambda fs, path: table.read_table(fs, path, cols))
+    tbl = pub.load("embeddings", table.read_table, cols)
     if by == "anomaly_score" and ("anomaly_score" not in names or tbl.column("anomaly_score").null_count):
         by = "recon_error"
     order = pc.sort_indices(tbl, sort_keys=[(by, "descending"), ("key", "ascending")])
@@ -145,7 +145,7 @@ def outlier_grid(output: str, keys: Sequence[str]) -> bytes:
         raise AeError("--grid: no images to draw (the table is empty, or -n is 0)")
     pub = outputs.resolve(output)
     ckpt = pub.load("checkpoint", checkpoint.read_checkpoint)
-    tbl = pub.load("embeddings", lambda fs, path: table.read_table(fs, path, ["key", "fingerprint"]))
+    tbl = pub.load("embeddings", table.read_table, ["key", "fingerprint"])
     prints = dict(zip(tbl.column("key").to_pylist(), tbl.column("fingerprint").to_pylist()))
     source = pub.manifest["config"]["source"]
     fs, root = open_store(source)

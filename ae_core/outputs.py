@@ -115,15 +115,15 @@ class Published:
     def url(self, name: str) -> str:
         return display_url(self.fs, self.file(name))
 
-    def load(self, kind: str, read: Callable[[AbstractFileSystem, str], T]) -> T:
-        """`read(fs, path)` of the run's file `kind` (a key of the manifest's "files"). Damaged
-        content is one AeError naming the file and the fix (a run replaces a damaged one)."""
+    def load(self, kind: str, read: Callable[..., T], *args: object) -> T:
+        """`read(fs, path, *args)` of the run's file `kind` (a key of the manifest's "files").
+        Damaged content is one AeError naming the file and the fix (a run replaces a damaged one)."""
         files = self.manifest.get("files") if isinstance(self.manifest, dict) else None
         name = files.get(kind) if isinstance(files, dict) else None
         if not isinstance(name, str):
             raise AeError(f"{self.url(MANIFEST)!r} names no {kind} file, it is damaged; {_RERUN}")
         try:
-            return read(self.fs, self.file(name))
+            return read(self.fs, self.file(name), *args)
         except CONTENT_ERRORS as err:
             detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise AeError(f"{self.url(name)!r} cannot be read, it is damaged ({type(err).__name__}: {detail}); "

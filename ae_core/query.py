@@ -46,7 +46,7 @@ def _load_index(pub: outputs.Published):
 
 
 def _keys(pub: outputs.Published):
-    return pub.load("embeddings", lambda fs, path: table.read_table(fs, path, ["key"])).column("key")
+    return pub.load("embeddings", table.read_table, ["key"]).column("key")
 
 
 def _rank(dist: np.ndarray, ids: np.ndarray, keys, k: int, self_row: int | None) -> list[Neighbour]:
@@ -61,11 +61,11 @@ def _rank(dist: np.ndarray, ids: np.ndarray, keys, k: int, self_row: int | None)
 def neighbours_of_key(output: str, key: str, k: int = 10) -> list[Neighbour]:
     pub = outputs.resolve(output)
     key = utf8_key(key)  # a file name typed as it is on disk, not valid UTF-8: keyed as the listing keys it
-    tbl = pub.load("embeddings", lambda fs, path: table.read_table(fs, path, ["key", "embedding"]))
+    tbl = pub.load("embeddings", table.read_table, ["key", "embedding"])
     keys = tbl.column("key")
     rows = pc.indices_nonzero(pc.equal(keys, key)).to_numpy()
     if len(rows) == 0:
-        rejects = pub.load("rejects", lambda fs, path: table.read_table(fs, path, ["key", "reason"]))
+        rejects = pub.load("rejects", table.read_table, ["key", "reason"])
         hit = rejects.filter(pc.equal(rejects.column("key"), key))
         if hit.num_rows:
             raise AeError(f"key {key!r} was rejected ({hit.column('reason')[0].as_py()}), so it has no embedding; "
