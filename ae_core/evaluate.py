@@ -19,7 +19,7 @@ from ae_core import outputs, table
 from ae_core.config import TrainConfig
 from ae_core.errors import AeError, DecodeError
 from ae_core.quality import error_ratio, pca_fits
-from ae_core.storage import key_path, open_store, read_named_file
+from ae_core.storage import key_path, open_store, read_named_file, redact_url
 
 KNN_K, FOLDS = 5, 5
 
@@ -74,7 +74,19 @@ def read_labels(url: str, key_col: str, label_col: str) -> dict[str, str]:
         raise AeError(f"labels file {url!r} needs columns {key_col!r} and {label_col!r} "
                       f"(it has: {', '.join(cols) or 'none'}); pass --key-col / --label-col")
     # a blank label is no label: those rows count as without one, not as a class ""
-    return {r[key_col]: r[label_col].strip() for r in reader if (r[label_col] or "").strip()}
+    labels: dict[str, str] = {}
+    first_line: dict[str, int] = {}
+    for r in reader:
+        label = (r[label_col] or "").strip()
+        if not label:
+            continue
+        key = r[key_col]
+        if key in labels and labels[key] != label:  # which one is right is not ours to guess
+            raise AeError(f"labels file {url!r} gives {key_col} {key!r} two labels: {labels[key]!r} "
+                          f"(line {first_line[key]}) and {label!r} (line {reader.line_num}); keep one")
+        labels[key] = label
+        first_line.setdefault(key, reader.line_num)
+    return labels
 
 
 def label_of(labels: dict[str, str], key: str) -> str | None:
@@ -181,6 +193,7 @@ def evaluate_corpus(source: str, labels_url: str, key_col: str, label_col: str, 
     from ae_core import pipeline
     from ae_core.config import ModelConfig, RunConfig
     from ae_core.encode import encode_pixels
+    from ae_core.ingest import nothing_decoded
     from ae_core.model import AEArch
     from ae_core.train import train_autoencoder
 
@@ -190,6 +203,8 @@ def evaluate_corpus(source: str, labels_url: str, key_col: str, label_col: str, 
                                              work_dir=work_dir or f"{scratch}/work"))
         plan = pipeline.plan_run(ctx, pipeline.list_source(ctx))
         corpus = pipeline.decode_source(ctx, plan)
+        if len(corpus) == 0:
+            raise nothing_decoded(redact_url(source), corpus.rejects, "nothing to evaluate")
         pixels = np.asarray(corpus.pixels())
     have, y = match_labels([img["key"] for img in corpus.images], read_labels(labels_url, key_col, label_col))
     raw = pixels.reshape(len(pixels), -1).astype(np.float32) / 255.0

@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import zlib
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -23,7 +23,7 @@ import numpy as np
 from fsspec.spec import AbstractFileSystem
 
 from ae_core.decode import Preprocess, decode_image, fingerprint, might_be_image
-from ae_core.errors import DecodeError
+from ae_core.errors import AeError, DecodeError
 from ae_core.hardware import usable_cores
 from ae_core.storage import ObjectInfo, is_local, read_heads, read_many
 
@@ -54,6 +54,17 @@ class ShardResult:
     pixels_path: str | None
     images: list[dict] = field(default_factory=list)  # key, width, height, size_bytes, fingerprint, mode, format
     rejects: list[dict] = field(default_factory=list)  # key, reason, detail, size_bytes
+
+
+def nothing_decoded(source: str, rejects: Sequence[dict], outcome: str = "nothing was published") -> AeError:
+    """The error for a source whose objects all failed to decode: counts by reason and the first
+    object's detail, since nothing is published and there is no rejects table to look at."""
+    counts = Counter(r["reason"] for r in rejects)
+    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    first = min(rejects, key=lambda r: r["key"]) if rejects else None
+    example = f"; first: {first['key']!r}: {first.get('detail') or first['reason']}" if first else ""
+    return AeError(f"source {source!r}: none of its {len(rejects)} objects could be decoded as an image "
+                   f"({reasons or 'no objects'}{example}); {outcome}")
 
 
 @dataclass

@@ -36,7 +36,7 @@ from ae_core.encode import anomaly_scores, encode_pixels, folds_of
 from ae_core.errors import AeError
 from ae_core.incremental import (SourceDiff, anomaly_mismatch, compatible, diff_listing, listing_from_table,
                                  retrain_decision, source_table)
-from ae_core.ingest import READ_ERROR, DecodedCorpus, ShardedPixels, decode_corpus
+from ae_core.ingest import READ_ERROR, DecodedCorpus, ShardedPixels, decode_corpus, nothing_decoded
 from ae_core.model import AEArch
 from ae_core.plan import probe_corpus, resolve_model_config
 from ae_core.quality import pca_comparison
@@ -289,8 +289,7 @@ def pretrain(ctx: RunContext, corpus: DecodedCorpus, plan: RunPlan) -> checkpoin
     if done is not None:
         return done
     if len(corpus) == 0:
-        raise AeError(f"source {redact_url(ctx.config.source)!r}: none of its "
-                      f"{len(corpus.rejects)} objects could be decoded as an image; see the rejects")
+        raise nothing_decoded(redact_url(ctx.config.source), corpus.rejects)
     with ctx.timed("pretrain"):
         return train_and_save(ctx.out_fs, ctx.run_dir, corpus.pixels(), corpus.spec, plan.model,
                               ctx.config.train, ctx.run_id, [img["key"] for img in corpus.images])
@@ -413,6 +412,8 @@ def encode_corpus(ctx: RunContext, corpus: DecodedCorpus, ckpt: checkpoint.Check
                 "anomaly_score": "recon_error under the fold model not trained on the image (held out)"}
         embeddings = _merge(_carried(ctx, plan, "embeddings"), table.embeddings_table(images, emb, err, meta, anomaly))
         rejects = _merge(_carried(ctx, plan, "rejects"), table.rejects_table(corpus.rejects))
+        if embeddings.num_rows == 0:  # a reused model on a source now all junk: refused as a fresh run is
+            raise nothing_decoded(redact_url(ctx.config.source), rejects.to_pylist())
         table.write_table(ctx.out_fs, ctx.out(outputs.EMBEDDINGS), embeddings)
         table.write_table(ctx.out_fs, ctx.out(outputs.REJECTS), rejects)
         table.write_table(ctx.out_fs, ctx.out(outputs.SOURCE), source_table(plan.objects))

@@ -529,6 +529,29 @@ def test_rerun_without_changes_encodes_nothing_and_keeps_every_row(mnist_subset,
     assert pd.read_parquet(query.info(str(out))["rejects"]).key.tolist() == ["broken.png"]
 
 
+def test_a_source_with_nothing_decodable_is_refused_with_its_reasons_reused_model_or_not(mnist_subset, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"d{i}.png").write_bytes(b"not a picture")
+    (src / "e.png").write_bytes(b"")
+    out = tmp_path / "out"
+    reasons = "none of its 4 objects could be decoded as an image (3 not_an_image, 1 empty; first: 'd0.png': "
+    assert_one_line_error(ae("run", src, out, "--epochs", 1, "--dim", 4, check=False), reasons, "nothing was published")
+    assert not out.exists()
+    labels = tmp_path / "labels.csv"
+    labels.write_text("filename,label\nd0.png,1\nd1.png,2\n")
+    assert_one_line_error(ae("evaluate", src, "--labels", labels, "--dims", 4, "--epochs", 1, check=False),
+                          reasons, "nothing to evaluate")
+    good = _first_digits(mnist_subset, tmp_path / "good", 20)
+    first = json.loads(ae("run", good, out, "--epochs", 1, "--dim", 4, "--json").stdout)
+    for p in good.iterdir():  # the same keys, now junk: a reused model would publish an empty table
+        p.write_bytes(b"not a picture")
+    assert_one_line_error(ae("run", good, out, "--dim", 4, "--retrain", "never", check=False),
+                          "none of its 20 objects could be decoded", "nothing was published")
+    assert query.info(str(out))["run_id"] == first["run_id"] and len(pd.read_parquet(query.info(str(out))["embeddings"])) == 20
+
+
 def test_anomaly_scores_asked_for_after_a_run_without_them_retrain(mnist_subset, tmp_path):
     src = _first_digits(mnist_subset, tmp_path / "src", 40)
     out = tmp_path / "out"

@@ -140,3 +140,14 @@ def test_blank_labels_are_no_labels_and_a_header_alone_has_its_columns(tmp_path)
     csv_file.write_text("name,class\n")
     with pytest.raises(AeError, match=r"\(it has: name, class\)"):
         read_labels(str(csv_file), "filename", "label")
+
+
+def test_a_key_labelled_twice_differently_is_refused_naming_both_lines(tmp_path):
+    from ae_core.evaluate import read_labels
+
+    csv_file = tmp_path / "labels.csv"
+    csv_file.write_text("filename,label\na.png,3\nb.png,4\na.png,3\n")  # the same label twice: fine
+    assert read_labels(str(csv_file), "filename", "label") == {"a.png": "3", "b.png": "4"}
+    csv_file.write_text("filename,label\na.png,3\nb.png,4\na.png, 8\n")
+    with pytest.raises(AeError, match=r"filename 'a.png' two labels: '3' \(line 2\) and '8' \(line 4\); keep one"):
+        read_labels(str(csv_file), "filename", "label")
