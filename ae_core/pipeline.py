@@ -9,6 +9,7 @@ changed objects are decoded and encoded, and the other rows are carried over.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -130,6 +131,62 @@ def prepare_run(config: RunConfig, storage_options: Mapping[str, dict] | None = 
     check_local_writable(parent, "work dir")
     work_dir = cache_dir(parent, display_url(src_fs, src_root), display_url(out_fs, out_root))
     return RunContext(config, run_id or outputs.new_run_id(), src_fs, src_root, out_fs, out_root, work_dir)
+
+
+_CLAIMED: dict[str, int] = {}  # pixel cache folder -> descriptor of its held lock file, in this process
+
+
+def _try_lock(folder: str) -> bool:
+    """An exclusive flock on `folder`/.lock, held until released or this process ends (a crash
+    releases it too). True when this process holds it."""
+    if folder in _CLAIMED:
+        return True
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    _CLAIMED[folder] = fd
+    return True
+
+
+def claim_work_dir(ctx: RunContext) -> RunContext:
+    """Hold the (SOURCE, OUTPUT) pixel cache for this run. When another live run holds it (two
+    runs of the same pair at once: a scheduled run and a manual one), this run decodes into a
+    cache of its own beside it instead, so neither deletes or rewrites the shards the other
+    reads; which of the two publishes is settled at publishing (outputs.check_publishable)."""
+    if _try_lock(ctx.work_dir):
+        _remove_stale_siblings(ctx.work_dir)
+        return ctx
+    own = f"{ctx.work_dir}-{ctx.run_id}"
+    _try_lock(own)
+    return dataclasses.replace(ctx, work_dir=own)
+
+
+def _remove_stale_siblings(folder: str, min_age_s: float = 600.0) -> None:
+    """Delete the caches of runs that decoded beside `folder` while it was held and then died
+    (a later run never resumes them: their names hold a run id). A cache is left alone while
+    its lock is held, and for `min_age_s` after it last changed (a run may be making it)."""
+    parent, name = os.path.split(folder)
+    for entry in os.scandir(parent):
+        if not (entry.name.startswith(name + "-") and entry.is_dir(follow_symlinks=False)):
+            continue
+        try:
+            if time.time() - entry.stat(follow_symlinks=False).st_mtime < min_age_s or not _try_lock(entry.path):
+                continue
+        except OSError:
+            continue
+        release_work_dir(entry.path)
+
+
+def release_work_dir(folder: str) -> None:
+    """Delete a run's pixel cache and let go of its lock (the cache only serves a resumed run)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    fd = _CLAIMED.pop(folder, None)
+    if fd is not None:
+        os.close(fd)
 
 
 def list_source(ctx: RunContext) -> list[ObjectInfo]:
@@ -507,7 +564,7 @@ def publish_run(ctx: RunContext, plan: RunPlan, ckpt: checkpoint.Checkpoint, enc
     if ctx.out_fs.exists(ctx.out(STAGE_DIR)):  # pixels staged for a pretrain stage elsewhere
         remove_tree(ctx.out_fs, ctx.out(STAGE_DIR))
     manifest["pruned_runs"] = outputs.prune_runs(ctx.out_fs, ctx.out_root, ctx.config.publish.keep_runs, ctx.run_id)
-    shutil.rmtree(ctx.work_dir, ignore_errors=True)  # the pixel cache is only for resuming this run
+    release_work_dir(ctx.work_dir)
     manifest["published_url"] = display_url(ctx.out_fs, ctx.run_dir)
     return manifest
 

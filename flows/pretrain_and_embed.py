@@ -134,7 +134,7 @@ def pretrain_and_embed(source: str, output: str, ingest: IngestConfig = IngestCo
 
 def _run(config: RunConfig, aws_credentials_block: str | None, pretrain_deployment: str | None) -> dict:
     options = s3_options_from_block(aws_credentials_block) if aws_credentials_block else None
-    ctx = pipeline.prepare_run(config, options, run_id=_run_id())
+    ctx = pipeline.claim_work_dir(pipeline.prepare_run(config, options, run_id=_run_id()))
     logger = get_run_logger()
     logger.info("run %s: %s -> %s", ctx.run_id, pipeline.redact_url(config.source), pipeline.redact_url(config.output))
     # Stage results are passed `opaque`: Prefect records the dependency but does not walk every

@@ -586,6 +586,38 @@ def test_a_changed_pixel_limit_reads_again_the_images_it_concerns(mnist_subset, 
     assert (lower["changes"]["retried"], lower["rows"], lower["rejects_by_reason"]) == (1, 30, {"decompression_bomb": 1})
 
 
+def test_a_run_while_another_holds_the_pixel_cache_decodes_into_its_own(mnist_subset, tmp_path):
+    import fcntl
+
+    from ae_core import pipeline
+    from ae_core.config import RunConfig
+
+    src, out, work = _first_digits(mnist_subset, tmp_path / "src", 20), tmp_path / "out", tmp_path / "work"
+    shared = pipeline.prepare_run(RunConfig(source=str(src), output=str(out), work_dir=str(work))).work_dir
+    os.makedirs(shared)
+    (Path(shared) / "shard-00000.npy").write_bytes(b"another run's shard")
+    held = os.open(os.path.join(shared, ".lock"), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a live run of the same pair holds it
+    try:
+        res = json.loads(ae("run", src, out, "--epochs", 1, "--dim", 4, "--anomaly-steps", 0,
+                            "--work-dir", work, "--json").stdout)
+        assert res["rows"] == 20
+        # the other run's cache is untouched, and this run's own cache is gone with it
+        assert (Path(shared) / "shard-00000.npy").read_bytes() == b"another run's shard"
+        assert sorted(p.name for p in work.iterdir()) == [os.path.basename(shared)]
+    finally:
+        os.close(held)
+    # caches left beside it by runs that died: removed once 10 minutes old (a run may be making one)
+    stale, recent = Path(shared + "-20200101T000000Z-aaaaaa"), Path(shared + "-20200101T000001Z-bbbbbb")
+    for folder in (stale, recent):
+        folder.mkdir()
+        (folder / "shard-00000.npy").write_bytes(b"x")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    ae("run", src, out, "--epochs", 1, "--dim", 4, "--anomaly-steps", 0, "--work-dir", work, "--retrain", "always")
+    # free again: the run used the pair's cache and deleted it, and the stale one beside it
+    assert sorted(p.name for p in work.iterdir()) == [recent.name]
+
+
 def test_a_finished_run_deletes_its_cache_not_the_work_dir_it_was_given(mnist_subset, tmp_path):
     src = _first_digits(mnist_subset, tmp_path / "src", 20)
     mine = tmp_path / "mine"
