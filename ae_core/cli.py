@@ -257,12 +257,15 @@ def _print_summary(m: dict) -> None:
           f"x{m['channels']}, {t.get('epochs_run')} epochs in {t.get('seconds')} s on {t.get('device')}"
           f" ({t.get('stop_reason')})")
     if q.get("sample"):
-        from ae_core.quality import ratio_text
+        from ae_core.quality import ratio_text, weak_model_hint
 
         ratio = q.get("ae_over_pca")
         versus = f" = {ratio:.2f}x PCA's error" if ratio is not None else f" ({ratio_text(None)})"
         print(f"  quality  reconstruction MSE {q['ae_mse']:.5f} vs PCA-{m['dim']} {q['pca_mse']:.5f}{versus},"
               f" on {q['sample']} images")
+        hint = weak_model_hint(q, t)
+        if hint:
+            print(f"  note     {hint}")
     ix = m["index"]
     print(f"  index    {ix['kind']} {ix['metric']}, {ix['ntotal']} vectors, recall@10 "
           f"{ix.get('recall_at_10', 1.0):.3f}, self-hit rate {ix['self_hit_rate']:.3f}")

@@ -26,6 +26,21 @@ def ratio_text(ratio: float | None) -> str:
     return f"{ratio:.2f}x" if ratio is not None else "no ratio: PCA reproduces these images exactly"
 
 
+def weak_model_hint(quality: dict, train: dict) -> str | None:
+    """A line for the run's summary and report when the autoencoder reconstructs worse than PCA
+    with as many components (its embeddings may then be weaker than PCA's), naming what to
+    change; None otherwise. Pure."""
+    ratio = quality.get("ae_over_pca")
+    if ratio is None or ratio <= 1.0:
+        return None
+    if train.get("stop_reason") == "max_minutes":
+        fix = "training stopped at its time budget: raise --max-minutes"
+    else:
+        fix = "train longer (--epochs, --max-minutes) or try another --lr"
+    return (f"the autoencoder's reconstruction error is {ratio:.2f}x PCA's with as many components, "
+            f"so its embeddings may be weaker than PCA's; {fix}")
+
+
 def pca_fits(x: np.ndarray, dims: Sequence[int]) -> dict[int, tuple[np.ndarray, float]]:
     """PCA fitted on x itself (as a linear autoencoder would be), for several component counts
     from one SVD: dim -> (codes, MSE per value). x is (n, features) float on [0, 1]."""

@@ -63,9 +63,14 @@ def digits_run(mnist_subset, tmp_path_factory):
 
 
 def test_run_prints_a_summary(digits_run):
-    _, proc = digits_run
+    out, proc = digits_run
     assert "300 embedded, 0 rejected" in proc.stdout
     assert "PCA-16" in proc.stdout and "self-hit rate 1.000" in proc.stdout
+    m = query.info(str(out))
+    ratio = m["quality"]["ae_over_pca"]  # 3 epochs: often above 1, and then the summary says what to do
+    assert ("note     the autoencoder's reconstruction error is" in proc.stdout) == (ratio > 1)
+    report = (out / "runs" / m["run_id"] / "report.md").read_text()
+    assert ("**Note:** The autoencoder's reconstruction error" in report) == (ratio > 1)
 
 
 def test_info_json_points_at_openable_outputs(digits_run, mnist_subset):

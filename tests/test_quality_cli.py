@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from ae_core.errors import AeError
-from ae_core.quality import PCA_EXACT_MSE, pca_comparison, ratio_text
+from ae_core.quality import PCA_EXACT_MSE, pca_comparison, ratio_text, weak_model_hint
 from conftest import COIL, MNIST, ROOT
 from test_cli_e2e import ae
 
@@ -112,6 +112,16 @@ def test_no_ratio_to_pca_where_pca_reproduces_the_sample_exactly():
     same = pca_comparison(np.repeat(px[:1], 40, axis=0), err, dim=4)  # identical images
     assert same["ae_over_pca"] is None
     assert ratio_text(None).startswith("no ratio") and ratio_text(0.2812) == "0.28x"
+
+
+def test_a_model_worse_than_pca_gets_a_hint_naming_what_to_change():
+    assert weak_model_hint({"ae_over_pca": 0.62}, {"stop_reason": "epochs"}) is None
+    assert weak_model_hint({"ae_over_pca": None}, {"stop_reason": "epochs"}) is None  # PCA exact: no ratio
+    assert weak_model_hint({"sample": 0}, {}) is None
+    budget = weak_model_hint({"ae_over_pca": 1.734}, {"stop_reason": "max_minutes"})
+    assert "1.73x PCA's" in budget and "raise --max-minutes" in budget
+    short = weak_model_hint({"ae_over_pca": 1.2}, {"stop_reason": "early_stopping"})
+    assert "--epochs" in short and "--lr" in short
 
 
 def test_evaluate_prints_ae_pca_and_raw_side_by_side(mnist_subset, tmp_path):
