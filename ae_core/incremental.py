@@ -1,8 +1,9 @@
 """Incremental runs: what changed in SOURCE since the published run, and whether to retrain.
 
-Each run stores its source listing (key, size, tag) as `source.parquet`. The next run compares
-the current listing with it: only new and changed objects are decoded and encoded when the model
-is reused; unchanged rows are carried over and rows of deleted objects dropped. Pure functions.
+Each run stores its source listing (key, size, tag, and for local files stat: inode and
+status-change time) as `source.parquet`. The next run compares the current listing with it: only
+new and changed objects are decoded and encoded when the model is reused; unchanged rows are
+carried over and rows of deleted objects dropped. Pure functions.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from ae_core.errors import AeError
 from ae_core.model import AEArch
 from ae_core.storage import ObjectInfo
 
-SOURCE_SCHEMA = pa.schema([("key", pa.string()), ("size", pa.int64()), ("tag", pa.string())])
+SOURCE_SCHEMA = pa.schema([("key", pa.string()), ("size", pa.int64()), ("tag", pa.string()), ("stat", pa.string())])
 
 
 @dataclass(frozen=True)
@@ -28,10 +29,13 @@ class SourceDiff:
     unchanged: tuple[ObjectInfo, ...]
     deleted: tuple[str, ...]
     retried: tuple[ObjectInfo, ...] = ()  # unchanged, but their last read failed: read again
+    # same size and tag, but another file or rewritten in place (its stat differs): read again
+    rechecked: tuple[ObjectInfo, ...] = ()
 
     def counts(self) -> dict[str, int]:
         return {"new": len(self.new), "changed": len(self.changed),
-                "unchanged": len(self.unchanged), "deleted": len(self.deleted), "retried": len(self.retried)}
+                "unchanged": len(self.unchanged), "deleted": len(self.deleted), "retried": len(self.retried),
+                "rechecked": len(self.rechecked)}
 
     @property
     def churn(self) -> int:
@@ -40,34 +44,43 @@ class SourceDiff:
 
 def source_table(objects: Sequence[ObjectInfo]) -> pa.Table:
     return pa.table({"key": [o.key for o in objects], "size": [o.size for o in objects],
-                     "tag": [o.tag for o in objects]}, schema=SOURCE_SCHEMA)
+                     "tag": [o.tag for o in objects], "stat": [o.stat or None for o in objects]},
+                    schema=SOURCE_SCHEMA)
 
 
-def listing_from_table(table: pa.Table) -> dict[str, tuple[int, str]]:
-    return {k: (s, t) for k, s, t in zip(table.column("key").to_pylist(), table.column("size").to_pylist(),
-                                          table.column("tag").to_pylist())}
+def listing_from_table(table: pa.Table) -> dict[str, tuple[int, str, str | None]]:
+    """key -> (size, tag, stat); stat is None where it was not recorded (remote stores, and
+    tables written before it was)."""
+    stats = table.column("stat").to_pylist() if "stat" in table.column_names else [None] * table.num_rows
+    return {k: (s, t, st) for k, s, t, st in zip(table.column("key").to_pylist(), table.column("size").to_pylist(),
+                                                 table.column("tag").to_pylist(), stats)}
 
 
-def diff_listing(previous: Mapping[str, tuple[int, str]], current: Sequence[ObjectInfo],
+def diff_listing(previous: Mapping[str, tuple[int, str, str | None]], current: Sequence[ObjectInfo],
                  read_failed: Collection[str] = ()) -> SourceDiff:
     """An object is unchanged when its size and listing tag (ETag, or mtime) are both the same.
     An unchanged object in `read_failed` (its read failed last time: a throttled request, a
     network error, a permission since fixed; or it was over a pixel limit since changed) is
-    `retried`, not carried over as a reject."""
-    new, changed, unchanged, retried = [], [], [], []
+    `retried`, not carried over as a reject. A local file with the same size and mtime whose
+    stat (inode, status-change time) differs from the recorded one is `rechecked`: read again,
+    since it may be another file (swapped in by `mv`, copied with its mtime kept); but not
+    counted as churn, since a corpus copied to another disk has every file's stat changed."""
+    new, changed, unchanged, retried, rechecked = [], [], [], [], []
     for o in current:
         before = previous.get(o.key)
         if before is None:
             new.append(o)
-        elif before != (o.size, o.tag):
+        elif before[:2] != (o.size, o.tag):
             changed.append(o)
         elif o.key in read_failed:
             retried.append(o)
+        elif len(before) > 2 and before[2] and o.stat and before[2] != o.stat:
+            rechecked.append(o)
         else:
             unchanged.append(o)
     seen = {o.key for o in current}
     deleted = tuple(sorted(k for k in previous if k not in seen))
-    return SourceDiff(tuple(new), tuple(changed), tuple(unchanged), deleted, tuple(retried))
+    return SourceDiff(tuple(new), tuple(changed), tuple(unchanged), deleted, tuple(retried), tuple(rechecked))
 
 
 def compatible(model: ModelConfig, ingest: IngestConfig, arch: AEArch, spec: Preprocess) -> str | None:
@@ -106,7 +119,8 @@ def retrain_decision(train: TrainConfig, diff: SourceDiff | None, incompatible: 
         return True, f"the previous model does not fit: {incompatible}"
     if train.retrain == "never":
         return False, "retrain=never"
-    previous_total = len(diff.unchanged) + len(diff.changed) + len(diff.deleted) + len(diff.retried)
+    previous_total = (len(diff.unchanged) + len(diff.changed) + len(diff.deleted) + len(diff.retried)
+                      + len(diff.rechecked))
     fraction = diff.churn / max(1, previous_total)
     if fraction > train.retrain_fraction:
         return True, f"{fraction:.0%} of the corpus changed (> {train.retrain_fraction:.0%})"

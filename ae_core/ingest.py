@@ -224,7 +224,7 @@ def _shard_paths(work_dir: str, index: int) -> tuple[str, str]:
 
 
 def _shard_signature(plan: ShardPlan, spec: Preprocess) -> dict:
-    return {"spec": spec.to_dict(), "objects": [[o.key, o.size, o.tag] for o in plan.objects]}
+    return {"spec": spec.to_dict(), "objects": [[o.key, o.size, o.tag, o.stat] for o in plan.objects]}
 
 
 def _digest(pixels: np.ndarray) -> str:

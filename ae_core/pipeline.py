@@ -227,8 +227,8 @@ class RunPlan:
     previous: PreviousRun | None = None
 
     def counts(self) -> dict:
-        base = self.diff.counts() if self.diff else {"new": len(self.objects), "changed": 0,
-                                                     "unchanged": 0, "deleted": 0}
+        base = self.diff.counts() if self.diff else {"new": len(self.objects), "changed": 0, "unchanged": 0,
+                                                     "deleted": 0, "retried": 0, "rechecked": 0}
         return {**base, "decoded": len(self.to_decode), "retrained": self.retrain,
                 "retrain_reason": self.reason}
 
@@ -323,7 +323,8 @@ def plan_run(ctx: RunContext, objects: list[ObjectInfo]) -> RunPlan:
                                          "channels": arch.channels, "width": arch.width,
                                          "blocks_per_stage": arch.blocks_per_stage})
     spec = dataclasses.replace(previous.ckpt.preprocess, max_image_pixels=limit)  # a filter, not the model's
-    return RunPlan(False, reason, model, spec, [*diff.new, *diff.changed, *diff.retried], objects, diff, previous)
+    to_decode = [*diff.new, *diff.changed, *diff.retried, *diff.rechecked]
+    return RunPlan(False, reason, model, spec, to_decode, objects, diff, previous)
 
 
 def decode_source(ctx: RunContext, plan: RunPlan) -> DecodedCorpus:

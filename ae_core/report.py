@@ -97,7 +97,7 @@ def summary_markdown(m: dict, pictures: dict[str, str]) -> str:
              f"model `{m['model_version']}` (dim {m['dim']}, input {m['image_size']}x{m['image_size']}"
              f"x{m['channels']}).", "", "## Images by outcome", "", "| outcome | count |", "|---|---|",
              f"| embedded (rows) | {m['rows']} |", f"| rejected | {m['rejected']} |"]
-    lines += [f"| {k} | {c.get(k, 0)} |" for k in ("new", "changed", "unchanged", "deleted", "retried", "encoded")]
+    lines += [f"| {k} | {c.get(k, 0)} |" for k in ("new", "changed", "unchanged", "deleted", "retried", "rechecked", "encoded")]
     lines += ["", f"Model {'retrained' if c.get('retrained') else 'reused'}: {c.get('retrain_reason')}."]
     if m.get("rejects_by_reason"):
         lines += ["", "## Rejects by reason", "", "| reason | count |", "|---|---|"]

@@ -534,6 +534,32 @@ def test_rerun_without_changes_encodes_nothing_and_keeps_every_row(mnist_subset,
     assert pd.read_parquet(query.info(str(out))["rejects"]).key.tolist() == ["broken.png"]
 
 
+def test_files_swapped_with_their_size_and_mtime_kept_are_encoded_again(mnist_subset, tmp_path):
+    src = _first_digits(mnist_subset, tmp_path / "src", 60)
+    by_size: dict[int, list[str]] = {}
+    for p in sorted(src.iterdir()):
+        by_size.setdefault(p.stat().st_size, []).append(p.name)
+    a, b = next(names for names in by_size.values() if len(names) >= 2)[:2]
+    for p in src.iterdir():  # one timestamp for all, as an archive unpacks them
+        os.utime(p, (1_700_000_000, 1_700_000_000))
+    out = tmp_path / "out"
+    ae("run", src, out, "--epochs", 1, "--dim", 4, "--anomaly-steps", 0)
+    before = pd.read_parquet(query.info(str(out))["embeddings"]).set_index("key")
+    os.rename(src / a, src / "swap.tmp")
+    os.rename(src / b, src / a)
+    os.rename(src / "swap.tmp", src / b)
+    res = json.loads(ae("run", src, out, "--dim", 4, "--anomaly-steps", 0, "--json").stdout)
+    c = res["changes"]
+    assert (c["changed"], c["rechecked"], c["unchanged"], c["encoded"], c["retrained"]) == (0, 2, 58, 2, False)
+    after = pd.read_parquet(query.info(str(out))["embeddings"]).set_index("key")
+    # each key now has the embedding and fingerprint of the content it holds
+    for key, was in ((a, b), (b, a)):
+        assert np.allclose(after.embedding[key], before.embedding[was], atol=1e-6)
+        assert after.fingerprint[key] == before.fingerprint[was]
+    again = json.loads(ae("run", src, out, "--dim", 4, "--anomaly-steps", 0, "--json").stdout)["changes"]
+    assert (again["rechecked"], again["encoded"]) == (0, 0)
+
+
 def test_a_source_with_nothing_decodable_is_refused_with_its_reasons_reused_model_or_not(mnist_subset, tmp_path):
     src = tmp_path / "src"
     src.mkdir()

@@ -118,8 +118,26 @@ def test_diff_reads_again_what_failed_to_read_and_is_otherwise_unchanged():
     assert [o.key for o in d.retried] == ["failed"] and [o.key for o in d.changed] == ["failed-changed"]
     assert [o.key for o in d.unchanged] == ["same"] and [o.key for o in d.new] == ["new"]
     assert d.deleted == ("gone",)
-    assert d.counts() == {"new": 1, "changed": 1, "unchanged": 1, "deleted": 1, "retried": 1}
+    assert d.counts() == {"new": 1, "changed": 1, "unchanged": 1, "deleted": 1, "retried": 1, "rechecked": 0}
     assert diff_listing(previous, current).retried == ()  # nothing failed: nothing retried
+
+
+def test_diff_reads_again_a_file_with_its_size_and_mtime_but_another_identity_without_counting_churn():
+    from ae_core.config import TrainConfig
+
+    def obj(key, stat):
+        return ObjectInfo(key=key, path=f"/src/{key}", size=1, tag="m", stat=stat)
+    previous = {"same": (1, "m", "7:100"), "swapped": (1, "m", "8:100"), "touched": (1, "m", "9:100"),
+                "old-table": (1, "m", None), "remote": (1, "m", None)}
+    current = [obj("same", "7:100"), obj("swapped", "12:300"), obj("touched", "9:200"), obj("old-table", "10:1"),
+               obj("remote", "")]
+    d = diff_listing(previous, current)
+    assert [o.key for o in d.rechecked] == ["swapped", "touched"]
+    assert [o.key for o in d.unchanged] == ["same", "old-table", "remote"]  # nothing recorded: size and tag decide
+    assert d.churn == 0 and d.counts()["rechecked"] == 2
+    # a corpus copied to another disk (every stat new) is read again, not retrained on
+    assert retrain_decision(TrainConfig(), d, None) == (False, "0% of the corpus changed (<= 20%)")
+    assert diff_listing({"a": (1, "m")}, [obj("a", "1:1")]).unchanged  # a (size, tag) listing still compares
 
 
 def test_retrain_never_with_settings_the_published_model_cannot_serve_is_an_error():
