@@ -58,12 +58,24 @@ def _rank(dist: np.ndarray, ids: np.ndarray, keys, k: int, self_row: int | None)
     return [Neighbour(r + 1, keys[i].as_py(), d, i) for r, (d, i) in enumerate(hits[:k])]
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # surrogates: bytes of a file name that is not UTF-8
+        return False
+
+
 def neighbours_of_key(output: str, key: str, k: int = 10) -> list[Neighbour]:
     pub = outputs.resolve(output)
-    key = utf8_key(key)  # a file name typed as it is on disk, not valid UTF-8: keyed as the listing keys it
     tbl = pub.load("embeddings", table.read_table, ["key", "embedding"])
     keys = tbl.column("key")
-    rows = pc.indices_nonzero(pc.equal(keys, key)).to_numpy()
+    # the key as the table spells it first; else a file name typed as it is on disk (not valid
+    # UTF-8, or with a backslash the listing escapes): keyed as the listing keys it
+    rows = pc.indices_nonzero(pc.equal(keys, key)).to_numpy() if key.isascii() or _is_utf8(key) else []
+    if len(rows) == 0 and utf8_key(key) != key:
+        key = utf8_key(key)
+        rows = pc.indices_nonzero(pc.equal(keys, key)).to_numpy()
     if len(rows) == 0:
         rejects = pub.load("rejects", table.read_table, ["key", "reason"])
         hit = rejects.filter(pc.equal(rejects.column("key"), key))

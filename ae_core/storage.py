@@ -97,19 +97,27 @@ def list_objects(fs: AbstractFileSystem, root: str, include: Sequence[str] = (),
         raise AeError(f"source {display_url(fs, root)!r} is {what}; give the folder or prefix "
                       "that holds the images")
     walk = _walk_local(root, skip_prefix) if is_local(fs) else _walk_fsspec(fs, root, skip_prefix)
-    prefix = root.rstrip("/") + "/"
+    prefix, local = root.rstrip("/") + "/", is_local(fs)
     for path, size, tag, ident in walk:
         key = path[len(prefix):] if path.startswith(prefix) else posixpath.basename(path)
-        if not key.isascii():
+        if local and (not key.isascii() or "\\x" in key):  # S3 keys are UTF-8 by definition
             key = utf8_key(key)
         if key_matches(key, include, exclude):
             yield ObjectInfo(key=key, path=path, size=size, tag=tag, stat=ident)
 
 
+# In a local key, \\x5c is a backslash of the name and \\x80-\\xff a byte that is not UTF-8.
+_KEY_ESCAPE = re.compile(r"\\x(5c|[89a-f][0-9a-f])")
+
+
 def utf8_key(name: str) -> str:
     """A key every table can hold: a local file name that is not valid UTF-8 (Python keeps its
     bytes as surrogates; a Latin-1 zip unpacked on Linux, say) gets each such byte written as
-    \\xNN. The file is still read by its real path."""
+    \\xNN. So that no two names share a key, a backslash of the name that starts such an escape
+    is itself written \\x5c (`caf\\xe9.png` as typed is `caf\\x5cxe9.png`). The file is still
+    read by its real path (key_path)."""
+    if "\\x" in name:
+        name = re.sub(r"\\(?=x(?:5c|[89a-f][0-9a-f]))", r"\\x5c", name)
     try:
         name.encode("utf-8")
         return name
@@ -118,14 +126,11 @@ def utf8_key(name: str) -> str:
 
 
 def key_path(fs: AbstractFileSystem, root: str, key: str) -> str:
-    """Where an object with this key is: `root/key`, or for a local file whose name is not
-    UTF-8 (its key spells the bad bytes as \\xNN), the file under its real name."""
-    path = join(root, key)
-    if "\\x" in key and is_local(fs) and not os.path.lexists(path):
-        raw = re.sub(r"\\x([89a-f][0-9a-f])", lambda m: chr(0xDC00 + int(m.group(1), 16)), key)
-        if os.path.lexists(join(root, raw)):
-            return join(root, raw)
-    return path
+    """Where an object with this key is: `root/key`, or for a local key with escapes (utf8_key),
+    the file under its real name."""
+    if is_local(fs) and _KEY_ESCAPE.search(key):
+        return join(root, _KEY_ESCAPE.sub(lambda m: "\\" if m.group(1) == "5c" else chr(0xDC00 + int(m.group(1), 16)), key))
+    return join(root, key)
 
 
 def _walk_fsspec(fs: AbstractFileSystem, root: str, skip_prefix: str | None) -> Iterator[tuple[str, int, str, str]]:

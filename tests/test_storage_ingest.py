@@ -309,11 +309,15 @@ def test_a_key_leads_back_to_its_file_even_when_the_name_is_not_utf8(tmp_path):
     with open(os.fsencode(root) + b"/caf\xe9 \xff.png", "wb") as f:
         f.write(b"latin")
     (root / "plain\\x41.png").write_bytes(b"literal")  # a real name that looks like an escape
+    # real names spelling the first file's key, and an escape of a backslash: each a key of its own
+    (root / "caf\\xe9 \\xff.png").write_bytes(b"spelled")
+    (root / "back\\x5c.png").write_bytes(b"backslash")
     fs, path = open_store(str(root))
     objs = {o.key: o for o in list_objects(fs, path)}
-    assert set(objs) == {"caf\\xe9 \\xff.png", "plain\\x41.png"}
+    assert set(objs) == {"caf\\xe9 \\xff.png", "plain\\x41.png", "caf\\x5cxe9 \\x5cxff.png", "back\\x5cx5c.png"}
     for key, obj in objs.items():
         assert fs.cat_file(key_path(fs, path, key)) == read_many(fs, [obj.path])[obj.path]
+    assert fs.cat_file(key_path(fs, path, "caf\\xe9 \\xff.png")) == b"latin"
 
 
 _KILLED_PARENT = """
