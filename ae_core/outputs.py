@@ -44,6 +44,14 @@ SOURCE = "source.parquet"
 # KeyError or TypeError. A missing file stays a FileNotFoundError, and access errors OSErrors.
 CONTENT_ERRORS = (ValueError, RuntimeError, EOFError, KeyError, TypeError, pickle.UnpicklingError)
 
+
+def is_damage(err: BaseException) -> bool:
+    """Whether reading a file raised because its bytes are damaged: CONTENT_ERRORS, or a bare
+    OSError without an errno, which is how pyarrow reports a damaged page inside an intact file
+    (a failed decompression, a page header it cannot parse); the stores' own I/O errors carry
+    an errno, or are subclasses (FileNotFoundError, PermissionError)."""
+    return isinstance(err, CONTENT_ERRORS) or (type(err) is OSError and err.errno is None)
+
 T = TypeVar("T")
 
 
@@ -124,7 +132,9 @@ class Published:
             raise AeError(f"{self.url(MANIFEST)!r} names no {kind} file, it is damaged; {_RERUN}")
         try:
             return read(self.fs, self.file(name), *args)
-        except CONTENT_ERRORS as err:
+        except (*CONTENT_ERRORS, OSError) as err:
+            if not is_damage(err):
+                raise
             detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise AeError(f"{self.url(name)!r} cannot be read, it is damaged ({type(err).__name__}: {detail}); "
                           f"{_RERUN}") from err

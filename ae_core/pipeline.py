@@ -225,6 +225,7 @@ class RunPlan:
     objects: list[ObjectInfo]
     diff: SourceDiff | None = None
     previous: PreviousRun | None = None
+    carried: dict[str, pa.Table] | None = None  # kind -> published rows of unchanged objects
 
     def counts(self) -> dict:
         base = self.diff.counts() if self.diff else {"new": len(self.objects), "changed": 0, "unchanged": 0,
@@ -235,6 +236,33 @@ class RunPlan:
 
 class DamagedRun(Exception):
     """The published run's files cannot be read: this run starts afresh and replaces it."""
+
+
+def _damaged(run_id: str, name: str, err: BaseException) -> DamagedRun:
+    return DamagedRun(f"the published run {run_id}'s {name} cannot be read ({type(err).__name__}); starting afresh")
+
+
+def _read_published(ctx: RunContext, previous: PreviousRun, kind: str, columns: list[str] | None = None) -> pa.Table:
+    """A table of the published run; a DamagedRun when its bytes are damaged (a page inside an
+    intact file: reading the schema alone, as load_previous does, does not find it)."""
+    name = previous.manifest["files"][kind]
+    try:
+        return table.read_table(ctx.out_fs, join(outputs.run_path(ctx.out_root, previous.run_id), name), columns)
+    except (*outputs.CONTENT_ERRORS, OSError) as err:
+        if not outputs.is_damage(err):
+            raise
+        raise _damaged(previous.run_id, name, err) from err
+
+
+def _carried_tables(ctx: RunContext, previous: PreviousRun, diff: SourceDiff) -> dict[str, pa.Table]:
+    """The published rows of unchanged objects, to carry over: read when the run plans, so a
+    damaged table sends the run to start afresh instead of failing after decoding."""
+    keep = pa.array([o.key for o in diff.unchanged], pa.string())
+    out = {}
+    for kind in ("embeddings", "rejects"):
+        prev = _read_published(ctx, previous, kind)
+        out[kind] = prev.filter(pc.is_in(prev.column("key"), value_set=keep))
+    return out
 
 
 def load_previous(ctx: RunContext) -> PreviousRun | None:
@@ -261,9 +289,10 @@ def load_previous(ctx: RunContext) -> PreviousRun | None:
         table.read_schema(ctx.out_fs, join(run_dir, name))
     except FileNotFoundError:
         return None
-    except outputs.CONTENT_ERRORS as err:
-        raise DamagedRun(f"the published run {run_id}'s {name} cannot be read ({type(err).__name__}); "
-                         "starting afresh") from err
+    except (*outputs.CONTENT_ERRORS, OSError) as err:
+        if not outputs.is_damage(err):
+            raise
+        raise _damaged(run_id, name, err) from err
     def keys(reason: str) -> frozenset[str]:
         return frozenset(rejects.filter(pc.equal(rejects.column("reason"), reason)).column("key").to_pylist())
 
@@ -281,8 +310,7 @@ def _probe_model(ctx: RunContext, objects: list[ObjectInfo]) -> ModelConfig:
 
 def _rows_over(ctx: RunContext, previous: PreviousRun, limit: int) -> frozenset[str]:
     """Keys of the published rows whose images have more than `limit` pixels."""
-    rows = table.read_table(ctx.out_fs, join(outputs.run_path(ctx.out_root, previous.run_id),
-                                             previous.manifest["files"]["embeddings"]), ["key", "width", "height"])
+    rows = _read_published(ctx, previous, "embeddings", ["key", "width", "height"])
     pixels = pc.multiply(rows.column("width").cast(pa.int64()), rows.column("height").cast(pa.int64()))
     return frozenset(rows.filter(pc.greater(pixels, limit)).column("key").to_pylist())
 
@@ -291,28 +319,29 @@ def plan_run(ctx: RunContext, objects: list[ObjectInfo]) -> RunPlan:
     """Retrain on everything, or reuse the published model and decode only what changed."""
     cfg = ctx.config
     ae_index.check_trainable(cfg.index.kind, len(objects))  # at most this many vectors: before training
+    limit = cfg.ingest.max_image_pixels
     with ctx.timed("plan"):
         try:
-            previous, damaged = load_previous(ctx), None
-        except DamagedRun as err:
-            previous, damaged = None, str(err)
-        limit = cfg.ingest.max_image_pixels
-        # read again: failed reads; images over the pixel limit when the limit the published run
-        # rejected them under has changed; under a lower limit, its rows now over it (to reject)
-        if previous:
-            rejected_under = previous.manifest.get("config", {}).get("ingest", {}).get("max_image_pixels")
-            again = previous.read_failed | (previous.too_large if rejected_under != limit else frozenset())
-            if rejected_under is None or limit < rejected_under:
-                again |= _rows_over(ctx, previous, limit)
-        diff = diff_listing(previous.listing, objects, again) if previous else None
-        why_not = None
-        if previous:
-            why_not = compatible(cfg.model, cfg.ingest, previous.ckpt.model.arch, previous.ckpt.preprocess)
-            if why_not is None and cfg.train.retrain != "never":  # never: reuse, anomaly_score stays null
-                why_not = anomaly_mismatch(cfg.train.anomaly_steps, previous.ckpt.extra.get("train", {}).get("anomaly_steps"),
-                                           bool(previous.ckpt.anomaly_models))
-        retrain, reason = retrain_decision(cfg.train, diff, why_not)
-        reason = damaged or reason
+            previous, diff, carried = load_previous(ctx), None, None
+            why_not = None
+            if previous:
+                # read again: failed reads; images over the pixel limit when the limit the published
+                # run rejected them under has changed; under a lower limit, its rows now over it
+                rejected_under = previous.manifest.get("config", {}).get("ingest", {}).get("max_image_pixels")
+                again = previous.read_failed | (previous.too_large if rejected_under != limit else frozenset())
+                if rejected_under is None or limit < rejected_under:
+                    again |= _rows_over(ctx, previous, limit)
+                diff = diff_listing(previous.listing, objects, again)
+                why_not = compatible(cfg.model, cfg.ingest, previous.ckpt.model.arch, previous.ckpt.preprocess)
+                if why_not is None and cfg.train.retrain != "never":  # never: reuse, anomaly_score stays null
+                    why_not = anomaly_mismatch(cfg.train.anomaly_steps, previous.ckpt.extra.get("train", {}).get("anomaly_steps"),
+                                               bool(previous.ckpt.anomaly_models))
+            retrain, reason = retrain_decision(cfg.train, diff, why_not)
+            if previous and not retrain:
+                carried = _carried_tables(ctx, previous, diff)
+        except DamagedRun as err:  # nothing of it can be reused: start afresh, as without one
+            previous, diff, carried = None, None, None
+            retrain, reason = True, str(err)
     if retrain or previous is None:
         model = _probe_model(ctx, objects)
         spec = Preprocess(image_size=model.image_size, channels=model.channels,
@@ -324,7 +353,7 @@ def plan_run(ctx: RunContext, objects: list[ObjectInfo]) -> RunPlan:
                                          "blocks_per_stage": arch.blocks_per_stage})
     spec = dataclasses.replace(previous.ckpt.preprocess, max_image_pixels=limit)  # a filter, not the model's
     to_decode = [*diff.new, *diff.changed, *diff.retried, *diff.rechecked]
-    return RunPlan(False, reason, model, spec, to_decode, objects, diff, previous)
+    return RunPlan(False, reason, model, spec, to_decode, objects, diff, previous, carried)
 
 
 def decode_source(ctx: RunContext, plan: RunPlan) -> DecodedCorpus:
@@ -436,14 +465,11 @@ class Encoded:
     quality: dict
 
 
-def _carried(ctx: RunContext, plan: RunPlan, name: str) -> pa.Table | None:
-    """Rows of the previous run's table `name` whose objects are unchanged."""
-    if plan.retrain or plan.previous is None or plan.diff is None:
+def _carried(plan: RunPlan, name: str) -> pa.Table | None:
+    """Rows of the previous run's table `name` whose objects are unchanged (read by plan_run)."""
+    if plan.retrain or not plan.carried:
         return None
-    prev = table.read_table(ctx.out_fs, join(outputs.run_path(ctx.out_root, plan.previous.run_id),
-                                             plan.previous.manifest["files"][name]))
-    keep = pa.array([o.key for o in plan.diff.unchanged], pa.string())
-    return prev.filter(pc.is_in(prev.column("key"), value_set=keep))
+    return plan.carried[name]
 
 
 def _merge(carried: pa.Table | None, fresh: pa.Table) -> pa.Table:
@@ -468,8 +494,8 @@ def encode_corpus(ctx: RunContext, corpus: DecodedCorpus, ckpt: checkpoint.Check
                 "resize": ckpt.preprocess.resize, "run_id": ctx.run_id, "metric": "l2",
                 "recon_error": "mean squared error per pixel on [0,1] at the model's input size",
                 "anomaly_score": "recon_error under the fold model not trained on the image (held out)"}
-        embeddings = _merge(_carried(ctx, plan, "embeddings"), table.embeddings_table(images, emb, err, meta, anomaly))
-        rejects = _merge(_carried(ctx, plan, "rejects"), table.rejects_table(corpus.rejects))
+        embeddings = _merge(_carried(plan, "embeddings"), table.embeddings_table(images, emb, err, meta, anomaly))
+        rejects = _merge(_carried(plan, "rejects"), table.rejects_table(corpus.rejects))
         if embeddings.num_rows == 0:  # a reused model on a source now all junk: refused as a fresh run is
             raise nothing_decoded(redact_url(ctx.config.source), rejects.to_pylist())
         table.write_table(ctx.out_fs, ctx.out(outputs.EMBEDDINGS), embeddings)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from contextlib import nullcontext
 
+import pyarrow.parquet as pq
 import pytest
 
 from ae_core import outputs, pipeline
@@ -110,6 +111,30 @@ def _query_reading(name: str, out: str, digits) -> None:
 # each published file, damaged as a power loss or a hand edit leaves it: emptied or cut short
 _DAMAGE = {"manifest.json": 0.5, "source.parquet": 0.0, "model.pt": 0.1, "rejects.parquet": 0.0,
            "embeddings.parquet": 0.5, "index.faiss": 0.5}
+
+
+@pytest.mark.parametrize("name", ["embeddings.parquet", "source.parquet"])
+def test_a_table_damaged_inside_an_intact_footer_is_one_line_and_the_next_run_replaces_the_run(mnist_subset, tmp_path, name):
+    # before: pyarrow's OSError (a failed decompression) was no damage: the queries printed a
+    # traceback, and every later run failed, the embeddings table only once its rows were merged
+    out = tmp_path / "out"
+    config = RunConfig(source=str(mnist_subset), output=str(out), work_dir=str(tmp_path / "work"),
+                       ingest=IngestConfig(include=["000*"], workers=1), train=TrainConfig(epochs=1, anomaly_steps=0))
+    _up_to_publish(config, "20260101T000000Z-aaaaaa")()
+    path = out / outputs.RUNS / "20260101T000000Z-aaaaaa" / name
+    data = bytearray(path.read_bytes())
+    footer = int.from_bytes(data[-8:-4], "little")  # the pages lie between "PAR1" and the footer
+    data[4:len(data) - 8 - footer] = bytes(len(data) - 12 - footer)
+    path.write_bytes(bytes(data))
+    assert pq.read_schema(path).names  # the footer still reads
+    if name == "embeddings.parquet":
+        with pytest.raises(AeError, match=r"embeddings\.parquet' cannot be read, it is damaged \(OSError"):
+            _query_reading(name, str(out), mnist_subset)
+    manifest = _up_to_publish(config, "20260101T000001Z-bbbbbb")()  # nothing changed: it would reuse
+    assert manifest["changes"]["retrained"] and manifest["changes"]["previous_run"] is None
+    assert f"{name} cannot be read (OSError)" in manifest["changes"]["retrain_reason"]
+    assert outputs.resolve(str(out)).run_id == "20260101T000001Z-bbbbbb"
+    _query_reading("embeddings.parquet", str(out), mnist_subset)
 
 
 @pytest.mark.parametrize("name", sorted(_DAMAGE))
