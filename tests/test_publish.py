@@ -113,15 +113,20 @@ _DAMAGE = {"manifest.json": 0.5, "source.parquet": 0.0, "model.pt": 0.1, "reject
            "embeddings.parquet": 0.5, "index.faiss": 0.5}
 
 
-@pytest.mark.parametrize("name", ["embeddings.parquet", "source.parquet"])
-def test_a_table_damaged_inside_an_intact_footer_is_one_line_and_the_next_run_replaces_the_run(mnist_subset, tmp_path, name):
-    # before: pyarrow's OSError (a failed decompression) was no damage: the queries printed a
-    # traceback, and every later run failed, the embeddings table only once its rows were merged
+def _published_once(mnist_subset, tmp_path, name: str):
+    """(OUTPUT, the config that published run aaaaaa into it, the path of its file `name`)."""
     out = tmp_path / "out"
     config = RunConfig(source=str(mnist_subset), output=str(out), work_dir=str(tmp_path / "work"),
                        ingest=IngestConfig(include=["000*"], workers=1), train=TrainConfig(epochs=1, anomaly_steps=0))
     _up_to_publish(config, "20260101T000000Z-aaaaaa")()
-    path = out / outputs.RUNS / "20260101T000000Z-aaaaaa" / name
+    return out, config, out / outputs.RUNS / "20260101T000000Z-aaaaaa" / name
+
+
+@pytest.mark.parametrize("name", ["embeddings.parquet", "source.parquet"])
+def test_a_table_damaged_inside_an_intact_footer_is_one_line_and_the_next_run_replaces_the_run(mnist_subset, tmp_path, name):
+    # before: pyarrow's OSError (a failed decompression) was no damage: the queries printed a
+    # traceback, and every later run failed, the embeddings table only once its rows were merged
+    out, config, path = _published_once(mnist_subset, tmp_path, name)
     data = bytearray(path.read_bytes())
     footer = int.from_bytes(data[-8:-4], "little")  # the pages lie between "PAR1" and the footer
     data[4:len(data) - 8 - footer] = bytes(len(data) - 12 - footer)
@@ -141,11 +146,7 @@ def test_a_table_damaged_inside_an_intact_footer_is_one_line_and_the_next_run_re
 def test_a_damaged_published_file_is_one_line_and_the_next_run_replaces_the_run(mnist_subset, tmp_path, name):
     # before: an unreadable file made every later run fail with a traceback (after Prefect's
     # retries), even with --retrain always, and queries printed tracebacks
-    out = tmp_path / "out"
-    config = RunConfig(source=str(mnist_subset), output=str(out), work_dir=str(tmp_path / "work"),
-                       ingest=IngestConfig(include=["000*"], workers=1), train=TrainConfig(epochs=1, anomaly_steps=0))
-    _up_to_publish(config, "20260101T000000Z-aaaaaa")()
-    path = out / outputs.RUNS / "20260101T000000Z-aaaaaa" / name
+    out, config, path = _published_once(mnist_subset, tmp_path, name)
     data = path.read_bytes()
     path.write_bytes(data[:int(len(data) * _DAMAGE[name])])
     if name != "source.parquet":  # read by the next run only
