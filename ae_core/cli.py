@@ -386,7 +386,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"{out['rows_labelled']} labelled rows ({out['rows_without_label']} without a label), "
+        shared = (f"; {out['rows_with_shared_name']} of them because their file name, which the labels file "
+                  "names, is shared by several keys: give whole keys there") if out.get("rows_with_shared_name") else ""
+        print(f"{out['rows_labelled']} labelled rows ({out['rows_without_label']} without a label{shared}), "
               f"{out['classes']} classes, {out['folds']}-fold cross-validation:")
         print(f"  5-NN accuracy                {out['knn5_accuracy']:.4f}")
         print(f"  logistic regression accuracy {out['logreg_accuracy']:.4f}")

@@ -8,7 +8,8 @@ from __future__ import annotations
 import csv
 import math
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,9 +90,14 @@ def read_labels(url: str, key_col: str, label_col: str) -> dict[str, str]:
     return labels
 
 
-def label_of(labels: dict[str, str], key: str) -> str | None:
-    """A key's label: by the key itself, else by its file name (labels files often hold names)."""
-    return labels.get(key, labels.get(key.rsplit("/", 1)[-1]))
+def label_of(labels: dict[str, str], key: str, shared_names: Collection[str] = ()) -> str | None:
+    """A key's label: by the key itself, else by its file name (labels files often hold names),
+    unless that name is in `shared_names` (the names several keys share: which of them a row
+    names, the labels file cannot say)."""
+    if key in labels:
+        return labels[key]
+    name = key.rsplit("/", 1)[-1]
+    return None if name in shared_names else labels.get(name)
 
 
 @dataclass
@@ -100,22 +106,34 @@ class Labelled:
     x: np.ndarray
     y: np.ndarray
     unmatched_rows: int
+    shared_name_rows: int = 0  # of the unmatched: a labels row names their file name, which other keys share
 
 
-def match_labels(keys: Sequence[str], labels: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
-    """(positions of the keys that have a label, their labels); AeError when none has one."""
-    matched = [(i, lab) for i, lab in ((i, label_of(labels, k)) for i, k in enumerate(keys)) if lab is not None]
+def shared_names(keys: Sequence[str]) -> set[str]:
+    """File names that more than one key ends in (a/1.png and b/1.png). Pure."""
+    names = Counter(k.rsplit("/", 1)[-1] for k in keys)
+    return {n for n, count in names.items() if count > 1}
+
+
+def match_labels(keys: Sequence[str], labels: dict[str, str]) -> tuple[np.ndarray, np.ndarray, int]:
+    """(positions of the keys that have a label, their labels, how many keys have none only
+    because the labels file names their file name, which other keys share); AeError when no
+    key has a label."""
+    shared = shared_names(keys) & labels.keys()
+    matched = [(i, lab) for i, lab in ((i, label_of(labels, k, shared)) for i, k in enumerate(keys)) if lab is not None]
     if not matched:
-        raise AeError("no image key matches a key of the labels file; check --key-col")
-    return np.array([i for i, _ in matched]), np.array([lab for _, lab in matched])
+        raise AeError("no image key matches a key of the labels file; check --key-col"
+                      + (" (file names shared by several keys match none: give whole keys)" if shared else ""))
+    skipped = sum(1 for k in keys if k not in labels and k.rsplit("/", 1)[-1] in shared)
+    return np.array([i for i, _ in matched]), np.array([lab for _, lab in matched]), skipped
 
 
 def join_labels(tbl: pa.Table, labels: dict[str, str]) -> Labelled:
     """Rows of the embedding table whose key has a label (the key itself, or its file name)."""
     keys = tbl.column("key").to_pylist()
-    rows, y = match_labels(keys, labels)
+    rows, y, shared = match_labels(keys, labels)
     emb = table.embeddings_matrix(tbl)[rows]
-    return Labelled([keys[i] for i in rows], emb, y, len(keys) - len(rows))
+    return Labelled([keys[i] for i in rows], emb, y, len(keys) - len(rows), shared)
 
 
 def probe(output: str, labels_url: str, key_col: str = "filename", label_col: str = "label") -> dict:
@@ -125,6 +143,7 @@ def probe(output: str, labels_url: str, key_col: str = "filename", label_col: st
     data = join_labels(tbl, read_labels(labels_url, key_col, label_col))
     return {"output": output, "run_id": pub.run_id, "model_version": pub.manifest["model_version"],
             "rows_labelled": len(data.keys), "rows_without_label": data.unmatched_rows,
+            "rows_with_shared_name": data.shared_name_rows,
             "classes": int(len(np.unique(data.y))),
             f"knn{KNN_K}_accuracy": knn_accuracy(data.x, data.y),
             "logreg_accuracy": linear_probe_accuracy(data.x, data.y), "folds": _folds(data.y, FOLDS)}
@@ -206,7 +225,7 @@ def evaluate_corpus(source: str, labels_url: str, key_col: str, label_col: str, 
         if len(corpus) == 0:
             raise nothing_decoded(redact_url(source), corpus.rejects, "nothing to evaluate")
         pixels = np.asarray(corpus.pixels())
-    have, y = match_labels([img["key"] for img in corpus.images], read_labels(labels_url, key_col, label_col))
+    have, y, _ = match_labels([img["key"] for img in corpus.images], read_labels(labels_url, key_col, label_col))
     raw = pixels.reshape(len(pixels), -1).astype(np.float32) / 255.0
     raw_knn = knn_accuracy(raw[have], y)
     pca = pca_fits(raw, dims)  # one SVD serves every dimension

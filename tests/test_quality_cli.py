@@ -48,6 +48,7 @@ def test_probe_reports_cross_validated_accuracy(labelled_run):
     _, out, labels = labelled_run
     res = json.loads(ae("probe", out, "--labels", labels, "--json").stdout)
     assert res["rows_labelled"] == 300 and res["rows_without_label"] == 5 and res["classes"] == 10
+    assert res["rows_with_shared_name"] == 0
     assert 0.5 < res["knn5_accuracy"] <= 1.0  # ten classes: chance is 0.1
     assert 0.5 < res["logreg_accuracy"] <= 1.0
 
@@ -150,6 +151,18 @@ def test_blank_labels_are_no_labels_and_a_header_alone_has_its_columns(tmp_path)
     csv_file.write_text("name,class\n")
     with pytest.raises(AeError, match=r"\(it has: name, class\)"):
         read_labels(str(csv_file), "filename", "label")
+
+
+def test_a_file_name_several_keys_share_labels_none_of_them():
+    from ae_core.evaluate import match_labels
+
+    keys = ["a/1.png", "b/1.png", "a/2.png", "c/3.png", "c/1.png"]
+    labels = {"1.png": "one", "2.png": "two", "c/1.png": "c-one", "3.png": "three"}
+    rows, y, shared = match_labels(keys, labels)
+    # a/1.png and b/1.png: "1.png" could be either; c/1.png has its whole key in the file
+    assert rows.tolist() == [2, 3, 4] and y.tolist() == ["two", "three", "c-one"] and shared == 2
+    with pytest.raises(AeError, match="file names shared by several keys match none"):
+        match_labels(["a/1.png", "b/1.png"], {"1.png": "one"})
 
 
 def test_a_key_labelled_twice_differently_is_refused_naming_both_lines(tmp_path):
