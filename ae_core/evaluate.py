@@ -178,7 +178,7 @@ def outlier_grid(output: str, keys: Sequence[str]) -> bytes:
     ckpt = pub.load("checkpoint", checkpoint.read_checkpoint)
     tbl = pub.load("embeddings", table.read_table, ["key", "fingerprint"])
     prints = dict(zip(tbl.column("key").to_pylist(), tbl.column("fingerprint").to_pylist()))
-    source = pub.manifest["config"]["source"]
+    source = pub.manifest["source"]  # an absolute path for a local source (outputs.manifest_problem checks it)
     fs, root = open_store(source)
     pixels = []
     for key in keys:

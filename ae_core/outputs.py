@@ -198,4 +198,26 @@ def resolve(output: str) -> Published:
                       "the folder was altered by hand, rerun `ae run`") from err
     except ValueError as err:  # not JSON, not UTF-8: damaged
         raise AeError(f"{output!r}: the manifest of run {run_id!r} is damaged ({err}); rerun `ae run`") from err
+    problem = manifest_problem(manifest)
+    if problem:
+        raise AeError(f"{output!r}: the manifest of run {run_id!r} is damaged ({problem}); {_RERUN}")
     return Published(fs, root, run_id, manifest)
+
+
+# what the queries read from every manifest, with its JSON type
+_MANIFEST_FIELDS = {"files": dict, "rows": int, "rejected": int, "dim": int, "image_size": int, "channels": int,
+                    "model_version": str, "source": str}
+_MANIFEST_FILES = ("embeddings", "rejects", "index", "checkpoint")
+
+
+def manifest_problem(manifest: object) -> str | None:
+    """What is wrong with a manifest that parsed as JSON (not an object, a field missing or of
+    another type), or None. Pure."""
+    if not isinstance(manifest, dict):
+        return f"a JSON {type(manifest).__name__}, not an object"
+    for name, kind in _MANIFEST_FIELDS.items():
+        value = manifest.get(name)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            return f"{name!r} is missing or not a {kind.__name__}"
+    missing = [k for k in _MANIFEST_FILES if not isinstance(manifest["files"].get(k), str)]
+    return f"'files' names no {', '.join(missing)}" if missing else None

@@ -278,6 +278,9 @@ def load_previous(ctx: RunContext) -> PreviousRun | None:
     name = outputs.MANIFEST
     try:
         manifest = json.loads(ctx.out_fs.cat_file(join(run_dir, name)))
+        problem = outputs.manifest_problem(manifest)
+        if problem:
+            raise ValueError(problem)
         name = outputs.SOURCE
         listing = listing_from_table(table.read_table(ctx.out_fs, join(run_dir, name)))
         name = manifest["files"]["checkpoint"]

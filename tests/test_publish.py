@@ -6,6 +6,7 @@ Runs of the same relative paths from different folders never share a pixel cache
 from __future__ import annotations
 
 import os
+import re
 from contextlib import nullcontext
 
 import pyarrow.parquet as pq
@@ -111,6 +112,29 @@ def _query_reading(name: str, out: str, digits) -> None:
 # each published file, damaged as a power loss or a hand edit leaves it: emptied or cut short
 _DAMAGE = {"manifest.json": 0.5, "source.parquet": 0.0, "model.pt": 0.1, "rejects.parquet": 0.0,
            "embeddings.parquet": 0.5, "index.faiss": 0.5}
+
+
+def test_a_manifest_that_parses_but_lacks_what_the_queries_read_is_one_line(mnist_subset, tmp_path):
+    import json
+
+    from ae_core import evaluate, query
+
+    out, config, path = _published_once(mnist_subset, tmp_path, outputs.MANIFEST)
+    good = json.loads(path.read_text())
+    no_rows = {k: v for k, v in good.items() if k != "rows"}
+    no_index = {**good, "files": {k: v for k, v in good["files"].items() if k != "index"}}
+    for damaged, problem in [({}, "'files' is missing"), ([], "a JSON list, not an object"),
+                             (None, "a JSON NoneType"), (no_rows, "'rows' is missing or not a int"),
+                             ({**good, "dim": "32"}, "'dim' is missing or not a int"),
+                             (no_index, "'files' names no index")]:
+        path.write_text(json.dumps(damaged))
+        for reading in (lambda: query.info(str(out)), lambda: evaluate.outliers(str(out), 2),
+                        lambda: evaluate.probe(str(out), str(mnist_subset.parent / "mnist-test-labels.csv"))):
+            with pytest.raises(AeError, match=rf"manifest of run .* is damaged \({re.escape(problem)}"):
+                reading()
+    manifest = _up_to_publish(config, "20260101T000001Z-bbbbbb")()  # the next run replaces the run
+    assert manifest["changes"]["retrained"] and "manifest.json cannot be read" in manifest["changes"]["retrain_reason"]
+    assert query.info(str(out))["rows"] == manifest["rows"]
 
 
 def _published_once(mnist_subset, tmp_path, name: str):
