@@ -185,6 +185,9 @@ def resolve(output: str) -> Published:
     check_store(fs, root, redact_url(output), "output")  # unreachable, no bucket, access denied: one line
     try:
         run_id = latest_run_id(fs, root)
+    except NotADirectoryError as err:  # a local file given as OUTPUT
+        raise AeError(f"output {redact_url(output)!r} is a file, not an output folder; give the folder "
+                      "`ae run` wrote (it holds LATEST and runs/)") from err
     except OSError as err:  # access denied on the object, a dropped connection
         raise AeError(f"cannot read {LATEST} at {redact_url(output)!r} ({type(err).__name__}: {err}); "
                       "check the credentials and the endpoint") from err

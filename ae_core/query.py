@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,6 +77,10 @@ def neighbours_of_key(output: str, key: str, k: int = 10) -> list[Neighbour]:
     if len(rows) == 0 and utf8_key(key) != key:
         key = utf8_key(key)
         rows = pc.indices_nonzero(pc.equal(keys, key)).to_numpy()
+    for form in ("NFC", "NFD"):  # é typed as one character, stored as e and an accent (macOS), or back
+        if len(rows) == 0 and unicodedata.normalize(form, key) != key:
+            rows = pc.indices_nonzero(pc.equal(keys, unicodedata.normalize(form, key))).to_numpy()
+            key = unicodedata.normalize(form, key) if len(rows) else key
     if len(rows) == 0:
         rejects = pub.load("rejects", table.read_table, ["key", "reason"])
         hit = rejects.filter(pc.equal(rejects.column("key"), key))

@@ -134,7 +134,7 @@ def pretrain_and_embed(source: str, output: str, ingest: IngestConfig = IngestCo
 
 def _run(config: RunConfig, aws_credentials_block: str | None, pretrain_deployment: str | None) -> dict:
     options = s3_options_from_block(aws_credentials_block) if aws_credentials_block else None
-    ctx = pipeline.claim_work_dir(pipeline.prepare_run(config, options, run_id=_run_id()))
+    ctx = pipeline.prepare_run(config, options, run_id=_run_id())
     logger = get_run_logger()
     logger.info("run %s: %s -> %s", ctx.run_id, pipeline.redact_url(config.source), pipeline.redact_url(config.output))
     # Stage results are passed `opaque`: Prefect records the dependency but does not walk every
@@ -142,6 +142,8 @@ def _run(config: RunConfig, aws_credentials_block: str | None, pretrain_deployme
     objects = opaque(list_task(ctx))
     plan = opaque(plan_task(ctx, objects))
     logger.info("plan: %s", plan.unwrap().counts())
+    # the pixel cache is held from here: a run refused while it listed or planned leaves none
+    ctx = pipeline.claim_work_dir(ctx)
     corpus = opaque(decode_task(ctx, plan))
     if pretrain_deployment:
         pretrain_on_pool(ctx, corpus, plan, pretrain_deployment, aws_credentials_block)

@@ -656,6 +656,9 @@ def test_a_finished_run_deletes_its_cache_not_the_work_dir_it_was_given(mnist_su
     (mine / "notes.txt").write_text("important")
     ae("run", src, tmp_path / "out", "--epochs", 1, "--dim", 4, "--anomaly-steps", 0, "--work-dir", mine)
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]  # the cache went, the rest stayed
+    refused = ae("run", src, tmp_path / "out", "--dim", 8, "--retrain", "never", "--work-dir", mine, check=False)
+    assert_one_line_error(refused, "retrain=never")
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]  # refused while planning: no cache made
     inside = ae("run", src, tmp_path / "out2", "--work-dir", src / ".cache", check=False)
     assert_one_line_error(inside, "lies inside source")
     assert not (src / ".cache").exists() and not (tmp_path / "out2").exists()

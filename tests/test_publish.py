@@ -137,6 +137,29 @@ def test_a_manifest_that_parses_but_lacks_what_the_queries_read_is_one_line(mnis
     assert query.info(str(out))["rows"] == manifest["rows"]
 
 
+def test_a_key_typed_in_the_other_unicode_form_is_found_and_a_file_as_output_is_one_line(mnist_subset, tmp_path):
+    import shutil
+    import unicodedata
+
+    from ae_core import query
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in sorted(os.listdir(mnist_subset))[:20]:
+        shutil.copy(mnist_subset / name, src / name)
+    nfd = unicodedata.normalize("NFD", "café.png")  # as macOS writes names, and zips made there
+    shutil.copy(mnist_subset / "00001.png", src / nfd)
+    out = tmp_path / "out"
+    _up_to_publish(RunConfig(source=str(src), output=str(out), work_dir=str(tmp_path / "work"),
+                             train=TrainConfig(epochs=1, anomaly_steps=0)), "20260101T000000Z-aaaaaa")()
+    for typed in ("café.png", nfd):  # the first as most keyboards type it: one character é
+        assert query.neighbours_of_key(str(out), typed, 1)[0].key == nfd
+    with pytest.raises(AeError, match="'nope.png' is not in the table"):
+        query.neighbours_of_key(str(out), "nope.png", 1)
+    with pytest.raises(AeError, match=r"is a file, not an output folder; give the folder `ae run` wrote"):
+        query.info(str(src / "00001.png"))
+
+
 def _published_once(mnist_subset, tmp_path, name: str):
     """(OUTPUT, the config that published run aaaaaa into it, the path of its file `name`)."""
     out = tmp_path / "out"
