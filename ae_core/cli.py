@@ -485,9 +485,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs")
     r.set_defaults(func=cmd_run)
 
+    block_help = "a prefect-aws AwsCredentials block to use for s3:// URLs (as `ae run` takes it)"
     i = sub.add_parser("info", help="what is published in OUTPUT")
     i.add_argument("output")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--aws-credentials-block", metavar="NAME", help=block_help)
     i.set_defaults(func=cmd_info)
 
     n = sub.add_parser("neighbours", aliases=["neighbors"], help="nearest neighbours of a key or a new image")
@@ -497,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--image", help="a new image file or URL, encoded with the published model")
     n.add_argument("-k", type=int, default=10, help="neighbours to return (default 10)")
     n.add_argument("--json", action="store_true")
+    n.add_argument("--aws-credentials-block", metavar="NAME", help=block_help)
     n.set_defaults(func=cmd_neighbours)
 
     e = sub.add_parser("evaluate", help="AE vs PCA vs raw pixels on a labelled corpus")
@@ -507,12 +510,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-minutes", type=float)
     e.add_argument("--seed", type=int)
     e.add_argument("--markdown", metavar="FILE", help="also write the table to FILE")
+    e.add_argument("--aws-credentials-block", metavar="NAME", help=block_help)
     e.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("probe", help="k-NN and logistic-regression accuracy of published embeddings")
     pr.add_argument("output")
     _label_args(pr)
     pr.add_argument("--json", action="store_true")
+    pr.add_argument("--aws-credentials-block", metavar="NAME", help=block_help)
     pr.set_defaults(func=cmd_probe)
 
     o = sub.add_parser("outliers", help="the worst-reconstructed images (highest anomaly scores)")
@@ -523,6 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "recon_error: the published model's own error")
     o.add_argument("--grid", metavar="PNG", help="write a picture of them above their reconstructions")
     o.add_argument("--json", action="store_true")
+    o.add_argument("--aws-credentials-block", metavar="NAME", help=block_help)
     o.set_defaults(func=cmd_outliers)
 
     d = sub.add_parser("demo", help="embed scikit-learn's digits and show neighbours")
@@ -538,9 +544,32 @@ def _validation_line(err: ValidationError) -> str:
     return f"invalid setting {where}: {first.get('msg')} (got {first.get('input')!r})"
 
 
+def _use_block_credentials(block: str) -> None:
+    """For the commands that read a published result: the AwsCredentials block's s3 options as
+    fsspec's defaults for s3:// in this process (fsspec.config.conf), so every store they open
+    uses them. `ae run` hands them to the flow instead. Prefect's temporary server is started to
+    read the block when no server is configured, and stopped again."""
+    import fsspec.config
+
+    from flows.credentials import s3_options_from_block
+
+    _offline_prefect_env(False)
+    server = _TemporaryServer.launch()
+    try:
+        with _prefect_api(server):
+            options = s3_options_from_block(block)
+    finally:
+        if server is not None:
+            server.stop()
+    for protocol, opts in options.items():
+        fsspec.config.conf[protocol] = {**fsspec.config.conf.get(protocol, {}), **opts}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "aws_credentials_block", None) and args.func is not cmd_run:
+            _use_block_credentials(args.aws_credentials_block)
         return args.func(args)
     except AeError as err:
         print(f"ae: error: {err}", file=sys.stderr)

@@ -25,7 +25,7 @@ from fsspec.spec import AbstractFileSystem
 from ae_core.decode import Preprocess, decode_image, fingerprint, might_be_image
 from ae_core.errors import AeError, DecodeError
 from ae_core.hardware import usable_cores
-from ae_core.storage import ObjectInfo, is_local, read_heads, read_many
+from ae_core.storage import ObjectInfo, is_connection_error, is_local, read_heads, read_many
 
 READ_ERROR = "read_error"  # the reject reason of an object that could not be read (worth retrying)
 _IN_PROCESS_BELOW = 512  # objects; below this a process pool costs more to start than it saves
@@ -307,6 +307,12 @@ def _fetch(fs: AbstractFileSystem, batch: list[ObjectInfo]) -> list[tuple[str, i
     items = []
     for o in batch:
         data = got.get(o.path)
+        if isinstance(data, BaseException) and is_connection_error(data):
+            # the store, not this object: rejecting the rest one by one would publish a run made
+            # from what was read before the outage. Transient: the stage and the flow retry, and
+            # the shards decoded so far are kept for them
+            raise AeError(f"the store stopped answering while decoding ({type(data).__name__} on {o.key!r}: "
+                          f"{str(data)[:200]}); nothing was published", transient=True)
         if isinstance(data, BaseException) or data is None:
             err = f"{type(data).__name__}: {data}" if data is not None else "object vanished"
             items.append((o.key, o.size, None, err))

@@ -107,6 +107,9 @@ def prepare_run(config: RunConfig, storage_options: Mapping[str, dict] | None = 
     `storage_options` (protocol -> fsspec options) carries credentials that must not live in the
     config, which is stored in every manifest.
     """
+    for role, url in (("source", config.source), ("output", config.output)):
+        if not url.strip():  # fsspec would take it for the working directory (a worker's checkout)
+            raise AeError(f"{role} is empty; give a folder or an fsspec URL such as s3://bucket/prefix")
     src_url, out_url = redact_url(config.source), redact_url(config.output)
     src_fs, src_root = open_store(config.source, storage_options)
     out_fs, out_root = open_store(config.output, storage_options)

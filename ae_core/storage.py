@@ -44,12 +44,16 @@ def open_store(url: str, options: Mapping[str, dict] | None = None) -> tuple[Abs
     `options` maps a protocol ("s3") to fsspec storage options for it (credentials from a Prefect
     block, say); without them fsspec's own configuration and the AWS variables apply.
     """
+    if not url.strip():  # fsspec would take it for the working directory
+        raise AeError("an empty path or URL; give a folder or an fsspec URL such as s3://bucket/prefix")
     protocol = url.split("://", 1)[0] if "://" in url else "file"
     try:
         fs, root = url_to_fs(url, **dict((options or {}).get(protocol, {})))
     except (ValueError, ImportError) as err:
         raise AeError(f"cannot open {url!r}: {err}; use a local path or an fsspec URL "
                       "such as file://, s3:// or memory://") from err
+    if _protocol(fs) in _BUCKETED and not root.strip("/"):
+        raise AeError(f"{redact_url(url)!r} names no bucket; give {_protocol(fs)}://bucket or {_protocol(fs)}://bucket/prefix")
     return fs, root.rstrip("/") or root
 
 
@@ -221,11 +225,14 @@ def listing_tag(info: dict) -> str:
     return f"size:{info.get('size')}:mtime:{mtime}"
 
 
+_BUCKETED = ("s3", "s3a", "gs", "gcs", "az", "abfs")  # object stores whose paths start with a bucket
+
+
 def _protocol(fs: AbstractFileSystem) -> str:
     return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
 
 
-def _is_connection_error(err: BaseException) -> bool:
+def is_connection_error(err: BaseException) -> bool:
     names = {cls.__name__ for cls in type(err).__mro__}
     return isinstance(err, (ConnectionError, TimeoutError)) or bool(
         names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionClosedError"})
@@ -243,7 +250,7 @@ def check_store(fs: AbstractFileSystem, root: str, url: str, role: str) -> None:
     For object stores the bucket itself is checked: it must exist and be readable with the
     credentials in effect. Credentials never appear in the message.
     """
-    bucket = root.split("/", 1)[0] if _protocol(fs) in ("s3", "s3a", "gs", "gcs", "az", "abfs") else None
+    bucket = root.split("/", 1)[0] if _protocol(fs) in _BUCKETED else None
     where = _where(fs) if bucket else ""
     try:
         if bucket:
@@ -256,7 +263,7 @@ def check_store(fs: AbstractFileSystem, root: str, url: str, role: str) -> None:
                       "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE) and the "
                       "bucket's policy") from err
     except Exception as err:
-        if _is_connection_error(err):
+        if is_connection_error(err):
             raise _unreachable(role, url, where) from err
         if {cls.__name__ for cls in type(err).__mro__} & {"NoCredentialsError", "PartialCredentialsError"}:
             raise AeError(f"{role} {url!r}: no credentials found{where}; set AWS_ACCESS_KEY_ID and "
@@ -286,7 +293,7 @@ def check_store_writable(fs: AbstractFileSystem, root: str, url: str, role: str)
                           f"({err}); the credentials need permission to write and delete objects under "
                           f"it{needs}{left}") from err
         except Exception as err:
-            if _is_connection_error(err):
+            if is_connection_error(err):
                 raise _unreachable(role, url, where) from err
             raise
 
@@ -471,5 +478,5 @@ __all__ = [
     "ObjectInfo", "open_store", "check_store", "listing_tag", "display_url", "join", "key_matches", "list_objects", "read_many",
     "write_bytes_atomic", "put_file_atomic", "read_text", "fetch_to_local", "same_or_inside",
     "iter_batches", "redact_url", "check_local_writable", "check_store_writable", "read_heads",
-    "utf8_key", "key_path",
+    "utf8_key", "key_path", "is_connection_error",
 ]

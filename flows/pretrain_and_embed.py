@@ -27,6 +27,7 @@ from ae_core.config import (EncodeConfig, IndexConfig, IngestConfig, ModelConfig
                             RunConfig, TrainConfig)
 from ae_core.errors import AeError
 from ae_core.storage import display_url
+from ae_core.train import pick_device
 from flows.credentials import s3_options_from_block
 
 def _unless_ae_error(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's retry_condition_fn
@@ -67,6 +68,29 @@ index_task = task(pipeline.build_index, name="index", cache_policy=NO_CACHE)
 report_task = task(pipeline.draw_report, name="report", cache_policy=NO_CACHE)
 publish_task = task(pipeline.publish_run, name="publish", **_io)
 REJECTS_IN_ARTIFACT = 500
+
+
+STAGE_FLOW = "pretrain-stage"  # flows/pretrain_stage.py
+
+
+def check_pretrain_deployment(name: str) -> None:
+    """Refuse, before anything is read or written, a pretrain_deployment that names no
+    deployment, or one of another flow: run_deployment found out only after decoding and
+    staging the pixels, and a deployment of this flow waited forever on the concurrency slot
+    its own parent held."""
+    from prefect.exceptions import ObjectNotFound
+
+    fix = (f"deploy flows/pretrain_stage.py:pretrain_stage on the GPU pool (README, Run on a schedule) "
+           f"and name it as {STAGE_FLOW}/<deployment>, or leave pretrain_deployment unset to train here")
+    if name.count("/") != 1 or not all(name.split("/")):
+        raise AeError(f"pretrain_deployment {name!r} is not <flow>/<deployment>; {fix}")
+    with get_client(sync_client=True) as client:
+        try:
+            flow_name = client.read_flow(client.read_deployment_by_name(name).flow_id).name
+        except ObjectNotFound as err:
+            raise AeError(f"pretrain_deployment {name!r}: no such deployment on this Prefect server; {fix}") from err
+    if flow_name != STAGE_FLOW:
+        raise AeError(f"pretrain_deployment {name!r} runs flow {flow_name!r}, not {STAGE_FLOW!r}; {fix}")
 
 
 @task(name="pretrain-on-pool", cache_policy=NO_CACHE)
@@ -135,6 +159,10 @@ def pretrain_and_embed(source: str, output: str, ingest: IngestConfig = IngestCo
 def _run(config: RunConfig, aws_credentials_block: str | None, pretrain_deployment: str | None) -> dict:
     options = s3_options_from_block(aws_credentials_block) if aws_credentials_block else None
     ctx = pipeline.prepare_run(config, options, run_id=_run_id())
+    if pretrain_deployment:
+        check_pretrain_deployment(pretrain_deployment)
+    else:  # trained here: a device this machine lacks stops the run now, not after decoding
+        pick_device(config.train.device)
     logger = get_run_logger()
     logger.info("run %s: %s -> %s", ctx.run_id, pipeline.redact_url(config.source), pipeline.redact_url(config.output))
     # Stage results are passed `opaque`: Prefect records the dependency but does not walk every

@@ -3,6 +3,8 @@ resumes in the same run folder and does not train the model again."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import ae_core.pipeline as pipeline
@@ -16,6 +18,19 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+def _count_listings(monkeypatch) -> list[int]:
+    """A list that gains an item each time the source is listed (the pipeline's first read)."""
+    listings: list[int] = []
+    real_list = pipeline.list_objects
+
+    def counting_list(*args, **kwargs):
+        listings.append(1)
+        return real_list(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "list_objects", counting_list)
+    return listings
 
 
 def test_encode_failure_retry_does_not_retrain(prefect_harness, mnist_subset, tmp_path, monkeypatch):
@@ -54,14 +69,7 @@ def test_an_ae_error_is_not_retried_by_the_stage_or_the_flow(prefect_harness, mn
     from ae_core.errors import AeError
     from flows.pretrain_and_embed import pretrain_and_embed
 
-    listings = []
-    real_list = pipeline.list_objects
-
-    def counting_list(*args, **kwargs):
-        listings.append(1)
-        return real_list(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "list_objects", counting_list)
+    listings = _count_listings(monkeypatch)
     import flows.pretrain_and_embed as flows_module
     monkeypatch.setattr(flows_module, "list_task", flows_module.list_task.with_options(retry_delay_seconds=0))
     flow = pretrain_and_embed.with_options(retries=1, retry_delay_seconds=0)
@@ -101,3 +109,29 @@ def test_an_ae_error_is_not_retried_by_the_stage_or_the_flow(prefect_harness, mn
     with pytest.raises(ConnectionError):
         flow(source=str(mnist_subset), output=str(tmp_path / "out2"))
     assert len(listings) == 6  # 3 tries of the stage, in each of 2 flow attempts
+
+
+def test_wrong_arguments_the_flow_alone_sees_stop_it_before_anything_is_read(prefect_harness, mnist_subset, tmp_path,
+                                                                             monkeypatch):
+    """An empty SOURCE or OUTPUT (fsspec's working directory: a worker's checkout), a device this
+    machine lacks, a pretrain_deployment that does not exist or runs another flow: each one line,
+    before listing. Before, the first ran to the end on the wrong folder, and the last two were
+    found only after decoding (the wrong flow waited forever on its parent's concurrency slot)."""
+    from ae_core.config import TrainConfig
+    from ae_core.errors import AeError
+    from flows.pretrain_and_embed import pretrain_and_embed
+
+    listings = _count_listings(monkeypatch)
+    out = tmp_path / "out"
+    flow = pretrain_and_embed.with_options(retries=0)
+    pretrain_and_embed.to_deployment(name="not-a-stage").apply()
+    cases = [({"source": ""}, "source is empty"), ({"output": " "}, "output is empty"),
+             ({"train": TrainConfig(device="cuda:7")}, "device 'cuda:7'"),
+             ({"pretrain_deployment": "pretrain-stage/nope"}, "'pretrain-stage/nope': no such deployment"),
+             ({"pretrain_deployment": "nope"}, "is not <flow>/<deployment>"),
+             ({"pretrain_deployment": "pretrain-and-embed/not-a-stage"},
+              "runs flow 'pretrain-and-embed', not 'pretrain-stage'")]
+    for args, message in cases:
+        with pytest.raises(AeError, match=re.escape(message)):
+            flow(**{"source": str(mnist_subset), "output": str(out), **args})
+    assert listings == [] and not out.exists()

@@ -251,3 +251,16 @@ def test_credentials_from_a_prefect_block(s3_bucket, s3_endpoint, tmp_path):
     assert block_secret not in proc.stdout + proc.stderr
     stored = _fs().cat_file(f"{s3_bucket}/out/runs/{manifest['run_id']}/manifest.json").decode()
     assert block_secret not in stored and "block-key-id" not in stored
+    # the commands that read the result take the block too (before: "unrecognized arguments")
+    out = f"s3://{s3_bucket}/out"
+    without = subprocess.run([sys.executable, "-m", "ae_core.cli", "info", out], env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert without.returncode == 2 and "--aws-credentials-block" in without.stderr
+    for args in (["info", out, "--json"], ["neighbours", out, "--key", _names(0, 1)[0], "-k", "2", "--json"],
+                 ["outliers", out, "-n", "2", "--json"]):
+        proc = subprocess.run([sys.executable, "-m", "ae_core.cli", *args, "--aws-credentials-block", "ae-test-creds"],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert block_secret not in proc.stdout + proc.stderr
+        if args[0] == "info":
+            assert json.loads(proc.stdout)["run_id"] == manifest["run_id"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -371,3 +372,39 @@ def test_decode_workers_go_when_their_process_is_killed_outright(mnist_subset, t
     while any(_alive(w) for w in workers):
         assert time.monotonic() < deadline, f"decode workers {sorted(workers)} outlived their killed parent"
         time.sleep(0.2)
+
+
+def test_a_store_that_stops_answering_while_decoding_fails_the_stage_as_transient(tmp_path):
+    # before: every object after the outage became a read_error reject, and the run published
+    # a model and a table made from what it had read before
+    import s3fs
+
+    from ae_core.decode import Preprocess
+    from ae_core.errors import AeError
+    from ae_core.ingest import decode_corpus
+
+    with socket.socket() as sock:  # a port nothing listens on: connection refused at once
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    fs = s3fs.S3FileSystem(key="k", secret="s", skip_instance_cache=True,
+                           client_kwargs={"endpoint_url": f"http://127.0.0.1:{port}"},
+                           config_kwargs={"connect_timeout": 1, "retries": {"max_attempts": 1}})
+    objects = [ObjectInfo(key=f"{i}.png", path=f"bucket/{i}.png", size=300) for i in range(3)]
+    with pytest.raises(AeError, match=r"the store stopped answering while decoding \(EndpointConnectionError on '0.png'") as err:
+        decode_corpus(objects, fs, Preprocess(28, 1), str(tmp_path / "work"))
+    assert err.value.transient
+
+
+def test_an_empty_location_or_a_bucketless_url_is_refused_not_taken_for_the_working_directory():
+    from ae_core.errors import AeError
+
+    from ae_core.storage import is_local
+
+    for url in ("", "  "):
+        with pytest.raises(AeError, match="an empty path or URL"):
+            open_store(url)
+    for url in ("s3://", "s3:///", "s3a://"):
+        with pytest.raises(AeError, match=r"names no bucket; give s3a?://bucket"):
+            open_store(url)
+    assert open_store("s3://b")[1] == "b" and is_local(open_store("file:///tmp")[0])
+    assert open_store("memory://")[1] == ""  # memory has no buckets: its root is a folder
