@@ -240,7 +240,8 @@ def is_connection_error(err: BaseException) -> bool:
 
 def _where(fs: AbstractFileSystem) -> str:
     """' at <endpoint>' for an S3-compatible store with a custom endpoint, else ''."""
-    endpoint = getattr(fs, "endpoint_url", None) or (os.environ.get("AWS_ENDPOINT_URL") if _protocol(fs) in ("s3", "s3a") else None)
+    endpoint = (getattr(fs, "endpoint_url", None) or (getattr(fs, "client_kwargs", None) or {}).get("endpoint_url")
+                or (os.environ.get("AWS_ENDPOINT_URL") if _protocol(fs) in ("s3", "s3a") else None))
     return f" at {endpoint}" if endpoint else ""
 
 
@@ -273,8 +274,8 @@ def check_store(fs: AbstractFileSystem, root: str, url: str, role: str) -> None:
 
 
 def _unreachable(role: str, url: str, where: str) -> AeError:
-    return AeError(f"{role} {url!r}: cannot reach the store{where}; check AWS_ENDPOINT_URL and the network",
-                   transient=True)
+    return AeError(f"{role} {url!r}: cannot reach the store{where}; check the endpoint (AWS_ENDPOINT_URL, or "
+                   "the credentials block's endpoint_url) and the network", transient=True)
 
 
 def check_store_writable(fs: AbstractFileSystem, root: str, url: str, role: str) -> None:

@@ -21,8 +21,12 @@ export PREFECT_API_URL=http://127.0.0.1:$PORT/api
 export DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
 mkdir -p "$STATE" "$PREFECT_HOME"
 
-wait_healthy() {
+wait_healthy() {  # wait_healthy PID: until the server answers, or PID (the server we started) dies
   for _ in $(seq 1 240); do
+    if ! kill -0 "$1" 2>/dev/null; then
+      echo "prefect server exited: $(tail -n 1 "$STATE/server.log")" >&2
+      return 1
+    fi
     if "$BIN/python" -c "import urllib.request as u; u.urlopen('$PREFECT_API_URL/health', timeout=2)" 2>/dev/null; then
       return 0
     fi
@@ -30,6 +34,14 @@ wait_healthy() {
   done
   echo "prefect server did not become healthy; see $STATE/server.log" >&2
   return 1
+}
+
+running() {  # running FILE: the pid in FILE is a live process
+  [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+}
+
+port_taken() {
+  "$BIN/python" -c "import socket; socket.create_connection(('127.0.0.1', $PORT), timeout=1).close()" 2>/dev/null
 }
 
 stop_pid() {  # stop_pid FILE: SIGINT, then SIGTERM, then SIGKILL, waiting for the process to go
@@ -47,9 +59,19 @@ stop_pid() {  # stop_pid FILE: SIGINT, then SIGTERM, then SIGKILL, waiting for t
 cmd=${1:-help}; shift || true
 case "$cmd" in
   server-start)
+    if running "$STATE/server.pid"; then
+      echo "prefect server already running (pid $(cat "$STATE/server.pid")) on $PREFECT_API_URL"; exit 0
+    fi
+    if port_taken; then  # another process: its pid must not become ours, nor `stop` leave it running
+      echo "port $PORT is taken by a process not started here; stop it, or set AE_PREFECT_PORT" >&2; exit 1
+    fi
     setsid "$BIN/prefect" server start --host 127.0.0.1 --port "$PORT" >"$STATE/server.log" 2>&1 &
-    echo $! >"$STATE/server.pid"
-    wait_healthy
+    pid=$!
+    if ! wait_healthy "$pid"; then
+      kill -s TERM -- "-$pid" 2>/dev/null || true
+      exit 1
+    fi
+    echo "$pid" >"$STATE/server.pid"
     echo "prefect server on $PREFECT_API_URL (export PREFECT_API_URL=$PREFECT_API_URL)";;
   pools)
     for pool in ${AE_POOLS:-ae-cpu}; do
@@ -62,6 +84,9 @@ case "$cmd" in
     done;;
   worker-start)
     pool=${1:-ae-cpu}
+    if running "$STATE/worker-$pool.pid"; then
+      echo "worker for $pool already running (pid $(cat "$STATE/worker-$pool.pid"))"; exit 0
+    fi
     # env --default-signal: a worker started in the background would otherwise ignore SIGINT.
     setsid env --default-signal=INT "$BIN/prefect" worker start --pool "$pool" --type process \
       >"$STATE/worker-$pool.log" 2>&1 &

@@ -39,6 +39,14 @@ def local_prefect(tmp_path_factory):
 
     try:
         sh("server-start")
+        pid = (state / "server.pid").read_text()
+        # started again: says so and keeps the running server's pid (it wrote a dead one, and
+        # `stop` then left the real server running); another state dir on the same port refuses
+        assert "already running" in sh("server-start").stdout and (state / "server.pid").read_text() == pid
+        other = subprocess.run([str(LOCAL), "server-start"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                               env={**env, "AE_STATE_DIR": str(state / "other")})
+        assert other.returncode == 1 and f"port {port} is taken" in other.stderr
+        assert not (state / "other" / "server.pid").exists()
         sh("pools")
         sh("deploy", "nightly", "nightly-gpu")
         # The GPU settings pointed at a second local pool: the pretrain stage's deployment `gpu`.

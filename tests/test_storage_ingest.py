@@ -20,8 +20,8 @@ from PIL import Image
 from ae_core import ingest
 from ae_core.decode import Preprocess
 from ae_core.errors import AeError
-from ae_core.storage import (ObjectInfo, key_matches, key_path, list_objects, open_store, read_many, remove_tree,
-                             write_bytes_atomic)
+from ae_core.storage import (ObjectInfo, check_store, key_matches, key_path, list_objects, open_store, read_many,
+                             remove_tree, write_bytes_atomic)
 from conftest import MNIST
 
 FILES = {"a.png": 0, "sub/b.png": 1, "sub/deeper/c": 2, ".hidden": 3, "notes.txt": 4}
@@ -386,6 +386,7 @@ def test_a_store_that_stops_answering_while_decoding_fails_the_stage_as_transien
     with socket.socket() as sock:  # a port nothing listens on: connection refused at once
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    # the endpoint as a credentials block gives it (client_kwargs), not in AWS_ENDPOINT_URL
     fs = s3fs.S3FileSystem(key="k", secret="s", skip_instance_cache=True,
                            client_kwargs={"endpoint_url": f"http://127.0.0.1:{port}"},
                            config_kwargs={"connect_timeout": 1, "retries": {"max_attempts": 1}})
@@ -393,6 +394,8 @@ def test_a_store_that_stops_answering_while_decoding_fails_the_stage_as_transien
     with pytest.raises(AeError, match=r"the store stopped answering while decoding \(EndpointConnectionError on '0.png'") as err:
         decode_corpus(objects, fs, Preprocess(28, 1), str(tmp_path / "work"))
     assert err.value.transient
+    with pytest.raises(AeError, match=rf"cannot reach the store at http://127.0.0.1:{port}; check the endpoint"):
+        check_store(fs, "bucket/src", "s3://bucket/src", "source")
 
 
 def test_an_empty_location_or_a_bucketless_url_is_refused_not_taken_for_the_working_directory():
