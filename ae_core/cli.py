@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import copy
 import ctypes
 import importlib.util
 import json
@@ -562,13 +563,21 @@ def _use_block_credentials(block: str) -> None:
         if server is not None:
             server.stop()
     for protocol, opts in options.items():
-        fsspec.config.conf[protocol] = {**fsspec.config.conf.get(protocol, {}), **opts}
+        merged = {**fsspec.config.conf.get(protocol, {}), **opts}
+        if "client_kwargs" in opts:  # the block's endpoint or region, beside the user's other client settings
+            merged["client_kwargs"] = {**fsspec.config.conf.get(protocol, {}).get("client_kwargs", {}),
+                                       **opts["client_kwargs"]}
+        fsspec.config.conf[protocol] = merged
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    fsspec_conf = None
     try:
         if getattr(args, "aws_credentials_block", None) and args.func is not cmd_run:
+            import fsspec.config
+
+            fsspec_conf = copy.deepcopy(fsspec.config.conf)  # a block's credentials last this command only
             _use_block_credentials(args.aws_credentials_block)
         return args.func(args)
     except AeError as err:
@@ -586,6 +595,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `ae info | head -1`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
+    finally:
+        if fsspec_conf is not None:
+            import fsspec.config
+
+            fsspec.config.conf.clear()
+            fsspec.config.conf.update(fsspec_conf)
     return 2
 
 

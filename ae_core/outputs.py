@@ -221,6 +221,6 @@ def manifest_problem(manifest: object) -> str | None:
     for name, kind in _MANIFEST_FIELDS.items():
         value = manifest.get(name)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            return f"{name!r} is missing or not a {kind.__name__}"
+            return f"{name!r} is missing or not of type {kind.__name__}"
     missing = [k for k in _MANIFEST_FILES if not isinstance(manifest["files"].get(k), str)]
     return f"'files' names no {', '.join(missing)}" if missing else None

@@ -144,15 +144,26 @@ def _try_lock(folder: str) -> bool:
     releases it too). True when this process holds it."""
     if folder in _CLAIMED:
         return True
-    os.makedirs(folder, mode=0o700, exist_ok=True)
-    fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return False
-    _CLAIMED[folder] = fd
-    return True
+    path = os.path.join(folder, ".lock")
+    for _ in range(10):
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except FileNotFoundError:  # the folder was deleted in between (a run finishing): again
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        try:  # the lock is worth something only on the file that is still at `path`
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                _CLAIMED[folder] = fd
+                return True
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # a run finishing deleted it after this open: lock the new one
+    return False
 
 
 def claim_work_dir(ctx: RunContext) -> RunContext:
@@ -472,10 +483,12 @@ class Encoded:
 
 
 def _carried(plan: RunPlan, name: str) -> pa.Table | None:
-    """Rows of the previous run's table `name` whose objects are unchanged (read by plan_run)."""
+    """Rows of the previous run's table `name` whose objects are unchanged (read by plan_run),
+    handed over once: the plan is kept to the end of the run, the table need not be (a retry of
+    the flow plans again)."""
     if plan.retrain or not plan.carried:
         return None
-    return plan.carried[name]
+    return plan.carried.pop(name, None)
 
 
 def _merge(carried: pa.Table | None, fresh: pa.Table) -> pa.Table:

@@ -33,10 +33,16 @@ def weak_model_hint(quality: dict, train: dict) -> str | None:
     ratio = quality.get("ae_over_pca")
     if ratio is None or ratio <= 1.0:
         return None
-    if train.get("stop_reason") == "max_minutes":
+    stop = train.get("stop_reason")
+    if stop == "max_minutes":
         fix = "training stopped at its time budget: raise --max-minutes"
+    elif stop == "early_stopping":  # more epochs would not help: it stopped improving
+        fix = "training stopped improving: try another --lr, or a larger model (--width, --blocks-per-stage)"
     else:
         fix = "train longer (--epochs, --max-minutes) or try another --lr"
+    reused = quality.get("measured_in_run")
+    if reused:  # the published model, reused: settings reach it only when it is trained again
+        fix += f", with --retrain always (this run reused the model trained in run {reused})"
     return (f"the autoencoder's reconstruction error is {ratio:.2f}x PCA's with as many components, "
             f"so its embeddings may be weaker than PCA's; {fix}")
 

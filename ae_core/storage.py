@@ -133,7 +133,10 @@ def key_path(fs: AbstractFileSystem, root: str, key: str) -> str:
     """Where an object with this key is: `root/key`, or for a local key with escapes (utf8_key),
     the file under its real name."""
     if is_local(fs) and _KEY_ESCAPE.search(key):
-        return join(root, _KEY_ESCAPE.sub(lambda m: "\\" if m.group(1) == "5c" else chr(0xDC00 + int(m.group(1), 16)), key))
+        raw = join(root, _KEY_ESCAPE.sub(lambda m: "\\" if m.group(1) == "5c" else chr(0xDC00 + int(m.group(1), 16)), key))
+        # a table written before backslashes were escaped keys a real `a\xe9.png` as itself
+        if os.path.lexists(raw) or not os.path.lexists(join(root, key)):
+            return raw
     return join(root, key)
 
 
@@ -235,7 +238,8 @@ def _protocol(fs: AbstractFileSystem) -> str:
 def is_connection_error(err: BaseException) -> bool:
     names = {cls.__name__ for cls in type(err).__mro__}
     return isinstance(err, (ConnectionError, TimeoutError)) or bool(
-        names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionClosedError"})
+        names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionClosedError",
+                 "ReadTimeoutError", "ServerDisconnectedError", "ClientConnectionError", "ResponseStreamingError"})
 
 
 def _where(fs: AbstractFileSystem) -> str:

@@ -26,6 +26,7 @@ from ae_core import outputs, pipeline
 from ae_core.config import (EncodeConfig, IndexConfig, IngestConfig, ModelConfig, PublishConfig,
                             RunConfig, TrainConfig)
 from ae_core.errors import AeError
+from ae_core.ingest import nothing_decoded
 from ae_core.storage import display_url
 from ae_core.train import pick_device
 from flows.credentials import s3_options_from_block
@@ -100,6 +101,8 @@ def pretrain_on_pool(ctx: pipeline.RunContext, corpus, plan: pipeline.RunPlan, d
     checkpoint that the local pretrain task then picks up."""
     if not plan.retrain or ctx.out_fs.exists(ctx.out(outputs.CHECKPOINT)):
         return  # reused model, or an earlier attempt's stage already wrote it
+    if len(corpus) == 0:  # refused here as in a local pretrain, before the stage is started for nothing
+        raise nothing_decoded(pipeline.redact_url(ctx.config.source), corpus.rejects)
     pipeline.stage_pixels(ctx, corpus, plan)
     child = run_deployment(deployment, timeout=None, parameters={
         "run_url": display_url(ctx.out_fs, ctx.run_dir), "run_id": ctx.run_id,
@@ -161,8 +164,6 @@ def _run(config: RunConfig, aws_credentials_block: str | None, pretrain_deployme
     ctx = pipeline.prepare_run(config, options, run_id=_run_id())
     if pretrain_deployment:
         check_pretrain_deployment(pretrain_deployment)
-    else:  # trained here: a device this machine lacks stops the run now, not after decoding
-        pick_device(config.train.device)
     logger = get_run_logger()
     logger.info("run %s: %s -> %s", ctx.run_id, pipeline.redact_url(config.source), pipeline.redact_url(config.output))
     # Stage results are passed `opaque`: Prefect records the dependency but does not walk every
@@ -170,6 +171,8 @@ def _run(config: RunConfig, aws_credentials_block: str | None, pretrain_deployme
     objects = opaque(list_task(ctx))
     plan = opaque(plan_task(ctx, objects))
     logger.info("plan: %s", plan.unwrap().counts())
+    if plan.unwrap().retrain and not pretrain_deployment:  # trained here: a device this machine lacks
+        pick_device(config.train.device)  # stops the run now, not after decoding (a reused model needs none)
     # the pixel cache is held from here: a run refused while it listed or planned leaves none
     ctx = pipeline.claim_work_dir(ctx)
     corpus = opaque(decode_task(ctx, plan))

@@ -67,11 +67,11 @@ case "$cmd" in
     fi
     setsid "$BIN/prefect" server start --host 127.0.0.1 --port "$PORT" >"$STATE/server.log" 2>&1 &
     pid=$!
+    echo "$pid" >"$STATE/server.pid"  # at once: `stop` finds it even if this wait is interrupted
     if ! wait_healthy "$pid"; then
-      kill -s TERM -- "-$pid" 2>/dev/null || true
+      stop_pid "$STATE/server.pid"
       exit 1
     fi
-    echo "$pid" >"$STATE/server.pid"
     echo "prefect server on $PREFECT_API_URL (export PREFECT_API_URL=$PREFECT_API_URL)";;
   pools)
     for pool in ${AE_POOLS:-ae-cpu}; do

@@ -113,10 +113,11 @@ def test_an_ae_error_is_not_retried_by_the_stage_or_the_flow(prefect_harness, mn
 
 def test_wrong_arguments_the_flow_alone_sees_stop_it_before_anything_is_read(prefect_harness, mnist_subset, tmp_path,
                                                                              monkeypatch):
-    """An empty SOURCE or OUTPUT (fsspec's working directory: a worker's checkout), a device this
-    machine lacks, a pretrain_deployment that does not exist or runs another flow: each one line,
-    before listing. Before, the first ran to the end on the wrong folder, and the last two were
-    found only after decoding (the wrong flow waited forever on its parent's concurrency slot)."""
+    """An empty SOURCE or OUTPUT (fsspec's working directory: a worker's checkout), a
+    pretrain_deployment that does not exist or runs another flow: each one line, before listing;
+    a device this machine lacks, before decoding. Before, the first ran to the end on the wrong
+    folder, and the others were found only after decoding (the wrong flow waited forever on its
+    parent's concurrency slot)."""
     from ae_core.config import TrainConfig
     from ae_core.errors import AeError
     from flows.pretrain_and_embed import pretrain_and_embed
@@ -126,7 +127,6 @@ def test_wrong_arguments_the_flow_alone_sees_stop_it_before_anything_is_read(pre
     flow = pretrain_and_embed.with_options(retries=0)
     pretrain_and_embed.to_deployment(name="not-a-stage").apply()
     cases = [({"source": ""}, "source is empty"), ({"output": " "}, "output is empty"),
-             ({"train": TrainConfig(device="cuda:7")}, "device 'cuda:7'"),
              ({"pretrain_deployment": "pretrain-stage/nope"}, "'pretrain-stage/nope': no such deployment"),
              ({"pretrain_deployment": "nope"}, "is not <flow>/<deployment>"),
              ({"pretrain_deployment": "pretrain-and-embed/not-a-stage"},
@@ -135,3 +135,9 @@ def test_wrong_arguments_the_flow_alone_sees_stop_it_before_anything_is_read(pre
         with pytest.raises(AeError, match=re.escape(message)):
             flow(**{"source": str(mnist_subset), "output": str(out), **args})
     assert listings == [] and not out.exists()
+    # a device this machine lacks, where this run would train: once planned, before decoding
+    decodes = []
+    monkeypatch.setattr(pipeline, "decode_corpus", lambda *a, **k: decodes.append(1))
+    with pytest.raises(AeError, match=re.escape("device 'cuda:99'")):
+        flow(source=str(mnist_subset), output=str(out), train=TrainConfig(device="cuda:99"))
+    assert decodes == [] and not out.exists()

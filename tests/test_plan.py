@@ -161,3 +161,30 @@ def test_retrain_never_with_settings_the_published_model_cannot_serve_is_an_erro
 ])
 def test_anomaly_mismatch_table(wanted, published_steps, has_models, mismatch):
     assert (anomaly_mismatch(wanted, published_steps, has_models) is not None) is mismatch
+
+
+def test_a_source_table_written_before_stat_was_recorded_compares_by_size_and_tag():
+    import pyarrow as pa
+
+    from ae_core.incremental import listing_from_table
+
+    old = pa.table({"key": ["a", "b"], "size": [1, 2], "tag": ["m1", "m2"]})  # no stat column
+    listing = listing_from_table(old)
+    assert listing == {"a": (1, "m1", None), "b": (2, "m2", None)}
+    d = diff_listing(listing, [ObjectInfo(key="a", path="/a", size=1, tag="m1", stat="5:9"),
+                               ObjectInfo(key="b", path="/b", size=2, tag="m3", stat="6:9")])
+    assert [o.key for o in d.unchanged] == ["a"] and [o.key for o in d.changed] == ["b"] and d.rechecked == ()
+
+
+def test_damage_is_what_the_bytes_cause_never_an_io_error_of_the_store():
+    import errno
+    import pickle
+
+    from ae_core.outputs import is_damage
+
+    assert is_damage(OSError("Couldn't deserialize thrift"))  # pyarrow: a page it cannot parse
+    assert is_damage(ValueError("Parquet magic bytes not found")) and is_damage(pickle.UnpicklingError("x"))
+    for err in (FileNotFoundError(errno.ENOENT, "gone"), PermissionError(errno.EACCES, "denied"),
+                OSError(errno.EIO, "Internal Server Error"), OSError(errno.EREMOTEIO, "remote"),
+                ConnectionResetError(errno.ECONNRESET, "reset"), TimeoutError("slow")):
+        assert not is_damage(err), err

@@ -124,8 +124,8 @@ def test_a_manifest_that_parses_but_lacks_what_the_queries_read_is_one_line(mnis
     no_rows = {k: v for k, v in good.items() if k != "rows"}
     no_index = {**good, "files": {k: v for k, v in good["files"].items() if k != "index"}}
     for damaged, problem in [({}, "'files' is missing"), ([], "a JSON list, not an object"),
-                             (None, "a JSON NoneType"), (no_rows, "'rows' is missing or not a int"),
-                             ({**good, "dim": "32"}, "'dim' is missing or not a int"),
+                             (None, "a JSON NoneType"), (no_rows, "'rows' is missing or not of type int"),
+                             ({**good, "dim": "32"}, "'dim' is missing or not of type int"),
                              (no_index, "'files' names no index")]:
         path.write_text(json.dumps(damaged))
         for reading in (lambda: query.info(str(out)), lambda: evaluate.outliers(str(out), 2),

@@ -121,8 +121,12 @@ def test_a_model_worse_than_pca_gets_a_hint_naming_what_to_change():
     assert weak_model_hint({"sample": 0}, {}) is None
     budget = weak_model_hint({"ae_over_pca": 1.734}, {"stop_reason": "max_minutes"})
     assert "1.73x PCA's" in budget and "raise --max-minutes" in budget
-    short = weak_model_hint({"ae_over_pca": 1.2}, {"stop_reason": "early_stopping"})
-    assert "--epochs" in short and "--lr" in short
+    short = weak_model_hint({"ae_over_pca": 1.2}, {"stop_reason": "epochs"})
+    assert "--epochs" in short and "--lr" in short and "--retrain" not in short
+    stalled = weak_model_hint({"ae_over_pca": 1.2}, {"stop_reason": "early_stopping"})
+    assert "--epochs" not in stalled and "--lr" in stalled and "--width" in stalled
+    reused = weak_model_hint({"ae_over_pca": 1.2, "measured_in_run": "20260101T000000Z-aaaaaa"}, {"stop_reason": "epochs"})
+    assert "--retrain always (this run reused the model trained in run 20260101T000000Z-aaaaaa)" in reused
 
 
 def test_evaluate_prints_ae_pca_and_raw_side_by_side(mnist_subset, tmp_path):
