@@ -350,6 +350,8 @@ def _check_writable(option: str, path: str | None) -> None:
     """A file the command will write at the end: its folder must exist now, not after the work."""
     if path is None:
         return
+    if "://" in path:
+        raise AeError(f"{option} {path!r}: give a local file path; the picture is written on this machine")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise AeError(f"{option} {path!r}: folder {folder!r} does not exist; create it or give another path")
@@ -549,19 +551,16 @@ def _use_block_credentials(block: str) -> None:
     """For the commands that read a published result: the AwsCredentials block's s3 options as
     fsspec's defaults for s3:// in this process (fsspec.config.conf), so every store they open
     uses them. `ae run` hands them to the flow instead. Prefect's temporary server is started to
-    read the block when no server is configured, and stopped again."""
+    read the block when no server is configured; it stops when the command ends (stopped at
+    once, it missed the events Prefect sends on loading a block, and Prefect logged an ERROR)."""
     import fsspec.config
 
     from flows.credentials import s3_options_from_block
 
     _offline_prefect_env(False)
-    server = _TemporaryServer.launch()
-    try:
-        with _prefect_api(server):
-            options = s3_options_from_block(block)
-    finally:
-        if server is not None:
-            server.stop()
+    server = _TemporaryServer.launch()  # stopped at exit, after Prefect has sent its events to it
+    with _prefect_api(server):
+        options = s3_options_from_block(block)
     for protocol, opts in options.items():
         merged = {**fsspec.config.conf.get(protocol, {}), **opts}
         if "client_kwargs" in opts:  # the block's endpoint or region, beside the user's other client settings

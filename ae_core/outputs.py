@@ -168,9 +168,10 @@ def prune_runs(fs: AbstractFileSystem, root: str, keep: int, published: str) -> 
     Returns the deleted run ids."""
     runs_dir = join(root, RUNS)
     try:
-        ids = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(runs_dir, detail=False))
+        names = (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(runs_dir, detail=False))
     except FileNotFoundError:
         return []
+    ids = sorted(n for n in names if _RUN_ID.match(n))  # a folder of the user's own there is not a run
     finished = [r for r in ids if fs.exists(join(runs_dir, r, MANIFEST))]
     kept = set(finished[-keep:]) | {published}
     doomed = [r for r in ids if r not in kept and (r in finished or r < published)]

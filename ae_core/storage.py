@@ -137,6 +137,8 @@ def key_path(fs: AbstractFileSystem, root: str, key: str) -> str:
         # a table written before backslashes were escaped keys a real `a\xe9.png` as itself
         if os.path.lexists(raw) or not os.path.lexists(join(root, key)):
             return raw
+    if key.startswith("/"):  # an S3 key with an empty segment (src//a.png): join would drop the root
+        return root.rstrip("/") + "/" + key
     return join(root, key)
 
 
@@ -152,8 +154,8 @@ def _walk_fsspec(fs: AbstractFileSystem, root: str, skip_prefix: str | None) -> 
         path = info.get("name", name)
         if info.get("type") == "directory" or (skip_prefix and _under(path, skip_prefix)):
             continue
-        if path.endswith("/") or path == marker:
-            continue  # an S3 "folder" marker (a zero-byte key ending in /), not an image
+        if path == marker or (path.endswith("/") and not info.get("size")):
+            continue  # an S3 "folder" marker (a zero-byte key ending in /), not an image; with bytes, a candidate
         yield path, int(info.get("size") or 0), listing_tag(info), ""
 
 

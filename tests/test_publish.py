@@ -114,6 +114,22 @@ _DAMAGE = {"manifest.json": 0.5, "source.parquet": 0.0, "model.pt": 0.1, "reject
            "embeddings.parquet": 0.5, "index.faiss": 0.5}
 
 
+def test_pruning_leaves_folders_under_runs_that_are_not_runs(mnist_subset, tmp_path):
+    # before: a folder of the user's own under OUTPUT/runs sorting before the published run's id
+    # counted as an unfinished run and was deleted
+    out, config, _ = _published_once(mnist_subset, tmp_path, outputs.MANIFEST)
+    mine = out / outputs.RUNS / "2024-archive"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    (out / outputs.RUNS / "backup").mkdir()
+    (out / outputs.RUNS / "backup" / outputs.MANIFEST).write_text("{}")  # takes no --keep-runs slot
+    for i, run_id in enumerate(("20260101T000001Z-bbbbbb", "20260101T000002Z-cccccc")):
+        manifest = _up_to_publish(config.model_copy(update={"publish": config.publish.model_copy(
+            update={"keep_runs": 1})}), run_id)()
+        assert manifest["pruned_runs"] == [("20260101T000000Z-aaaaaa", "20260101T000001Z-bbbbbb")[i]]
+    assert (mine / "keep.txt").read_text() == "mine" and (out / outputs.RUNS / "backup").is_dir()
+
+
 def test_a_manifest_that_parses_but_lacks_what_the_queries_read_is_one_line(mnist_subset, tmp_path):
     import json
 

@@ -16,7 +16,7 @@ import pytest
 from ae_core.errors import AeError
 from ae_core.quality import PCA_EXACT_MSE, pca_comparison, ratio_text, weak_model_hint
 from conftest import COIL, MNIST, ROOT
-from test_cli_e2e import ae
+from test_cli_e2e import ae, assert_one_line_error
 
 pytestmark = pytest.mark.slow
 INTRUDERS = [f"obj{i}__0.png" for i in (3, 7, 11, 15, 19)]
@@ -75,6 +75,7 @@ def test_outliers_lists_the_worst_reconstructed_with_a_picture(labelled_run, tmp
     import pandas as pd
 
     _, out, _ = labelled_run
+    assert_one_line_error(ae("outliers", out, "--grid", "s3://b/g.png", check=False), "give a local file path")
     grid = tmp_path / "outliers.png"
     res = json.loads(ae("outliers", out, "-n", 10, "--by", "recon_error", "--grid", grid, "--json").stdout)
     info = json.loads(ae("info", out, "--json").stdout)
