@@ -268,12 +268,13 @@ def _read_published(ctx: RunContext, previous: PreviousRun, kind: str, columns: 
         raise _damaged(previous.run_id, name, err) from err
 
 
-def _carried_tables(ctx: RunContext, previous: PreviousRun, diff: SourceDiff) -> dict[str, pa.Table]:
+def _carried_tables(ctx: RunContext, previous: PreviousRun, diff: SourceDiff,
+                    kinds: tuple[str, ...] = ("embeddings", "rejects")) -> dict[str, pa.Table]:
     """The published rows of unchanged objects, to carry over: read when the run plans, so a
     damaged table sends the run to start afresh instead of failing after decoding."""
     keep = pa.array([o.key for o in diff.unchanged], pa.string())
     out = {}
-    for kind in ("embeddings", "rejects"):
+    for kind in kinds:
         prev = _read_published(ctx, previous, kind)
         out[kind] = prev.filter(pc.is_in(prev.column("key"), value_set=keep))
     return out
@@ -482,13 +483,14 @@ class Encoded:
     quality: dict
 
 
-def _carried(plan: RunPlan, name: str) -> pa.Table | None:
-    """Rows of the previous run's table `name` whose objects are unchanged (read by plan_run),
-    handed over once: the plan is kept to the end of the run, the table need not be (a retry of
-    the flow plans again)."""
-    if plan.retrain or not plan.carried:
+def _carried(ctx: RunContext, plan: RunPlan, name: str) -> pa.Table | None:
+    """Rows of the previous run's table `name` whose objects are unchanged: as plan_run read
+    them, handed over once (the plan is kept to the end of the run, the table need not be), or
+    read again when they were handed over already (an encode stage run twice on one plan)."""
+    if plan.retrain or plan.previous is None or plan.diff is None:
         return None
-    return plan.carried.pop(name, None)
+    held = plan.carried.pop(name, None) if plan.carried else None
+    return held if held is not None else _carried_tables(ctx, plan.previous, plan.diff, (name,))[name]
 
 
 def _merge(carried: pa.Table | None, fresh: pa.Table) -> pa.Table:
@@ -513,8 +515,8 @@ def encode_corpus(ctx: RunContext, corpus: DecodedCorpus, ckpt: checkpoint.Check
                 "resize": ckpt.preprocess.resize, "run_id": ctx.run_id, "metric": "l2",
                 "recon_error": "mean squared error per pixel on [0,1] at the model's input size",
                 "anomaly_score": "recon_error under the fold model not trained on the image (held out)"}
-        embeddings = _merge(_carried(plan, "embeddings"), table.embeddings_table(images, emb, err, meta, anomaly))
-        rejects = _merge(_carried(plan, "rejects"), table.rejects_table(corpus.rejects))
+        embeddings = _merge(_carried(ctx, plan, "embeddings"), table.embeddings_table(images, emb, err, meta, anomaly))
+        rejects = _merge(_carried(ctx, plan, "rejects"), table.rejects_table(corpus.rejects))
         if embeddings.num_rows == 0:  # a reused model on a source now all junk: refused as a fresh run is
             raise nothing_decoded(redact_url(ctx.config.source), rejects.to_pylist())
         table.write_table(ctx.out_fs, ctx.out(outputs.EMBEDDINGS), embeddings)

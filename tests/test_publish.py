@@ -114,6 +114,21 @@ _DAMAGE = {"manifest.json": 0.5, "source.parquet": 0.0, "model.pt": 0.1, "reject
            "embeddings.parquet": 0.5, "index.faiss": 0.5}
 
 
+def test_an_encode_stage_run_twice_on_one_plan_carries_every_unchanged_row_both_times(mnist_subset, tmp_path):
+    # the plan hands the carried rows over once (not kept to the end of the run); a second
+    # encode on the same plan reads them again rather than publishing a table without them
+    out, config, _ = _published_once(mnist_subset, tmp_path, outputs.MANIFEST)
+    ctx = pipeline.prepare_run(config, run_id="20260101T000001Z-bbbbbb")
+    plan = pipeline.plan_run(ctx, pipeline.list_source(ctx))
+    assert not plan.retrain and plan.carried
+    corpus = pipeline.decode_source(ctx, plan)
+    ckpt = pipeline.pretrain(ctx, corpus, plan)
+    first = pipeline.encode_corpus(ctx, corpus, ckpt, plan)
+    assert not plan.carried  # handed over
+    again = pipeline.encode_corpus(ctx, corpus, ckpt, plan)
+    assert first.rows == again.rows == outputs.resolve(str(out)).manifest["rows"] > 0
+
+
 def test_pruning_leaves_folders_under_runs_that_are_not_runs(mnist_subset, tmp_path):
     # before: a folder of the user's own under OUTPUT/runs sorting before the published run's id
     # counted as an unfinished run and was deleted
