@@ -547,16 +547,18 @@ def _validation_line(err: ValidationError) -> str:
     return f"invalid setting {where}: {first.get('msg')} (got {first.get('input')!r})"
 
 
-def _use_block_credentials(block: str) -> None:
+def _use_block_credentials(block: str) -> dict:
     """For the commands that read a published result: the AwsCredentials block's s3 options as
     fsspec's defaults for s3:// in this process (fsspec.config.conf), so every store they open
     uses them. `ae run` hands them to the flow instead. Prefect's temporary server is started to
     read the block when no server is configured; it stops when the command ends (stopped at
-    once, it missed the events Prefect sends on loading a block, and Prefect logged an ERROR)."""
+    once, it missed the events Prefect sends on loading a block, and Prefect logged an ERROR).
+    Returns fsspec's settings as they were, for main to put back: they last this command only."""
     import fsspec.config
 
     from flows.credentials import s3_options_from_block
 
+    before = copy.deepcopy(fsspec.config.conf)
     _offline_prefect_env(False)
     server = _TemporaryServer.launch()  # stopped at exit, after Prefect has sent its events to it
     with _prefect_api(server):
@@ -567,6 +569,7 @@ def _use_block_credentials(block: str) -> None:
             merged["client_kwargs"] = {**fsspec.config.conf.get(protocol, {}).get("client_kwargs", {}),
                                        **opts["client_kwargs"]}
         fsspec.config.conf[protocol] = merged
+    return before
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -574,10 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     fsspec_conf = None
     try:
         if getattr(args, "aws_credentials_block", None) and args.func is not cmd_run:
-            import fsspec.config
-
-            fsspec_conf = copy.deepcopy(fsspec.config.conf)  # a block's credentials last this command only
-            _use_block_credentials(args.aws_credentials_block)
+            fsspec_conf = _use_block_credentials(args.aws_credentials_block)
         return args.func(args)
     except AeError as err:
         print(f"ae: error: {err}", file=sys.stderr)

@@ -15,6 +15,7 @@ import pytest
 from ae_core import outputs, pipeline
 from ae_core.config import IngestConfig, RunConfig, TrainConfig
 from ae_core.errors import AeError
+from test_cli_e2e import _first_digits
 
 
 def _up_to_publish(config: RunConfig, run_id: str):
@@ -174,10 +175,7 @@ def test_a_key_typed_in_the_other_unicode_form_is_found_and_a_file_as_output_is_
 
     from ae_core import query
 
-    src = tmp_path / "src"
-    src.mkdir()
-    for name in sorted(os.listdir(mnist_subset))[:20]:
-        shutil.copy(mnist_subset / name, src / name)
+    src = _first_digits(mnist_subset, tmp_path / "src", 20)
     nfd = unicodedata.normalize("NFD", "café.png")  # as macOS writes names, and zips made there
     shutil.copy(mnist_subset / "00001.png", src / nfd)
     out = tmp_path / "out"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from ae_core.errors import AeError
 from ae_core.storage import (ObjectInfo, check_store, key_matches, key_path, list_objects, open_store, read_many,
                              remove_tree, write_bytes_atomic)
 from conftest import MNIST
+from moto_server import free_port
 
 FILES = {"a.png": 0, "sub/b.png": 1, "sub/deeper/c": 2, ".hidden": 3, "notes.txt": 4}
 
@@ -389,9 +389,7 @@ def test_a_store_that_stops_answering_while_decoding_fails_the_stage_as_transien
     from ae_core.errors import AeError
     from ae_core.ingest import decode_corpus
 
-    with socket.socket() as sock:  # a port nothing listens on: connection refused at once
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # nothing listens on it: connection refused at once
     # the endpoint as a credentials block gives it (client_kwargs), not in AWS_ENDPOINT_URL
     fs = s3fs.S3FileSystem(key="k", secret="s", skip_instance_cache=True,
                            client_kwargs={"endpoint_url": f"http://127.0.0.1:{port}"},
