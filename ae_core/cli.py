@@ -251,8 +251,8 @@ def _print_summary(m: dict) -> None:
     c = m.get("changes", {})
     print(f"  images   {m['rows']} embedded, {m['rejected']} rejected" + (f" ({reasons})" if reasons else ""))
     print(f"  source   {c.get('new', 0)} new, {c.get('changed', 0)} changed, {c.get('unchanged', 0)} unchanged,"
-          f" {c.get('deleted', 0)} deleted" + (f", {c['retried']} read again" if c.get("retried") else "")
-          + (f", {c['rechecked']} replaced in place (read again)" if c.get("rechecked") else "")
+          f" {c.get('deleted', 0)} deleted" + (f", {c['retried']} retried" if c.get("retried") else "")
+          + (f", {c['rechecked']} rechecked (replaced in place)" if c.get("rechecked") else "")
           + f"; {c.get('encoded', 0)} encoded this run")
     print(f"  model    {'retrained' if c.get('retrained') else 'reused'}: {c.get('retrain_reason')}")
     print(f"           {m['model_version']}: dim {m['dim']}, input {m['image_size']}x{m['image_size']}"
@@ -399,29 +399,32 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_outliers(args: argparse.Namespace) -> int:
-    from ae_core.evaluate import outlier_grid, outliers
+    from ae_core.evaluate import GRID_COLUMNS, outlier_grid, ranked_outliers
 
     if args.n < 0:
         raise AeError(f"-n {args.n}: give a number of images, 0 or more")
     _check_writable("--grid", args.grid)
-    worst = outliers(args.output, args.n, args.by)
+    by, worst = ranked_outliers(args.output, args.n, args.by)
     if args.grid:
         png = outlier_grid(args.output, [w["key"] for w in worst])  # before the file is opened:
         with open(args.grid, "wb") as f:  # an error leaves an earlier picture as it was
             f.write(png)
     if args.json:
-        print(json.dumps({"outliers": worst, "grid": args.grid}))
+        print(json.dumps({"outliers": worst, "grid": args.grid, "ranked_by": by}))
         return 0
-    by = worst[0]["ranked_by"] if worst else args.by
     what = "reconstruction error under a model that never trained on the image" if by == "anomaly_score" \
         else "the published model's reconstruction error"
     print(f"{len(worst)} most anomalous images, ranked by {by} ({what}):")
+    if by != args.by:
+        print("  (this run has no anomaly scores: it ran with --anomaly-steps 0, or before they existed;"
+              " run again with --anomaly-steps N, N > 0, to rank by them)")
     print(f"  {'rank':>4}  {'anomaly':>9}  {'recon':>9}  key")
     for w in worst:
         score = w.get("anomaly_score")
         print(f"  {w['rank']:>4}  {score if score is not None else float('nan'):9.5f}  {w['recon_error']:9.5f}  {w['key']}")
     if args.grid:
-        print(f"picture (originals above reconstructions): {args.grid}")
+        print(f"picture (originals, captioned with their rank, above their reconstructions; "
+              f"{GRID_COLUMNS} a band): {args.grid}")
     return 0
 
 
@@ -455,10 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "stage up to 256 (default 32, at most 256)")
     r.add_argument("--epochs", type=int, help="training epochs (default: from corpus size, 20 to 500)")
     r.add_argument("--max-minutes", type=float, help="training time budget (default 5)")
-    r.add_argument("--batch-size", type=int)
+    r.add_argument("--batch-size", type=int, help="images per optimizer step (default 128)")
     r.add_argument("--lr", type=float, help="peak learning rate of AdamW (warmup, then cosine decay)")
     r.add_argument("--seed", type=int, help="default 0")
-    r.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    r.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:N, mps")
     r.add_argument("--precision", choices=("auto", "fp32", "bf16"),
                    help="training arithmetic (default auto: bf16 mixed precision where the hardware has it)")
     r.add_argument("--anomaly-steps", type=int, metavar="N",

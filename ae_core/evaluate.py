@@ -154,6 +154,12 @@ def outliers(output: str, n: int = 20, by: str = "anomaly_score") -> list[dict]:
     a model that never trained on the image; the default) or recon_error (the published model's
     own error, which is low for rare images it memorised). Tables written before anomaly_score
     existed, or without it, are ranked by recon_error."""
+    return ranked_outliers(output, n, by)[1]
+
+
+def ranked_outliers(output: str, n: int = 20, by: str = "anomaly_score") -> tuple[str, list[dict]]:
+    """(the column the images were ranked by, outliers(output, n, by)): recon_error where `by`
+    asks for anomaly scores the published table does not have, whatever n is."""
     if by not in ("anomaly_score", "recon_error"):
         raise AeError(f"--by {by!r}: choose anomaly_score or recon_error")
     pub = outputs.resolve(output)
@@ -164,11 +170,15 @@ def outliers(output: str, n: int = 20, by: str = "anomaly_score") -> list[dict]:
         by = "recon_error"
     order = pc.sort_indices(tbl, sort_keys=[(by, "descending"), ("key", "ascending")])
     worst = tbl.take(order.slice(0, n)).to_pylist()
-    return [{"rank": i + 1, "ranked_by": by, **row} for i, row in enumerate(worst)]
+    return by, [{"rank": i + 1, "ranked_by": by, **row} for i, row in enumerate(worst)]
+
+
+GRID_COLUMNS = 10  # images a band of the outliers picture holds, each captioned with its rank
 
 
 def outlier_grid(output: str, keys: Sequence[str]) -> bytes:
-    """A picture of the given keys (top) above their reconstructions, read from the source again."""
+    """A picture of the given keys above their reconstructions, read from the source again: bands
+    of GRID_COLUMNS, each original captioned with its rank (#1 = the first key)."""
     from ae_core import checkpoint, report
     from ae_core.decode import decode_image, fingerprint
 
@@ -188,13 +198,14 @@ def outlier_grid(output: str, keys: Sequence[str]) -> bytes:
             if fingerprint(data) != prints.get(key):
                 why = f"it has changed since run {pub.run_id}"
             else:
-                pixels.append(decode_image(data, ckpt.preprocess).pixels)
+                pixels.append(decode_image(data, pub.image_spec(ckpt.preprocess)).pixels)
         except (OSError, DecodeError) as err:
             why = f"it cannot be read there ({type(err).__name__}: {err})"
         if why:
             raise AeError(f"--grid shows the images from the source {source!r}, and {key!r}: {why}; "
                           "run `ae run` again, or leave out --grid")
-    return report.reconstruction_grid(ckpt.model, np.stack(pixels))
+    return report.reconstruction_grid(ckpt.model, np.stack(pixels), columns=GRID_COLUMNS,
+                                      captions=[f"#{i + 1}" for i in range(len(keys))])
 
 
 def timed(fn, *args, **kwargs):
@@ -225,7 +236,7 @@ def evaluate_corpus(source: str, labels_url: str, key_col: str, label_col: str, 
         if len(corpus) == 0:
             raise nothing_decoded(redact_url(source), corpus.rejects, "nothing to evaluate")
         pixels = np.asarray(corpus.pixels())
-    have, y, _ = match_labels([img["key"] for img in corpus.images], read_labels(labels_url, key_col, label_col))
+    have, y, shared = match_labels([img["key"] for img in corpus.images], read_labels(labels_url, key_col, label_col))
     raw = pixels.reshape(len(pixels), -1).astype(np.float32) / 255.0
     raw_knn = knn_accuracy(raw[have], y)
     pca = pca_fits(raw, dims)  # one SVD serves every dimension
@@ -238,7 +249,8 @@ def evaluate_corpus(source: str, labels_url: str, key_col: str, label_col: str, 
         emb, err = encode_pixels(result.model, pixels)
         pca_codes, pca_err = pca[dim]
         rows.append({
-            "dim": dim, "images": len(pixels), "image_size": arch.image_size, "channels": arch.channels,
+            "dim": dim, "images": len(pixels), "labelled": len(have), "with_shared_name": shared,
+            "image_size": arch.image_size, "channels": arch.channels,
             "ae_mse": float(err.mean()), "pca_mse": pca_err, "ae_over_pca": error_ratio(float(err.mean()), pca_err),
             "knn_ae": knn_accuracy(emb[have], y), "knn_pca": knn_accuracy(pca_codes[have], y), "knn_raw": raw_knn,
             "logreg_ae": linear_probe_accuracy(emb[have], y), "logreg_pca": linear_probe_accuracy(pca_codes[have], y),
@@ -251,7 +263,14 @@ def evaluation_markdown(source: str, rows: Sequence[dict]) -> str:
     head = ("| dim | images | input | AE MSE | PCA MSE | AE/PCA | 5-NN AE | 5-NN PCA | 5-NN raw "
             "| logreg AE | logreg PCA | train s | epochs |")
     lines = [f"Evaluation of `{source}` (MSE per pixel on [0,1] at the model's input size; accuracies "
-             f"are means of {FOLDS}-fold cross-validation)", "", head, "|" + "---|" * 13]
+             f"are means of {FOLDS}-fold cross-validation)", ""]
+    if rows and rows[0]["labelled"] < rows[0]["images"]:
+        r = rows[0]
+        shared = (f"; {r['with_shared_name']} of them because their file name, which the labels file "
+                  "names, is shared by several keys: give whole keys there" if r["with_shared_name"] else "")
+        lines += [f"Accuracies are on the {r['labelled']} labelled images of {r['images']} "
+                  f"({r['images'] - r['labelled']} have no label{shared}); the errors on all of them.", ""]
+    lines += [head, "|" + "---|" * 13]
     for r in rows:
         lines.append(f"| {r['dim']} | {r['images']} | {r['image_size']}x{r['image_size']}x{r['channels']} "
                      f"| {r['ae_mse']:.5f} | {r['pca_mse']:.5f} | {'exact PCA' if r['ae_over_pca'] is None else format(r['ae_over_pca'], '.3f')} | {r['knn_ae']:.4f} "

@@ -14,6 +14,7 @@ run is complete, so readers always see a whole result: the new one or the previo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import re
@@ -122,6 +123,16 @@ class Published:
 
     def url(self, name: str) -> str:
         return display_url(self.fs, self.file(name))
+
+    def image_spec(self, spec):  # noqa: ANN001, ANN201 - a decode.Preprocess, from the run's checkpoint
+        """The checkpoint's preprocessing with the pixel limit this run decoded its source under
+        (`--max-image-pixels`): a reused model keeps the limit of the run that trained it, and a
+        query must take and refuse the images the published table did."""
+        ingest = self.manifest.get("config", {}).get("ingest", {}) if isinstance(self.manifest, dict) else {}
+        limit = ingest.get("max_image_pixels") if isinstance(ingest, dict) else None
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            return dataclasses.replace(spec, max_image_pixels=limit)
+        return spec
 
     def load(self, kind: str, read: Callable[..., T], *args: object) -> T:
         """`read(fs, path, *args)` of the run's file `kind` (a key of the manifest's "files").

@@ -526,7 +526,8 @@ def encode_corpus(ctx: RunContext, corpus: DecodedCorpus, ckpt: checkpoint.Check
         if plan.retrain or plan.previous is None:
             quality = pca_comparison(pixels, err, ckpt.model.arch.dim, seed=ctx.config.train.seed)
         else:  # the model is unchanged: its comparison with PCA stands, measured when it was trained
-            quality = {**plan.previous.manifest.get("quality", {}), "measured_in_run": plan.previous.run_id}
+            before = plan.previous.manifest.get("quality", {})  # the run that trained it, however many reused it since
+            quality = {**before, "measured_in_run": before.get("measured_in_run") or plan.previous.run_id}
     reasons = pc.value_counts(rejects.column("reason")).to_pylist() if rejects.num_rows else []
     return Encoded(table.embeddings_matrix(embeddings), embeddings.num_rows, rejects.num_rows,
                    {r["values"]: r["counts"] for r in reasons}, len(pixels), quality)

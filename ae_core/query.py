@@ -106,7 +106,7 @@ def neighbours_of_image(output: str, image_url: str, k: int = 10) -> list[Neighb
     shown = redact_url(image_url)
     data = read_named_file(image_url, "image", "give a path or URL of an image file")
     try:
-        pixels = decode_image(data, ckpt.preprocess).pixels[None]
+        pixels = decode_image(data, pub.image_spec(ckpt.preprocess)).pixels[None]
     except DecodeError as err:
         raise AeError(f"image {shown!r} cannot be decoded ({err.reason}: {err.detail})") from err
     emb, _ = encode_pixels(ckpt.model, pixels)

@@ -20,6 +20,7 @@ from ae_core.quality import weak_model_hint
 
 TILE = 64  # pixels per image in the grids: small inputs (28x28) are scaled up to be seen
 _PAD = 2
+_CAPTION = 14  # height of a caption strip: Pillow's default bitmap font is 11 pixels high
 
 
 def _png(img: Image.Image) -> bytes:
@@ -35,14 +36,24 @@ def _tile(px: np.ndarray) -> Image.Image:
     return img.resize((TILE, TILE), Image.Resampling.NEAREST)
 
 
-def image_grid(rows: Sequence[Sequence[np.ndarray]]) -> bytes:
-    """A grid of (C, H, W) uint8 images, one list per row."""
+def image_grid(rows: Sequence[Sequence[np.ndarray]], captions: Sequence[Sequence[str] | None] | None = None) -> bytes:
+    """A grid of (C, H, W) uint8 images, one list per row; a row whose entry in `captions` is a
+    list of strings gets a strip above it with one caption over each image."""
+    captions = captions or [None] * len(rows)
     n_cols = max(len(r) for r in rows)
     step = TILE + _PAD
-    canvas = Image.new("RGB", (n_cols * step + _PAD, len(rows) * step + _PAD), (255, 255, 255))
-    for y, row in enumerate(rows):
+    tops, y = [], _PAD
+    for caption in captions:
+        y += _CAPTION if caption else 0
+        tops.append(y)
+        y += step
+    canvas = Image.new("RGB", (n_cols * step + _PAD, y), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for row, caption, top in zip(rows, captions, tops):
         for x, px in enumerate(row):
-            canvas.paste(_tile(px), (_PAD + x * step, _PAD + y * step))
+            canvas.paste(_tile(px), (_PAD + x * step, top))
+            if caption:
+                draw.text((_PAD + x * step + 1, top - _CAPTION + 1), caption[x][:10], fill=(0, 0, 0))
     return _png(canvas)
 
 
@@ -53,8 +64,18 @@ def reconstructions(model: ConvAutoencoder, pixels: np.ndarray) -> np.ndarray:
     return (model(x)[1].clamp(0, 1) * 255 + 0.5).byte().cpu().numpy()
 
 
-def reconstruction_grid(model: ConvAutoencoder, pixels: np.ndarray) -> bytes:
-    return image_grid([list(pixels), list(reconstructions(model, pixels))])
+def reconstruction_grid(model: ConvAutoencoder, pixels: np.ndarray, columns: int | None = None,
+                        captions: Sequence[str] | None = None) -> bytes:
+    """Originals above their reconstructions, in bands of at most `columns` images (one band
+    when None), each original under its caption when `captions` are given."""
+    recon = reconstructions(model, pixels)
+    columns = columns or max(len(pixels), 1)
+    rows: list[list[np.ndarray]] = []
+    row_captions: list[list[str] | None] = []
+    for start in range(0, len(pixels), columns):
+        rows += [list(pixels[start:start + columns]), list(recon[start:start + columns])]
+        row_captions += [list(captions[start:start + columns]) if captions else None, None]
+    return image_grid(rows, row_captions)
 
 
 def loss_curve(history: Sequence[dict], width: int = 480, height: int = 300) -> bytes:
@@ -123,4 +144,9 @@ def summary_markdown(m: dict, pictures: dict[str, str]) -> str:
     lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in m.get("timings_s", {}).items()]
     lines += ["", "## Pictures", ""] + [f"![{title}]({url})" for title, url in pictures.items()]
+    if not c.get("retrained"):
+        trained = f"run {q['measured_in_run']}" if q.get("measured_in_run") else "the run that trained it"
+        lines += ["", "This run reused the model, so it draws no nearest neighbours (only the images it decoded "
+                  "are in memory)" + ("" if c.get("encoded") else ", and no reconstructions: it decoded no image")
+                  + f"; {trained} drew them, if it is still kept under OUTPUT/runs."]
     return "\n".join(lines) + "\n"

@@ -22,14 +22,18 @@ from ae_core import checkpoint, query
 from ae_core.encode import anomaly_scores, encode_pixels, folds_of
 from ae_core.decode import decode_image
 from conftest import COIL, MNIST
+from prefect_server import shared_prefect_env
 
 pytestmark = pytest.mark.slow
 
 AE = [sys.executable, "-m", "ae_core.cli"]
 
 
-def ae(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def ae(*args: str, check: bool = True, ephemeral: bool = False) -> subprocess.CompletedProcess:
+    """`ae` in a subprocess, against the session's Prefect server (conftest.shared_prefect_env),
+    or with `ephemeral` in Prefect's ephemeral mode: a temporary server of its own, as the
+    README's first command runs."""
+    env = {**(os.environ if ephemeral else shared_prefect_env()), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([*AE, *map(str, args)], capture_output=True, text=True, env=env, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(f"ae {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -57,7 +61,7 @@ SERVERS_LEFT_BEHIND: list[int] = []
 def digits_run(mnist_subset, tmp_path_factory):
     out = tmp_path_factory.mktemp("digits-out") / "out"
     before = prefect_servers_not_ours()
-    proc = ae("run", mnist_subset, out, "--dim", 16, "--epochs", 3, "--seed", 1)
+    proc = ae("run", mnist_subset, out, "--dim", 16, "--epochs", 3, "--seed", 1, ephemeral=True)
     SERVERS_LEFT_BEHIND[:] = sorted(prefect_servers_not_ours() - before)
     return out, proc
 
@@ -190,20 +194,23 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
 
 
 def test_user_errors_are_one_line_and_write_nothing(mnist_subset, tmp_path):
+    def refused(*args):  # in Prefect's ephemeral mode: whether its temporary servers stop is checked
+        return ae(*args, check=False, ephemeral=True)
+
     servers = prefect_servers_not_ours()
     out = tmp_path / "never-written"
-    assert_one_line_error(ae("run", tmp_path / "no-such-dir", out, check=False), "no-such-dir", "missing")
-    assert_one_line_error(ae("run", mnist_subset, out, "--image-size", 30, check=False), "image_size", "multiple of 4")
-    assert_one_line_error(ae("run", mnist_subset, out, "--dim", 0, check=False), "dim")
-    assert_one_line_error(ae("run", mnist_subset, out, "--lr", "inf", check=False), "lr", "finite")
-    assert_one_line_error(ae("run", mnist_subset, out, "--width", 300, check=False), "width", "256")
+    assert_one_line_error(refused("run", tmp_path / "no-such-dir", out), "no-such-dir", "missing")
+    assert_one_line_error(refused("run", mnist_subset, out, "--image-size", 30), "image_size", "multiple of 4")
+    assert_one_line_error(refused("run", mnist_subset, out, "--dim", 0), "dim")
+    assert_one_line_error(refused("run", mnist_subset, out, "--lr", "inf"), "lr", "finite")
+    assert_one_line_error(refused("run", mnist_subset, out, "--width", 300), "width", "256")
     # a learning rate that makes training diverge: NaN embeddings must never be published
-    assert_one_line_error(ae("run", mnist_subset, out, "--lr", "1e6", "--epochs", 3, check=False), "diverged", "--lr")
-    assert_one_line_error(ae("run", mnist_subset, mnist_subset / "out", check=False), "inside source")
-    assert_one_line_error(ae("run", mnist_subset, "nosuchproto://x/y", check=False), "nosuchproto")
+    assert_one_line_error(refused("run", mnist_subset, out, "--lr", "1e6", "--epochs", 3), "diverged", "--lr")
+    assert_one_line_error(refused("run", mnist_subset, mnist_subset / "out"), "inside source")
+    assert_one_line_error(refused("run", mnist_subset, "nosuchproto://x/y"), "nosuchproto")
     assert not out.exists() and not (mnist_subset / "out").exists()
-    assert_one_line_error(ae("info", out, check=False), "no published result", "ae run")
-    assert_one_line_error(ae("neighbours", out, "--key", "x", check=False), "no published result")
+    assert_one_line_error(refused("info", out), "no published result", "ae run")
+    assert_one_line_error(refused("neighbours", out, "--key", "x"), "no published result")
     for env, needles in (({"PREFECT_HOME": str(mnist_subset / "00000.png")}, ("PREFECT_HOME", "not a folder")),
                          ({"PREFECT_API_URL": "http://127.0.0.1:9/api"}, ("PREFECT_API_URL", "does not answer"))):
         proc = subprocess.run([*AE, "run", mnist_subset, out], capture_output=True, text=True,
@@ -502,7 +509,7 @@ def _first_digits(mnist_subset: Path, folder: Path, n: int) -> Path:
     return folder
 
 
-def test_a_file_that_failed_to_read_is_read_again_next_run(mnist_subset, tmp_path):
+def test_a_file_that_failed_to_read_is_read_again_next_run(mnist_subset, tmp_path, capsys):
     """A read error (throttling, a network error, a permission since fixed) is not a verdict on
     the file: the next run reads it again even though the listing says it is unchanged."""
     src = _first_digits(mnist_subset, tmp_path / "src", 30)
@@ -515,6 +522,10 @@ def test_a_file_that_failed_to_read_is_read_again_next_run(mnist_subset, tmp_pat
     c = again["changes"]
     assert (c["new"], c["changed"], c["unchanged"], c["retried"], c["encoded"]) == (0, 0, 29, 1, 1)
     assert c["retrained"] is False and (again["rows"], again["rejected"]) == (30, 0)
+    from ae_core.cli import _print_summary
+
+    _print_summary(again)  # the summary names the count as the README and the manifest do
+    assert "0 new, 0 changed, 29 unchanged, 0 deleted, 1 retried; 1 encoded this run" in capsys.readouterr().out
     df = pd.read_parquet(query.info(str(out))["embeddings"])
     assert "00003.png" in set(df.key) and len(df) == 30
 
@@ -532,6 +543,15 @@ def test_rerun_without_changes_encodes_nothing_and_keeps_every_row(mnist_subset,
     a = pd.read_parquet(query.info(str(out))["embeddings"])
     assert len(a) == 30 and a.key.is_unique
     assert pd.read_parquet(query.info(str(out))["rejects"]).key.tolist() == ["broken.png"]
+    # reused twice: the quality and the pictures still point at the run that trained the model
+    third = json.loads(ae("run", src, out, "--dim", 4, "--json").stdout)
+    assert third["quality"]["measured_in_run"] == again["quality"]["measured_in_run"] == first["run_id"]
+    report = (Path(query.info(str(out))["manifest"]).parent / "report.md").read_text()
+    assert (f"This run reused the model, so it draws no nearest neighbours (only the images it decoded are in "
+            f"memory), and no reconstructions: it decoded no image; run {first['run_id']} drew them") in report
+    assert sorted(p.name for p in Path(query.info(str(out))["manifest"]).parent.glob("*.png")) == ["loss.png"]
+    first_report = (out / "runs" / first["run_id"] / "report.md").read_text()
+    assert "reused the model" not in first_report and (out / "runs" / first["run_id"] / "neighbours.png").exists()
 
 
 def test_files_swapped_with_their_size_and_mtime_kept_are_encoded_again(mnist_subset, tmp_path):
@@ -588,11 +608,17 @@ def test_anomaly_scores_asked_for_after_a_run_without_them_retrain(mnist_subset,
     out = tmp_path / "out"
     ae("run", src, out, "--epochs", 1, "--dim", 4, "--anomaly-steps", 0)
     assert pd.read_parquet(query.info(str(out))["embeddings"]).anomaly_score.isna().all()
+    for n in (3, 0):  # ranked by recon_error instead, and saying so, however many are asked for
+        text = ae("outliers", out, "-n", n).stdout
+        assert f"{n} most anomalous images, ranked by recon_error" in text and "has no anomaly scores" in text
+        assert json.loads(ae("outliers", out, "-n", n, "--json").stdout)["ranked_by"] == "recon_error"
     kept = json.loads(ae("run", src, out, "--dim", 4, "--anomaly-steps", 20, "--retrain", "never", "--json").stdout)
     assert kept["changes"]["retrained"] is False  # never: the model is reused, the scores stay null
     again = json.loads(ae("run", src, out, "--epochs", 1, "--dim", 4, "--anomaly-steps", 20, "--json").stdout)
     assert again["changes"]["retrained"] is True and "anomaly" in again["changes"]["retrain_reason"]
     assert pd.read_parquet(query.info(str(out))["embeddings"]).anomaly_score.notna().all()
+    text = ae("outliers", out, "-n", 0).stdout
+    assert "ranked by anomaly_score" in text and "no anomaly scores" not in text
 
 
 def test_a_changed_pixel_limit_reads_again_the_images_it_concerns(mnist_subset, tmp_path):
@@ -611,10 +637,14 @@ def test_a_changed_pixel_limit_reads_again_the_images_it_concerns(mnist_subset, 
     c = again["changes"]
     assert (c["unchanged"], c["retried"], c["encoded"], c["retrained"]) == (30, 1, 1, False)
     assert (again["rows"], again["rejected"]) == (31, 0)
+    # queries take the images the published table took: the limit of the run, not of the model's
+    assert query.neighbours_of_image(str(out), str(src / "large.png"), 1)[0].key == "large.png"
     # a lower limit again: the published row over it is read again and rejected, as a fresh run
     # would (it was carried over, whatever the limit)
     lower = json.loads(ae("run", src, out, "--dim", 4, "--max-image-pixels", 10_000, "--json").stdout)
     assert (lower["changes"]["retried"], lower["rows"], lower["rejects_by_reason"]) == (1, 30, {"decompression_bomb": 1})
+    assert_one_line_error(ae("neighbours", out, "--image", src / "large.png", check=False),
+                          "decompression_bomb", "exceeds the limit of 10000")
 
 
 def test_a_run_while_another_holds_the_pixel_cache_decodes_into_its_own(mnist_subset, tmp_path):

@@ -74,15 +74,29 @@ def test_readme_classifier_snippet_runs(labelled_run, tmp_path):
 def test_outliers_lists_the_worst_reconstructed_with_a_picture(labelled_run, tmp_path):
     import pandas as pd
 
-    _, out, _ = labelled_run
+    from PIL import Image
+
+    from ae_core import checkpoint, outputs, report
+    from ae_core.decode import decode_image
+
+    src, out, _ = labelled_run
     assert_one_line_error(ae("outliers", out, "--grid", "s3://b/g.png", check=False), "give a local file path")
     grid = tmp_path / "outliers.png"
-    res = json.loads(ae("outliers", out, "-n", 10, "--by", "recon_error", "--grid", grid, "--json").stdout)
+    res = json.loads(ae("outliers", out, "-n", 23, "--by", "recon_error", "--grid", grid, "--json").stdout)
     info = json.loads(ae("info", out, "--json").stdout)
     table = pd.read_parquet(info["embeddings"]).sort_values(["recon_error", "key"], ascending=[False, True])
-    assert [o["key"] for o in res["outliers"]] == table.key.head(10).tolist()
-    assert [o["recon_error"] for o in res["outliers"]] == pytest.approx(table.recon_error.head(10).tolist())
-    assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [o["key"] for o in res["outliers"]] == table.key.head(23).tolist()
+    assert [o["recon_error"] for o in res["outliers"]] == pytest.approx(table.recon_error.head(23).tolist())
+    # bands of 10 originals (a caption strip above them) over their reconstructions: 10, 10 and 3
+    step, band = report.TILE + report._PAD, report._CAPTION + 2 * (report.TILE + report._PAD)
+    picture = Image.open(grid).convert("RGB")
+    assert picture.size == (10 * step + report._PAD, 3 * band + report._PAD)
+    pub = outputs.resolve(str(out))
+    spec = pub.image_spec(pub.load("checkpoint", checkpoint.read_checkpoint).preprocess)
+    top = report._PAD + 2 * band + report._CAPTION  # the third band's first original: rank 21
+    tile = report._tile(decode_image((src / res["outliers"][20]["key"]).read_bytes(), spec).pixels)
+    assert np.array_equal(np.asarray(picture.crop((report._PAD, top, report._PAD + report.TILE, top + report.TILE))),
+                          np.asarray(tile))
 
 
 def test_outliers_rank_the_mixed_in_photos_near_the_top(labelled_run):
@@ -143,6 +157,21 @@ def test_evaluate_prints_ae_pca_and_raw_side_by_side(mnist_subset, tmp_path):
     assert ratio == pytest.approx(ae_mse / pca_mse, rel=1e-2)
     assert all(0.0 < float(c) <= 1.0 for c in cells[6:11])
     assert md.read_text().startswith("Evaluation of")
+    assert "labelled images of" not in proc.stdout  # every image has a label
+
+
+def test_evaluation_says_on_how_many_labelled_images_the_accuracies_are():
+    from ae_core.evaluate import evaluation_markdown
+
+    row = {"dim": 8, "images": 320, "labelled": 300, "with_shared_name": 0, "image_size": 28, "channels": 1,
+           "ae_mse": 0.01, "pca_mse": 0.02, "ae_over_pca": 0.5, "knn_ae": 0.9, "knn_pca": 0.8, "knn_raw": 0.85,
+           "logreg_ae": 0.9, "logreg_pca": 0.8, "train_seconds": 1.0, "epochs_run": 1}
+    text = evaluation_markdown("src", [row])
+    assert "Accuracies are on the 300 labelled images of 320 (20 have no label)" in text
+    assert "| 8 | 320 | 28x28x1 |" in text
+    shared = evaluation_markdown("src", [{**row, "with_shared_name": 5}])
+    assert "(20 have no label; 5 of them because their file name" in shared
+    assert "labelled images of" not in evaluation_markdown("src", [{**row, "labelled": 320}])
 
 
 def test_blank_labels_are_no_labels_and_a_header_alone_has_its_columns(tmp_path):

@@ -14,6 +14,7 @@ import pytest
 import s3fs
 
 from conftest import MNIST, SECRET, upload_folder
+from prefect_server import shared_prefect_env
 from moto_server import free_port, start_moto
 from test_cli_e2e import assert_one_line_error, ae
 
@@ -220,7 +221,7 @@ def test_credentials_that_cannot_write_or_delete_stop_the_run_before_the_work():
 
 def _with_env(args: list, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ae_core.cli", *map(str, args)], capture_output=True,
-                          text=True, env={**os.environ, **env}, timeout=300)
+                          text=True, env={**shared_prefect_env(), **env}, timeout=300)
 
 
 _SAVE_BLOCK = r"""
