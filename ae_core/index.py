@@ -35,6 +35,7 @@ REFINE_K_FACTOR = 8  # IVF-PQ returns k * this candidates, re-ranked by exact di
 EF_SEARCH_STEPS = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)  # ~sqrt(2) steps
 NPROBE_STEPS = (4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 RECALL_K = 10
+APPROX_MIN_VECTORS = 100  # a requested HNSW or IVF on fewer vectors is built as exact search
 HELD_OUT_SHARE = 0.1  # at most this share of rows is held out of the index while it is tuned
 CONFIDENCE_Z = 2.0  # the floor must hold for the recall estimate minus two standard errors
 
@@ -90,8 +91,14 @@ def choose_index(n: int, dim: int, memory_budget_bytes: int, kind: str = "auto")
     factories = {"flat": "Flat", "hnsw": f"HNSW{HNSW_M},Flat", "ivf": f"IVF{ivf_lists(n)},Flat",
                  "ivfpq": f"IVF{ivf_lists(n)},PQ{pq_subvectors(dim)}x8,RFlat"}
     check_trainable(kind, n)
+    if kind in ("hnsw", "ivf") and n < APPROX_MIN_VECTORS:
+        return IndexChoice("flat", "Flat", f"{kind} was requested, but {n} vectors are too few to tune and measure "
+                           "an approximate index on: exact search", _bytes("flat", n, dim))
     if kind != "auto":
-        return IndexChoice(kind, factories[kind], "requested", _bytes(kind, n, dim))
+        need = _bytes(kind, n, dim)
+        over = (f", over the memory budget of {memory_budget_bytes >> 20} MiB (--index-memory-mb applies to "
+                "the automatic choice)") if need > memory_budget_bytes else ""
+        return IndexChoice(kind, factories[kind], f"requested (about {_mib(need)} MiB{over})", need)
     if n <= FLAT_MAX_VECTORS and _bytes("flat", n, dim) <= memory_budget_bytes:
         return IndexChoice("flat", "Flat", f"n <= {FLAT_MAX_VECTORS}: exact search is fast enough",
                            _bytes("flat", n, dim))
@@ -104,9 +111,13 @@ def choose_index(n: int, dim: int, memory_budget_bytes: int, kind: str = "auto")
                            "PQ codes in memory, exact re-ranking from the memory-mapped file",
                            _bytes("ivfpq", n, dim))
     raise AeError(f"{n} vectors of {dim} floats do not fit an index in {memory_budget_bytes >> 20} MiB "
-                  f"(exact search needs {_bytes('flat', n, dim) >> 20} MiB"
-                  + (f", IVF-PQ {_bytes('ivfpq', n, dim) >> 20} MiB" if n >= PQ_MIN_VECTORS else "")
-                  + "); raise index.memory_budget_mb")
+                  f"(exact search needs {_mib(_bytes('flat', n, dim))} MiB"
+                  + (f", IVF-PQ {_mib(_bytes('ivfpq', n, dim))} MiB" if n >= PQ_MIN_VECTORS else "")
+                  + "); raise --index-memory-mb (index.memory_budget_mb in the flow's parameters)")
+
+
+def _mib(nbytes: int) -> int:
+    return -(-nbytes // 2**20)  # rounded up: "needs 1 MiB" of a 1 MiB budget would not be why it failed
 
 
 def set_threads() -> None:
@@ -142,12 +153,22 @@ def search_params(index: faiss.Index) -> dict:
     return {}
 
 
-def measure_recall(index: faiss.Index, exact: faiss.Index, queries: np.ndarray) -> tuple[float, float]:
-    """recall@10 of `index` against the exact index over the same vectors: (mean, standard error)."""
+def measure_recall(index: faiss.Index, exact: faiss.Index, queries: np.ndarray,
+                   vectors: np.ndarray | None = None) -> tuple[float, float]:
+    """recall@10 of `index` against the exact index over the same vectors: (mean, standard error).
+    A returned row counts when it is one of the exact 10 nearest, or exactly as near as the 10th
+    (to float32 rounding): among duplicate images, which of the tied rows come back is arbitrary.
+    The returned rows' distances are computed from `vectors` (row id -> vector) when given, else
+    taken from `index` (exact for every kind ae builds: IVF-PQ re-ranks with the full vectors)."""
     k = min(RECALL_K, exact.ntotal)
-    _, truth = exact.search(queries, k)
-    _, got = index.search(queries, k)
-    per_query = np.array([len(set(t) & set(g)) / k for t, g in zip(truth, got)])
+    truth_d, truth = exact.search(queries, k)
+    got_d, got = index.search(queries, k)
+    if vectors is not None:
+        rows = np.where(got >= 0, got, 0)
+        got_d = np.where(got >= 0, ((vectors[rows] - queries[:, None, :]) ** 2).sum(-1), np.inf)
+    tie = truth_d[:, -1:] * (1 + 1e-5) + 1e-6
+    per_query = np.array([min(k, len(set(t) & set(g)) + int(((gd <= td) & ~np.isin(g, t) & (g >= 0)).sum())) / k
+                          for t, g, gd, td in zip(truth, got, got_d, tie[:, 0])])
     return float(per_query.mean()), float(per_query.std() / np.sqrt(len(per_query)))
 
 
@@ -183,7 +204,7 @@ def build_index(emb: np.ndarray, cfg: IndexConfig, seed: int = 0) -> tuple[faiss
     recall, stderr = 0.0, 0.0
     for value in {"hnsw": EF_SEARCH_STEPS, "ivf": NPROBE_STEPS, "ivfpq": NPROBE_STEPS}[choice.kind]:
         _set_search(index, choice.kind, value)
-        recall, stderr = measure_recall(index, exact, emb[held])
+        recall, stderr = measure_recall(index, exact, emb[held], emb)
         if recall - CONFIDENCE_Z * stderr >= cfg.recall_floor:
             break
     index.add_with_ids(emb[held], held.astype(np.int64))
@@ -191,8 +212,9 @@ def build_index(emb: np.ndarray, cfg: IndexConfig, seed: int = 0) -> tuple[faiss
                 search_params=search_params(index))
     if recall - CONFIDENCE_Z * stderr < cfg.recall_floor:
         raise AeError(f"the {choice.kind} index reached recall@10 {recall:.3f} (+-{stderr:.3f}) against "
-                      f"exact search, under the floor {cfg.recall_floor}; not published. Use --index-kind flat or a "
-                      "larger --index-memory-mb (index.kind, index.memory_budget_mb in the flow's parameters)")
+                      f"exact search, under the floor {cfg.recall_floor}; not published. Use --index-kind flat"
+                      + (" or auto (index.kind in the flow's parameters)" if cfg.kind != "auto" else
+                         " or a larger --index-memory-mb (index.kind, index.memory_budget_mb in the flow's parameters)"))
     return index, info
 
 

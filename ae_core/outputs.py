@@ -128,11 +128,8 @@ class Published:
         """The checkpoint's preprocessing with the pixel limit this run decoded its source under
         (`--max-image-pixels`): a reused model keeps the limit of the run that trained it, and a
         query must take and refuse the images the published table did."""
-        ingest = self.manifest.get("config", {}).get("ingest", {}) if isinstance(self.manifest, dict) else {}
-        limit = ingest.get("max_image_pixels") if isinstance(ingest, dict) else None
-        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
-            return dataclasses.replace(spec, max_image_pixels=limit)
-        return spec
+        limit = pixel_limit(self.manifest)
+        return spec if limit is None else dataclasses.replace(spec, max_image_pixels=limit)
 
     def load(self, kind: str, read: Callable[..., T], *args: object) -> T:
         """`read(fs, path, *args)` of the run's file `kind` (a key of the manifest's "files").
@@ -149,6 +146,15 @@ class Published:
             detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise AeError(f"{self.url(name)!r} cannot be read, it is damaged ({type(err).__name__}: {detail}); "
                           f"{_RERUN}") from err
+
+
+def pixel_limit(manifest: object) -> int | None:
+    """The --max-image-pixels a published run decoded its source under, or None where its
+    manifest does not say (an older version) or holds something else there. Pure."""
+    config = manifest.get("config") if isinstance(manifest, dict) else None
+    ingest = config.get("ingest") if isinstance(config, dict) else None
+    limit = ingest.get("max_image_pixels") if isinstance(ingest, dict) else None
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
 
 
 _RERUN = "run `ae run` into this output again: a run replaces a published run it cannot read"

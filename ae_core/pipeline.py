@@ -345,7 +345,7 @@ def plan_run(ctx: RunContext, objects: list[ObjectInfo]) -> RunPlan:
             if previous:
                 # read again: failed reads; images over the pixel limit when the limit the published
                 # run rejected them under has changed; under a lower limit, its rows now over it
-                rejected_under = previous.manifest.get("config", {}).get("ingest", {}).get("max_image_pixels")
+                rejected_under = outputs.pixel_limit(previous.manifest)
                 again = previous.read_failed | (previous.too_large if rejected_under != limit else frozenset())
                 if rejected_under is None or limit < rejected_under:
                     again |= _rows_over(ctx, previous, limit)
@@ -526,7 +526,9 @@ def encode_corpus(ctx: RunContext, corpus: DecodedCorpus, ckpt: checkpoint.Check
         if plan.retrain or plan.previous is None:
             quality = pca_comparison(pixels, err, ckpt.model.arch.dim, seed=ctx.config.train.seed)
         else:  # the model is unchanged: its comparison with PCA stands, measured when it was trained
-            before = plan.previous.manifest.get("quality", {})  # the run that trained it, however many reused it since
+            before = plan.previous.manifest.get("quality")
+            before = before if isinstance(before, dict) else {}
+            # the run that trained it, however many runs reused it since
             quality = {**before, "measured_in_run": before.get("measured_in_run") or plan.previous.run_id}
     reasons = pc.value_counts(rejects.column("reason")).to_pylist() if rejects.num_rows else []
     return Encoded(table.embeddings_matrix(embeddings), embeddings.num_rows, rejects.num_rows,

@@ -20,7 +20,7 @@ from ae_core.quality import weak_model_hint
 
 TILE = 64  # pixels per image in the grids: small inputs (28x28) are scaled up to be seen
 _PAD = 2
-_CAPTION = 14  # height of a caption strip: Pillow's default bitmap font is 11 pixels high
+_CAPTION = 14  # height of a caption strip: Pillow's default font fits, whichever of its two it loads
 
 
 def _png(img: Image.Image) -> bytes:
@@ -53,7 +53,7 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], captions: Sequence[Sequence
         for x, px in enumerate(row):
             canvas.paste(_tile(px), (_PAD + x * step, top))
             if caption:
-                draw.text((_PAD + x * step + 1, top - _CAPTION + 1), caption[x][:10], fill=(0, 0, 0))
+                draw.text((_PAD + x * step + 1, top - _CAPTION + 1), caption[x][:8], fill=(0, 0, 0))
     return _png(canvas)
 
 

@@ -190,9 +190,11 @@ def train_autoencoder(pixels: np.ndarray, arch: AEArch, cfg: TrainConfig,
     for epoch in range(1, epochs + 1):
         model.train()
         order = train_rows[torch.randperm(len(train_rows), generator=gen).numpy()]
-        loss_sum = 0.0
+        loss_sum, seen = 0.0, 0
         for start in range(0, len(order), cfg.batch_size):
             elapsed = time.perf_counter() - t0
+            if elapsed >= budget_s and seen:  # spent mid-epoch: the rest would train at learning rate 0
+                break
             for g in opt.param_groups:
                 g["lr"] = lr_at(max(step / total_steps, elapsed / budget_s), cfg.lr)
             x = random_shift(_to_float(pixels[np.sort(order[start:start + cfg.batch_size])], device), max_shift, gen)
@@ -206,11 +208,12 @@ def train_autoencoder(pixels: np.ndarray, arch: AEArch, cfg: TrainConfig,
             value = float(loss.detach())
             _check_finite(value, epoch, cfg)
             loss_sum += value * len(x)
+            seen += len(x)
             result.images_seen += len(x)
             step += 1
         val = evaluate_mse(model, val_px, device) if len(val_px) else None
         _check_finite(val if val is not None else _weights_sum(model), epoch, cfg)
-        record = {"epoch": epoch, "train_mse": loss_sum / len(train_rows), "val_mse": val,
+        record = {"epoch": epoch, "train_mse": loss_sum / seen, "val_mse": val,
                   "seconds": round(time.perf_counter() - t0, 2), "lr": opt.param_groups[0]["lr"]}
         result.history.append(record)
         on_epoch(record)

@@ -4,6 +4,7 @@ own so that the tests and conftest share one copy of its state."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from ae_core.cli import _DIE_WITH_PARENT
 from moto_server import free_port
 
 _SHARED_SERVER: dict = {}
@@ -23,29 +25,46 @@ def shared_prefect_env() -> dict[str, str]:
     starts Prefect's temporary one in each command, about 5 s of every run on 2 cores; the tests
     about that mode (its start, its stop, signals, its errors) keep running `ae` without this."""
     if "url" not in _SHARED_SERVER:
-        home = Path(os.environ["PREFECT_HOME"])
-        port = free_port()
-        env = {**os.environ, "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/shared-server.db"}
-        env.pop("PREFECT_API_URL", None)
-        log = open(home / "shared-server.log", "wb")  # noqa: SIM115 - open while the server runs
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                 "--port", str(port), "--no-ui", "--no-scheduler", "--no-late-runs", "--analytics-off"],
-                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        _SHARED_SERVER.update(proc=proc, log=log)
-        url = f"http://127.0.0.1:{port}/api"
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
+        for attempt in range(3):  # the free port may be taken before the server binds it
+            if _start(Path(os.environ["PREFECT_HOME"])):
                 break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    stop_shared_server()
-                    tail = (home / "shared-server.log").read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"the tests' Prefect server did not start:\n{tail}") from None
-                time.sleep(0.2)
-        _SHARED_SERVER["url"] = url
+        else:
+            raise RuntimeError("the tests' Prefect server did not start: "
+                               f"{_SHARED_SERVER.get('failure', '')[-2000:]}")
     return {**os.environ, "PREFECT_API_URL": _SHARED_SERVER["url"]}
+
+
+def _start(home: Path) -> bool:
+    port = free_port()
+    env = {**os.environ, "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/shared-server.db"}
+    env.pop("PREFECT_API_URL", None)
+    log_path = home / "shared-server.log"
+    log = open(log_path, "ab")  # noqa: SIM115 - open while the server runs
+    start = log.tell()
+    args = [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
+            "--no-ui", "--no-scheduler", "--no-late-runs", "--analytics-off"]
+    if sys.platform.startswith("linux"):  # gone with pytest, however pytest ends (SIGKILL too)
+        args = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *args]
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
+    _SHARED_SERVER.update(proc=proc, log=log)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 180
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+        except OSError:
+            time.sleep(0.2)
+            continue
+        if proc.poll() is None:  # ours answered, not another server that took the port
+            _SHARED_SERVER["url"] = url
+            atexit.register(stop_shared_server)
+            return True
+    stop_shared_server()
+    with open(log_path, "rb") as f:
+        f.seek(start)
+        _SHARED_SERVER["failure"] = f.read().decode(errors="replace")
+    return False
 
 
 def stop_shared_server() -> None:
@@ -55,10 +74,11 @@ def stop_shared_server() -> None:
         return
     for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
         try:
-            os.killpg(proc.pid, sig)  # the server and the uvicorn process it starts
+            os.killpg(proc.pid, sig)  # the server and anything it started
             proc.wait(wait)
             break
         except ProcessLookupError:
+            proc.poll()
             break
         except subprocess.TimeoutExpired:
             continue

@@ -30,10 +30,12 @@ AE = [sys.executable, "-m", "ae_core.cli"]
 
 
 def ae(*args: str, check: bool = True, ephemeral: bool = False) -> subprocess.CompletedProcess:
-    """`ae` in a subprocess, against the session's Prefect server (conftest.shared_prefect_env),
+    """`ae` in a subprocess, against the session's Prefect server (prefect_server.shared_prefect_env),
     or with `ephemeral` in Prefect's ephemeral mode: a temporary server of its own, as the
-    README's first command runs."""
+    README's first command runs (whatever PREFECT_API_URL the shell running the tests set)."""
     env = {**(os.environ if ephemeral else shared_prefect_env()), "PYTHONUNBUFFERED": "1"}
+    if ephemeral:
+        env.pop("PREFECT_API_URL", None)
     proc = subprocess.run([*AE, *map(str, args)], capture_output=True, text=True, env=env, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(f"ae {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -639,10 +641,17 @@ def test_a_changed_pixel_limit_reads_again_the_images_it_concerns(mnist_subset, 
     assert (again["rows"], again["rejected"]) == (31, 0)
     # queries take the images the published table took: the limit of the run, not of the model's
     assert query.neighbours_of_image(str(out), str(src / "large.png"), 1)[0].key == "large.png"
+    grid = json.loads(ae("outliers", out, "-n", 31, "--grid", tmp_path / "all.png", "--json").stdout)
+    assert "large.png" in {o["key"] for o in grid["outliers"]} and (tmp_path / "all.png").exists()
     # a lower limit again: the published row over it is read again and rejected, as a fresh run
     # would (it was carried over, whatever the limit)
     lower = json.loads(ae("run", src, out, "--dim", 4, "--max-image-pixels", 10_000, "--json").stdout)
     assert (lower["changes"]["retried"], lower["rows"], lower["rejects_by_reason"]) == (1, 30, {"decompression_bomb": 1})
+    # and the other way: a model trained under the default limit, reused under a lower one, refuses
+    # as a query the image the run rejected
+    ae("run", src, out, "--epochs", 1, "--dim", 4, "--retrain", "always")
+    reused = json.loads(ae("run", src, out, "--dim", 4, "--max-image-pixels", 10_000, "--json").stdout)
+    assert reused["changes"]["retrained"] is False and reused["rejects_by_reason"] == {"decompression_bomb": 1}
     assert_one_line_error(ae("neighbours", out, "--image", src / "large.png", check=False),
                           "decompression_bomb", "exceeds the limit of 10000")
 

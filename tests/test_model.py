@@ -181,3 +181,17 @@ def test_the_output_layer_as_a_subpixel_convolution_is_the_same_function(c_in, c
     assert [m.subpixel for m in model.modules() if isinstance(m, OutputConvTranspose2d)] == [True]
     loaded = ConvAutoencoder(AEArch(8, 16, 1, width=8, blocks_per_stage=0)).load_state_dict(model.state_dict())
     assert not loaded.missing_keys and not loaded.unexpected_keys
+
+
+def test_a_time_budget_spent_mid_epoch_stops_training_there():
+    """An epoch longer than --max-minutes stopped only at its end: the rest trained at learning
+    rate 0 (on a large corpus, most of the run)."""
+    from ae_core.config import TrainConfig
+    from ae_core.train import train_autoencoder
+
+    pixels = np.random.default_rng(0).integers(0, 256, (4000, 1, 28, 28), dtype=np.uint8)
+    result = train_autoencoder(pixels, AEArch(8, 28, 1), TrainConfig(epochs=3, batch_size=16, max_minutes=0.005,
+                                                                   val_fraction=0.0))
+    assert result.stop_reason == "max_minutes" and len(result.history) == 1
+    assert 0 < result.images_seen < len(pixels)  # stopped inside the first epoch
+    assert np.isfinite(result.history[0]["train_mse"])

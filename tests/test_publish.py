@@ -237,3 +237,17 @@ def test_a_damaged_published_file_is_one_line_and_the_next_run_replaces_the_run(
         if query_of != "source.parquet":
             with pytest.raises(AeError, match="no-such-key") if query_of == "rejects.parquet" else nullcontext():
                 _query_reading(query_of, str(out), mnist_subset)
+
+
+@pytest.mark.parametrize("manifest, limit", [
+    ({"config": {"ingest": {"max_image_pixels": 5_000}}}, 5_000),
+    ({}, 100_000_000), ({"config": 3}, 100_000_000), ({"config": {"ingest": []}}, 100_000_000),
+    ({"config": {"ingest": {"max_image_pixels": True}}}, 100_000_000),
+])
+def test_queries_decode_under_the_published_runs_pixel_limit(manifest, limit):
+    """The run's own limit where its manifest has one (a reused model keeps its trainer's), the
+    model's where a manifest lacks it or holds something else there."""
+    from ae_core.decode import Preprocess
+
+    spec = outputs.Published(None, "out", "r1", manifest).image_spec(Preprocess(28, 1, max_image_pixels=100_000_000))
+    assert (spec.max_image_pixels, spec.image_size, spec.channels) == (limit, 28, 1)

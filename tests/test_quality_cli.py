@@ -97,6 +97,8 @@ def test_outliers_lists_the_worst_reconstructed_with_a_picture(labelled_run, tmp
     tile = report._tile(decode_image((src / res["outliers"][20]["key"]).read_bytes(), spec).pixels)
     assert np.array_equal(np.asarray(picture.crop((report._PAD, top, report._PAD + report.TILE, top + report.TILE))),
                           np.asarray(tile))
+    caption = np.asarray(picture.crop((report._PAD, top - report._CAPTION, report._PAD + report.TILE, top)))
+    assert (caption < 128).any()  # its rank is written above it
 
 
 def test_outliers_rank_the_mixed_in_photos_near_the_top(labelled_run):

@@ -107,6 +107,45 @@ def test_choose_index_refuses_what_cannot_fit(n, dim, budget_mb):
         ae_index.choose_index(n, dim, budget_mb * MiB)
 
 
+def test_a_budget_error_names_the_flag_and_rounds_the_need_up():
+    from ae_core.errors import AeError
+    # 1,440 x 256 floats: 1.4 MiB, "needs 1 MiB" of a 1 MiB budget would not explain the refusal
+    with pytest.raises(AeError, match=r"exact search needs 2 MiB\); raise --index-memory-mb"):
+        ae_index.choose_index(1_440, 256, 1 * MiB)
+
+
+def test_a_requested_kind_says_when_it_exceeds_the_budget_and_is_exact_search_on_few_vectors():
+    assert ae_index.choose_index(10_000, 32, 1 * MiB, "hnsw").reason.startswith("requested (about 5 MiB, over the memory budget of 1 MiB")
+    assert ae_index.choose_index(10_000, 32, 4096 * MiB, "hnsw").reason == "requested (about 5 MiB)"
+    for kind in ("hnsw", "ivf"):
+        tiny = ae_index.choose_index(99, 32, 4096 * MiB, kind)
+        assert tiny.kind == "flat" and "too few" in tiny.reason
+    index, info = ae_index.build_index(np.ones((1, 8), np.float32), IndexConfig(kind="hnsw"))  # was an assert in faiss
+    assert (info["kind"], index.ntotal, info["recall_at_10"]) == ("flat", 1, 1.0)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_duplicate_vectors_returned_in_another_order_than_exact_search_count_as_found(kind):
+    """100 images, each 30 times: any 10 of an image's copies are its 10 nearest. Counting only the
+    ids exact search returned made a correct HNSW index fail the floor at recall ~0.6."""
+    emb = np.repeat(_clusters(100, 16, seed=3), 30, axis=0)
+    index, info = ae_index.build_index(emb, IndexConfig(kind=kind, recall_queries=300))
+    assert info["recall_at_10"] >= 0.95
+    exact = faiss.IndexFlatL2(16)
+    exact.add(emb[:1500])
+    far = faiss.IndexFlatL2(16)  # returns rows that are not tied: not counted
+    far.add(emb[1500:])
+    recall, _ = ae_index.measure_recall(ae_index_shift(far, 1500), exact, emb[:50], emb)
+    assert recall == 0.0
+
+
+def ae_index_shift(index, offset):
+    """`index` with its ids moved by offset (rows beyond the exact index's)."""
+    mapped = faiss.IndexIDMap(faiss.IndexFlatL2(index.d))
+    mapped.add_with_ids(index.reconstruct_n(0, index.ntotal), np.arange(offset, offset + index.ntotal))
+    return mapped
+
+
 def test_ivfpq_on_too_few_vectors_is_a_clear_error():
     from ae_core.errors import AeError
     with pytest.raises(AeError, match="IVF-PQ index needs at least 10000 vectors.*has 500"):
