@@ -156,19 +156,26 @@ def search_params(index: faiss.Index) -> dict:
 def measure_recall(index: faiss.Index, exact: faiss.Index, queries: np.ndarray,
                    vectors: np.ndarray | None = None) -> tuple[float, float]:
     """recall@10 of `index` against the exact index over the same vectors: (mean, standard error).
-    A returned row counts when it is one of the exact 10 nearest, or exactly as near as the 10th
-    (to float32 rounding): among duplicate images, which of the tied rows come back is arbitrary.
-    The returned rows' distances are computed from `vectors` (row id -> vector) when given, else
-    taken from `index` (exact for every kind ae builds: IVF-PQ re-ranks with the full vectors)."""
+    The exact neighbours strictly nearer than the 10th must come back by id; the slots of the rows
+    tied with the 10th (duplicate images: which copies come back is arbitrary) are filled by any
+    returned rows as near, within float32 rounding, and by no more of them than there are such
+    slots. The returned rows' distances are computed from `vectors` (row id -> vector) when given,
+    else taken from `index` (exact for every kind ae builds: IVF-PQ re-ranks with the full vectors)."""
     k = min(RECALL_K, exact.ntotal)
     truth_d, truth = exact.search(queries, k)
     got_d, got = index.search(queries, k)
     if vectors is not None:
         rows = np.where(got >= 0, got, 0)
         got_d = np.where(got >= 0, ((vectors[rows] - queries[:, None, :]) ** 2).sum(-1), np.inf)
-    tie = truth_d[:, -1:] * (1 + 1e-5) + 1e-6
-    per_query = np.array([min(k, len(set(t) & set(g)) + int(((gd <= td) & ~np.isin(g, t) & (g >= 0)).sum())) / k
-                          for t, g, gd, td in zip(truth, got, got_d, tie[:, 0])])
+    scale = (queries.astype(np.float64) ** 2).sum(1)  # float32 rounding of |q - x|^2 grows with |q|^2
+    per_query = np.empty(len(queries))
+    for i in range(len(queries)):
+        tol = 1e-5 * (truth_d[i, -1] + scale[i])
+        strict = set(truth[i][truth_d[i] < truth_d[i, -1] - tol].tolist())
+        valid = got_d[i] < np.inf
+        returned = dict(zip(got[i][valid].tolist(), got_d[i][valid].tolist()))  # one entry per id
+        tied_found = sum(1 for r, d in returned.items() if r not in strict and d <= truth_d[i, -1] + tol)
+        per_query[i] = (len(strict & returned.keys()) + min(k - len(strict), tied_found)) / k
     return float(per_query.mean()), float(per_query.std() / np.sqrt(len(per_query)))
 
 

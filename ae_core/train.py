@@ -190,10 +190,11 @@ def train_autoencoder(pixels: np.ndarray, arch: AEArch, cfg: TrainConfig,
     for epoch in range(1, epochs + 1):
         model.train()
         order = train_rows[torch.randperm(len(train_rows), generator=gen).numpy()]
-        loss_sum, seen = 0.0, 0
+        loss_sum, seen, partial = 0.0, 0, False
         for start in range(0, len(order), cfg.batch_size):
             elapsed = time.perf_counter() - t0
             if elapsed >= budget_s and seen:  # spent mid-epoch: the rest would train at learning rate 0
+                partial = True
                 break
             for g in opt.param_groups:
                 g["lr"] = lr_at(max(step / total_steps, elapsed / budget_s), cfg.lr)
@@ -215,6 +216,8 @@ def train_autoencoder(pixels: np.ndarray, arch: AEArch, cfg: TrainConfig,
         _check_finite(val if val is not None else _weights_sum(model), epoch, cfg)
         record = {"epoch": epoch, "train_mse": loss_sum / seen, "val_mse": val,
                   "seconds": round(time.perf_counter() - t0, 2), "lr": opt.param_groups[0]["lr"]}
+        if partial:  # the time budget ran out inside it: train_mse is over the images it reached
+            record["partial"] = True
         result.history.append(record)
         on_epoch(record)
         score = val if val is not None else record["train_mse"]

@@ -191,7 +191,7 @@ def test_a_time_budget_spent_mid_epoch_stops_training_there():
 
     pixels = np.random.default_rng(0).integers(0, 256, (4000, 1, 28, 28), dtype=np.uint8)
     result = train_autoencoder(pixels, AEArch(8, 28, 1), TrainConfig(epochs=3, batch_size=16, max_minutes=0.005,
-                                                                   val_fraction=0.0))
-    assert result.stop_reason == "max_minutes" and len(result.history) == 1
+                                                                   val_fraction=0.0, device="cpu"))
+    assert result.stop_reason == "max_minutes" and len(result.history) == 1 and result.history[0]["partial"]
     assert 0 < result.images_seen < len(pixels)  # stopped inside the first epoch
     assert np.isfinite(result.history[0]["train_mse"])

@@ -139,6 +139,27 @@ def test_duplicate_vectors_returned_in_another_order_than_exact_search_count_as_
     assert recall == 0.0
 
 
+def test_tied_rows_fill_only_the_tied_slots_and_tiny_distances_are_not_all_ties():
+    """4 copies of the query, 5 of image B at distance 1, 5 of image C at distance 4: exact search
+    returns the copies, the B's and one C. Returning the B's and all C's finds 6 of 10, not 10."""
+    q = np.zeros((1, 2), np.float32)
+    emb = np.concatenate([np.zeros((4, 2)), np.tile([1, 0], (5, 1)), np.tile([2, 0], (5, 1))]).astype(np.float32)
+    exact = faiss.IndexFlatL2(2)
+    exact.add(emb)
+    stub = faiss.IndexIDMap(faiss.IndexFlatL2(2))
+    stub.add_with_ids(emb[4:], np.arange(4, 14))
+    assert ae_index.measure_recall(stub, exact, q, emb)[0] == pytest.approx(0.6)
+    assert ae_index.measure_recall(stub, exact, q)[0] == pytest.approx(0.6)
+    # embeddings of a tiny scale (a collapsed model): random rows are not ties
+    small = (_clusters(2_000, 16, seed=4) * 1e-4).astype(np.float32)
+    exact = faiss.IndexFlatL2(16)
+    exact.add(small)
+    shuffled = faiss.IndexIDMap(faiss.IndexFlatL2(16))
+    perm = np.random.default_rng(0).permutation(2_000)
+    shuffled.add_with_ids(small, perm.astype(np.int64))  # row i answers as a random other row
+    assert ae_index.measure_recall(shuffled, exact, small[:100], small)[0] < 0.1
+
+
 def ae_index_shift(index, offset):
     """`index` with its ids moved by offset (rows beyond the exact index's)."""
     mapped = faiss.IndexIDMap(faiss.IndexFlatL2(index.d))
