@@ -383,14 +383,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from ae_core.evaluate import probe
+    from ae_core.evaluate import probe, shared_name_note
 
     out = probe(args.output, args.labels, args.key_col, args.label_col)
     if args.json:
         print(json.dumps(out))
     else:
-        shared = (f"; {out['rows_with_shared_name']} of them because their file name, which the labels file "
-                  "names, is shared by several keys: give whole keys there") if out.get("rows_with_shared_name") else ""
+        shared = shared_name_note(out.get("rows_with_shared_name", 0))
         print(f"{out['rows_labelled']} labelled rows ({out['rows_without_label']} without a label{shared}), "
               f"{out['classes']} classes, {out['folds']}-fold cross-validation:")
         print(f"  5-NN accuracy                {out['knn5_accuracy']:.4f}")

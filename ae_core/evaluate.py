@@ -259,6 +259,13 @@ def evaluate_corpus(source: str, labels_url: str, key_col: str, label_col: str, 
     return rows
 
 
+def shared_name_note(count: int) -> str:
+    """What `ae probe` and `ae evaluate` add after "N without a label" when labels by file name
+    matched no key because other keys share that name ("" when none did)."""
+    return (f"; {count} of them because their file name, which the labels file names, is shared by several "
+            "keys: give whole keys there") if count else ""
+
+
 def evaluation_markdown(source: str, rows: Sequence[dict]) -> str:
     head = ("| dim | images | input | AE MSE | PCA MSE | AE/PCA | 5-NN AE | 5-NN PCA | 5-NN raw "
             "| logreg AE | logreg PCA | train s | epochs |")
@@ -266,8 +273,7 @@ def evaluation_markdown(source: str, rows: Sequence[dict]) -> str:
              f"are means of {FOLDS}-fold cross-validation)", ""]
     if rows and rows[0]["labelled"] < rows[0]["images"]:
         r = rows[0]
-        shared = (f"; {r['with_shared_name']} of them because their file name, which the labels file "
-                  "names, is shared by several keys: give whole keys there" if r["with_shared_name"] else "")
+        shared = shared_name_note(r["with_shared_name"])
         lines += [f"Accuracies are on the {r['labelled']} labelled images of {r['images']} "
                   f"({r['images'] - r['labelled']} have no label{shared}); the errors on all of them.", ""]
     lines += [head, "|" + "---|" * 13]

@@ -95,9 +95,3 @@ def upload_folder(folder: Path, url: str, names: list[str] | None = None) -> Non
     names = names if names is not None else sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     fs.put([str(folder / n) for n in names], [f"{root}/{n}" for n in names])
     fs.invalidate_cache()
-
-
-def pytest_sessionfinish(session, exitstatus):
-    from prefect_server import stop_shared_server  # the module the tests import, not a copy of it
-
-    stop_shared_server()

@@ -1,6 +1,6 @@
 """One Prefect server for the CLI tests that are not about Prefect's ephemeral mode, started on
-first use and stopped at the end of the session (conftest.pytest_sessionfinish). A module of its
-own so that the tests and conftest share one copy of its state."""
+first use and stopped when pytest exits (atexit; killed with pytest however it ends, through the
+parent-death wrapper `ae` uses for its own temporary server)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def shared_prefect_env() -> dict[str, str]:
     starts Prefect's temporary one in each command, about 5 s of every run on 2 cores; the tests
     about that mode (its start, its stop, signals, its errors) keep running `ae` without this."""
     if "url" not in _SHARED_SERVER:
-        for attempt in range(3):  # the free port may be taken before the server binds it
+        for _ in range(3):  # the free port may be taken before the server binds it
             if _start(Path(os.environ["PREFECT_HOME"])):
                 break
         else:
@@ -56,7 +56,8 @@ def _start(home: Path) -> bool:
         except OSError:
             time.sleep(0.2)
             continue
-        if proc.poll() is None:  # ours answered, not another server that took the port
+        if proc.poll() is None:  # ours has not exited on a taken port (a foreign server answering
+            # while ours still imports would be adopted: a window of seconds on a random port)
             _SHARED_SERVER["url"] = url
             atexit.register(stop_shared_server)
             return True
