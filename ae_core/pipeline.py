@@ -382,10 +382,24 @@ def decode_source(ctx: RunContext, plan: RunPlan) -> DecodedCorpus:
                              ing.shard_size, ing.read_batch, ing.workers, bar.update)
 
 
+def check_index_fits(ctx: RunContext, corpus: DecodedCorpus, plan: RunPlan) -> None:
+    """Refuse, once decoding has counted the vectors and before anything trains, a run whose
+    index cannot be built: no kind fits the memory budget, or IVF-PQ has too few vectors. The
+    index stage would raise the same AeError after training and encoding. The count is exact
+    here (the decoded images plus the rows carried over), where the listing only bounds it."""
+    carried = plan.carried.get("embeddings") if plan.carried else None
+    if carried is None and not plan.retrain and plan.previous is not None:
+        return  # the carried rows were handed to encoding already: the index stage counts them
+    n = len(corpus) + (carried.num_rows if carried is not None else 0)
+    if n:  # nothing decoded is refused on its own, with the rejects' reasons
+        ae_index.choose_index(n, plan.model.dim, ctx.config.index.memory_budget_mb << 20, ctx.config.index.kind)
+
+
 def pretrain(ctx: RunContext, corpus: DecodedCorpus, plan: RunPlan) -> checkpoint.Checkpoint:
     """Train on every decoded image and write the checkpoint into the run folder; or reuse the
     published model, as planned; or pick up the checkpoint that an earlier attempt of this run
-    (or a pretrain stage on a GPU pool) already wrote there."""
+    (or a pretrain stage on a GPU pool) already wrote there. First, check_index_fits."""
+    check_index_fits(ctx, corpus, plan)
     if not plan.retrain and plan.previous is not None:
         with ctx.timed("pretrain"):
             write_bytes_atomic(ctx.out_fs, ctx.out(outputs.CHECKPOINT), plan.previous.checkpoint_bytes)

@@ -103,6 +103,7 @@ def pretrain_on_pool(ctx: pipeline.RunContext, corpus, plan: pipeline.RunPlan, d
         return  # reused model, or an earlier attempt's stage already wrote it
     if len(corpus) == 0:  # refused here as in a local pretrain, before the stage is started for nothing
         raise nothing_decoded(pipeline.redact_url(ctx.config.source), corpus.rejects)
+    pipeline.check_index_fits(ctx, corpus, plan)  # before the stage trains for an index that cannot be built
     pipeline.stage_pixels(ctx, corpus, plan)
     child = run_deployment(deployment, timeout=None, parameters={
         "run_url": display_url(ctx.out_fs, ctx.run_dir), "run_id": ctx.run_id,

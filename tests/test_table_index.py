@@ -187,6 +187,51 @@ def test_ivfpq_on_too_few_images_is_refused_before_training(mnist_subset, tmp_pa
         pipeline.plan_run(ctx, objects)  # the stage before decoding and training
 
 
+def _decoded(source, tmp_path, dim, budget_mb):
+    from ae_core import pipeline
+    from ae_core.config import ModelConfig, RunConfig, TrainConfig
+
+    config = RunConfig(source=str(source), output=str(tmp_path / "out"), work_dir=str(tmp_path / "work"),
+                       model=ModelConfig(dim=dim), index=IndexConfig(memory_budget_mb=budget_mb),
+                       train=TrainConfig(epochs=1, anomaly_steps=0))  # quick, should the check let it train
+    ctx = pipeline.prepare_run(config)
+    plan = pipeline.plan_run(ctx, pipeline.list_source(ctx))
+    return ctx, plan, pipeline.decode_source(ctx, plan)
+
+
+def test_an_index_that_cannot_fit_the_budget_is_refused_before_training(mnist_subset, tmp_path):
+    # before: the run trained and encoded, then failed at the index stage
+    from ae_core import outputs, pipeline
+    from ae_core.errors import AeError
+
+    ctx, plan, corpus = _decoded(mnist_subset, tmp_path, dim=1024, budget_mb=1)  # 300 x 4 KiB: 1.2 MiB
+    with pytest.raises(AeError, match=r"300 vectors of 1024 floats do not fit .*raise --index-memory-mb"):
+        pipeline.pretrain(ctx, corpus, plan)
+    assert not ctx.out_fs.exists(ctx.out(outputs.CHECKPOINT))
+
+
+def test_the_index_check_counts_decoded_images_and_carried_rows(mnist_subset, tmp_path):
+    import dataclasses
+    import shutil
+
+    from ae_core import pipeline
+    from ae_core.errors import AeError
+
+    source = tmp_path / "src"
+    shutil.copytree(mnist_subset, source)
+    for i in range(100):
+        (source / f"broken{i:03d}.png").write_bytes(b"not a png")
+    # 800 floats a vector, 1 MiB: 300 vectors fit (0.92 MiB), 400 do not (1.22 MiB)
+    ctx, plan, corpus = _decoded(source, tmp_path, dim=800, budget_mb=1)
+    assert (len(plan.objects), len(corpus)) == (400, 300)
+    pipeline.check_index_fits(ctx, corpus, plan)  # the 300 that decoded, not the 400 listed
+    # a reused model: the unchanged rows carried over count too
+    reused = dataclasses.replace(plan, retrain=False, previous=object(),
+                                 carried={"embeddings": pa.table({"key": [f"old{i}" for i in range(100)]})})
+    with pytest.raises(AeError, match="400 vectors of 800 floats do not fit"):
+        pipeline.check_index_fits(ctx, corpus, reused)
+
+
 @pytest.mark.parametrize("ivf_n,lists", [(100, 2), (10_000, 256), (1_000_000, 4000)])
 def test_ivf_lists(ivf_n, lists):
     assert ae_index.ivf_lists(ivf_n) == lists
