@@ -595,10 +595,27 @@ def draw_report(ctx: RunContext, corpus: DecodedCorpus, ckpt: checkpoint.Checkpo
     return drawn
 
 
+def published_manifest(ctx: RunContext) -> dict | None:
+    """The manifest of this run when an earlier attempt of it (a retried flow run or publish
+    task) already published it: LATEST names it. A published run's files never change, so a
+    retry returns this instead of planning again against itself and rewriting them."""
+    try:
+        if outputs.latest_run_id(ctx.out_fs, ctx.out_root) != ctx.run_id:
+            return None
+        manifest = json.loads(ctx.out_fs.cat_file(ctx.out(outputs.MANIFEST)))
+    except (AeError, FileNotFoundError, ValueError):  # damaged or half there: not this run's publication
+        return None
+    return {**manifest, "pruned_runs": [], "published_url": display_url(ctx.out_fs, ctx.run_dir)}
+
+
 def publish_run(ctx: RunContext, plan: RunPlan, ckpt: checkpoint.Checkpoint, encoded: Encoded,
                 index_info: dict, pictures: dict[str, str] | None = None) -> dict:
     """Write the report and the manifest, point OUTPUT/LATEST at this run, prune old runs.
-    Returns the manifest."""
+    Returns the manifest (the published one when an earlier attempt of this task got that far)."""
+    done = published_manifest(ctx)
+    if done is not None:
+        release_work_dir(ctx.work_dir)
+        return done
     manifest = {
         "format": "ae-embed-run/1", "run_id": ctx.run_id, "started_at": ctx.started_at,
         "finished_at": datetime.now(timezone.utc).isoformat(),

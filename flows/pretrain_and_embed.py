@@ -115,15 +115,22 @@ def pretrain_on_pool(ctx: pipeline.RunContext, corpus, plan: pipeline.RunPlan, d
 
 @task(name="artifacts", cache_policy=NO_CACHE)
 def publish_artifacts(ctx: pipeline.RunContext, manifest: dict) -> None:
-    """The run report in the Prefect UI: the markdown summary and a table of the rejects."""
-    pictures = {title: display_url(ctx.out_fs, ctx.out(name)) for title, name in manifest["files"]["pictures"].items()}
+    """The run report in the Prefect UI: the markdown summary and a table of the rejects. The run
+    is published by now: an error here (the API unreachable) is a warning, not a failed run,
+    which Prefect would retry."""
     from ae_core.report import summary_markdown
 
-    create_markdown_artifact(summary_markdown(manifest, pictures), key="ae-run-report",
-                             description=f"pretrain-and-embed run {ctx.run_id}")
-    rejects = pipeline.read_rejects(ctx, REJECTS_IN_ARTIFACT)
-    create_table_artifact(rejects or [{"key": "", "reason": "no rejects", "detail": ""}],
-                          key="ae-run-rejects", description=f"rejected objects (first {REJECTS_IN_ARTIFACT})")
+    try:
+        pictures = {title: display_url(ctx.out_fs, ctx.out(name))
+                    for title, name in manifest["files"]["pictures"].items()}
+        create_markdown_artifact(summary_markdown(manifest, pictures), key="ae-run-report",
+                                 description=f"pretrain-and-embed run {ctx.run_id}")
+        rejects = pipeline.read_rejects(ctx, REJECTS_IN_ARTIFACT)
+        create_table_artifact(rejects or [{"key": "", "reason": "no rejects", "detail": ""}],
+                              key="ae-run-rejects", description=f"rejected objects (first {REJECTS_IN_ARTIFACT})")
+    except Exception as err:  # noqa: BLE001 - the published run stands whatever went wrong here
+        get_run_logger().warning("run %s is published, but its report artifacts could not be created: %s",
+                                 ctx.run_id, err)
 
 
 def _run_id() -> str | None:
@@ -163,9 +170,14 @@ def pretrain_and_embed(source: str, output: str, ingest: IngestConfig = IngestCo
 def _run(config: RunConfig, aws_credentials_block: str | None, pretrain_deployment: str | None) -> dict:
     options = s3_options_from_block(aws_credentials_block) if aws_credentials_block else None
     ctx = pipeline.prepare_run(config, options, run_id=_run_id())
+    logger = get_run_logger()
+    done = pipeline.published_manifest(ctx)
+    if done is not None:  # a retry of a flow run that failed after it published: its files stand
+        logger.info("run %s was published by an earlier attempt of this flow run; nothing to redo", ctx.run_id)
+        publish_artifacts(ctx, done)
+        return done
     if pretrain_deployment:
         check_pretrain_deployment(pretrain_deployment)
-    logger = get_run_logger()
     logger.info("run %s: %s -> %s", ctx.run_id, pipeline.redact_url(config.source), pipeline.redact_url(config.output))
     # Stage results are passed `opaque`: Prefect records the dependency but does not walk every
     # element looking for futures (on 10,000 images that walk cost ~5 s per run).

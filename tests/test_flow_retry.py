@@ -3,8 +3,10 @@ resumes in the same run folder and does not train the model again."""
 
 from __future__ import annotations
 
+import json
 import re
 
+import pyarrow.parquet as pq
 import pytest
 
 import ae_core.pipeline as pipeline
@@ -141,3 +143,42 @@ def test_wrong_arguments_the_flow_alone_sees_stop_it_before_anything_is_read(pre
     with pytest.raises(AeError, match=re.escape("device 'cuda:99'")):
         flow(source=str(mnist_subset), output=str(out), train=TrainConfig(device="cuda:99"))
     assert decodes == [] and not out.exists()
+
+
+def test_a_retry_after_publishing_leaves_the_published_run_as_it_is(prefect_harness, mnist_subset, tmp_path,
+                                                                    monkeypatch):
+    """Before: a failure after the run was published (its UI artifacts, say) retried the flow
+    run, which planned against itself and rewrote the published table, index and manifest in
+    place, with an image added meanwhile, a manifest that named itself as its previous run."""
+    import shutil
+
+    import flows.pretrain_and_embed as flows_module
+    from ae_core.config import TrainConfig
+
+    source = tmp_path / "src"
+    shutil.copytree(mnist_subset, source)
+    real_artifacts, artifact_calls, table_artifacts = flows_module.publish_artifacts, [], []
+
+    def failing_once(*args, **kwargs):
+        artifact_calls.append(1)
+        if len(artifact_calls) == 1:  # published by now; the source changes before the retry
+            shutil.copy(source / "00000.png", source / "new.png")
+            raise ConnectionError("injected: the API went away after publishing")
+        return real_artifacts(*args, **kwargs)
+
+    def no_table_artifact(*args, **kwargs):
+        table_artifacts.append(1)
+        raise ConnectionError("injected: the API is away")
+
+    monkeypatch.setattr(flows_module, "publish_artifacts", failing_once)
+    monkeypatch.setattr(flows_module, "create_table_artifact", no_table_artifact)
+    flow = flows_module.pretrain_and_embed.with_options(retries=1, retry_delay_seconds=0)
+    out = tmp_path / "out"
+    manifest = flow(source=str(source), output=str(out), train=TrainConfig(epochs=1, anomaly_steps=0))
+    assert len(artifact_calls) == 2  # the retry happened...
+    assert table_artifacts == [1]  # ...and the artifacts' own failure there was only a warning
+    (run,) = (out / "runs").iterdir()
+    stored = json.loads((run / "manifest.json").read_text())
+    assert manifest["run_id"] == stored["run_id"] == run.name == (out / "LATEST").read_text().strip()
+    assert stored["rows"] == manifest["rows"] == 300 and stored["changes"]["previous_run"] is None
+    assert stored["train"]["epochs_run"] == 1 and pq.read_table(run / "embeddings.parquet").num_rows == 300
