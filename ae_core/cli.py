@@ -10,6 +10,7 @@ import argparse
 import atexit
 import contextlib
 import copy
+import errno
 import ctypes
 import importlib.util
 import json
@@ -350,6 +351,8 @@ def _check_writable(option: str, path: str | None) -> None:
     """A file the command will write at the end: its folder must exist now, not after the work."""
     if path is None:
         return
+    if not path.strip():
+        raise AeError(f"{option} is empty; give a file name")
     if "://" in path:
         raise AeError(f"{option} {path!r}: give a local file path; the picture is written on this machine")
     folder = os.path.dirname(os.path.abspath(path))
@@ -357,18 +360,26 @@ def _check_writable(option: str, path: str | None) -> None:
         raise AeError(f"{option} {path!r}: folder {folder!r} does not exist; create it or give another path")
     if os.path.isdir(path):
         raise AeError(f"{option} {path!r} is a folder; give a file name")
+    try:  # a trial file: permissions, a read-only mount, a file system that holds no files
+        tempfile.TemporaryFile(dir=folder).close()
+        if os.path.exists(path) and not os.access(path, os.W_OK):
+            raise PermissionError(errno.EACCES, "the file is read-only")
+    except OSError as err:
+        raise AeError(f"{option} {path!r}: cannot write there ({err.strerror or err}); give a writable path") from err
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ae_core.config import TrainConfig
+    from ae_core.config import ModelConfig, TrainConfig
     from ae_core.evaluate import evaluate_corpus, evaluation_markdown
 
     try:
         dims = [int(d) for d in args.dims.split(",") if d.strip()]
     except ValueError as err:
         raise AeError(f"--dims {args.dims!r}: give comma-separated integers, e.g. 10,32,64") from err
-    if not dims or min(dims) < 1:
-        raise AeError(f"--dims {args.dims!r}: give one or more embedding sizes of at least 1, e.g. 10,32,64")
+    top = ModelConfig.model_fields["dim"].metadata  # the limits `ae run --dim` has
+    most = next(m.le for m in top if getattr(m, "le", None) is not None)
+    if not dims or min(dims) < 1 or max(dims) > most:
+        raise AeError(f"--dims {args.dims!r}: give one or more embedding sizes from 1 to {most}, e.g. 10,32,64")
     _check_writable("--markdown", args.markdown)
     train = TrainConfig(**{k: v for k, v in {"epochs": args.epochs, "max_minutes": args.max_minutes,
                                               "seed": args.seed}.items() if v is not None})

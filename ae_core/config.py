@@ -47,11 +47,11 @@ class TrainConfig(_Frozen):
 
     epochs: int | None = Field(None, gt=0, description="None = from corpus size: at least 20 "
                                "epochs and 1,500 optimizer steps, at most 500 epochs")
-    max_minutes: float = Field(5.0, gt=0, description="training stops after this wall time")
+    max_minutes: float = Field(5.0, gt=0, allow_inf_nan=False, description="training stops after this wall time")
     batch_size: int = Field(128, gt=0)
     lr: float = Field(2e-3, gt=0, allow_inf_nan=False, description="peak learning rate of AdamW")
     weight_decay: float = Field(1e-4, ge=0, allow_inf_nan=False)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32, description="seeds the split, the shuffling and the weights")
     val_fraction: float = Field(0.05, ge=0, lt=0.5, description="held out for early stopping")
     patience: int = Field(10, ge=1, description="epochs without validation gain before stopping")
     augment: bool = Field(False, description="random shifts of up to 1/16 of the side (off: in "

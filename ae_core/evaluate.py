@@ -169,7 +169,7 @@ def ranked_outliers(output: str, n: int = 20, by: str = "anomaly_score") -> tupl
     if by == "anomaly_score" and ("anomaly_score" not in names or tbl.column("anomaly_score").null_count):
         by = "recon_error"
     order = pc.sort_indices(tbl, sort_keys=[(by, "descending"), ("key", "ascending")])
-    worst = tbl.take(order.slice(0, n)).to_pylist()
+    worst = tbl.take(order.slice(0, min(n, len(order)))).to_pylist()  # arrow's lengths are int64
     return by, [{"rank": i + 1, "ranked_by": by, **row} for i, row in enumerate(worst)]
 
 

@@ -382,24 +382,27 @@ def decode_source(ctx: RunContext, plan: RunPlan) -> DecodedCorpus:
                              ing.shard_size, ing.read_batch, ing.workers, bar.update)
 
 
-def check_index_fits(ctx: RunContext, corpus: DecodedCorpus, plan: RunPlan) -> None:
-    """Refuse, once decoding has counted the vectors and before anything trains, a run whose
-    index cannot be built: no kind fits the memory budget, or IVF-PQ has too few vectors. The
-    index stage would raise the same AeError after training and encoding. The count is exact
-    here (the decoded images plus the rows carried over), where the listing only bounds it."""
+def check_vectors(ctx: RunContext, corpus: DecodedCorpus, plan: RunPlan) -> None:
+    """Refuse, once decoding has counted the vectors and before anything trains or is written, a
+    run with nothing to publish (no image decoded, none carried over) or whose index cannot be
+    built: no kind fits the memory budget, or IVF-PQ has too few vectors. Later stages would
+    raise the same AeError after training and encoding. The count is exact here (the decoded
+    images plus the rows carried over), where the listing only bounds it."""
     carried = plan.carried.get("embeddings") if plan.carried else None
     if carried is None and not plan.retrain and plan.previous is not None:
-        return  # the carried rows were handed to encoding already: the index stage counts them
+        return  # the carried rows were handed to encoding already: encoding and the index count them
     n = len(corpus) + (carried.num_rows if carried is not None else 0)
-    if n:  # nothing decoded is refused on its own, with the rejects' reasons
-        ae_index.choose_index(n, plan.model.dim, ctx.config.index.memory_budget_mb << 20, ctx.config.index.kind)
+    if n == 0:
+        old = plan.carried.get("rejects") if plan.carried else None
+        raise nothing_decoded(redact_url(ctx.config.source), corpus.rejects + (old.to_pylist() if old else []))
+    ae_index.choose_index(n, plan.model.dim, ctx.config.index.memory_budget_mb << 20, ctx.config.index.kind)
 
 
 def pretrain(ctx: RunContext, corpus: DecodedCorpus, plan: RunPlan) -> checkpoint.Checkpoint:
     """Train on every decoded image and write the checkpoint into the run folder; or reuse the
     published model, as planned; or pick up the checkpoint that an earlier attempt of this run
-    (or a pretrain stage on a GPU pool) already wrote there. First, check_index_fits."""
-    check_index_fits(ctx, corpus, plan)
+    (or a pretrain stage on a GPU pool) already wrote there. First, check_vectors."""
+    check_vectors(ctx, corpus, plan)
     if not plan.retrain and plan.previous is not None:
         with ctx.timed("pretrain"):
             write_bytes_atomic(ctx.out_fs, ctx.out(outputs.CHECKPOINT), plan.previous.checkpoint_bytes)
@@ -407,8 +410,6 @@ def pretrain(ctx: RunContext, corpus: DecodedCorpus, plan: RunPlan) -> checkpoin
     done = load_stage_checkpoint(ctx.out_fs, ctx.run_dir)
     if done is not None:
         return done
-    if len(corpus) == 0:
-        raise nothing_decoded(redact_url(ctx.config.source), corpus.rejects)
     with ctx.timed("pretrain"):
         return train_and_save(ctx.out_fs, ctx.run_dir, corpus.pixels(), corpus.spec, plan.model,
                               ctx.config.train, ctx.run_id, [img["key"] for img in corpus.images])

@@ -47,6 +47,11 @@ def open_store(url: str, options: Mapping[str, dict] | None = None) -> tuple[Abs
     if not url.strip():  # fsspec would take it for the working directory
         raise AeError("an empty path or URL; give a folder or an fsspec URL such as s3://bucket/prefix")
     protocol = url.split("://", 1)[0] if "://" in url else "file"
+    if protocol in _BUCKETED and "@" in url.split("://", 1)[1].split("/", 1)[0]:
+        # s3fs would take "user:secret@bucket" for the bucket's name and echo it in its error
+        raise AeError(f"{redact_url(url)!r}: credentials in an {protocol}:// URL are not used (the part before "
+                      "@ would be read as the bucket); give them with --aws-credentials-block, the AWS "
+                      "variables or a profile, and the URL without them")
     try:
         fs, root = url_to_fs(url, **dict((options or {}).get(protocol, {})))
     except (ValueError, ImportError) as err:
@@ -456,8 +461,13 @@ def fetch_to_local(url: str, local_dir: str) -> str:
 
 
 def same_or_inside(fs_a: AbstractFileSystem, a: str, fs_b: AbstractFileSystem, b: str) -> bool:
-    """True when location `a` is `b` or lies inside it, on the same filesystem."""
-    return type(fs_a) is type(fs_b) and _under(a, b)
+    """True when location `a` is `b` or lies inside it, on the same filesystem. Local paths are
+    compared resolved: through symlinks, and without `.` or `..` parts."""
+    if type(fs_a) is not type(fs_b):
+        return False
+    if is_local(fs_a):
+        a, b = os.path.realpath(a), os.path.realpath(b)
+    return _under(a, b)
 
 
 def iter_batches(items: Iterable, size: int) -> Iterator[list]:

@@ -26,7 +26,6 @@ from ae_core import outputs, pipeline
 from ae_core.config import (EncodeConfig, IndexConfig, IngestConfig, ModelConfig, PublishConfig,
                             RunConfig, TrainConfig)
 from ae_core.errors import AeError
-from ae_core.ingest import nothing_decoded
 from ae_core.storage import display_url
 from ae_core.train import pick_device
 from flows.credentials import s3_options_from_block
@@ -101,9 +100,7 @@ def pretrain_on_pool(ctx: pipeline.RunContext, corpus, plan: pipeline.RunPlan, d
     checkpoint that the local pretrain task then picks up."""
     if not plan.retrain or ctx.out_fs.exists(ctx.out(outputs.CHECKPOINT)):
         return  # reused model, or an earlier attempt's stage already wrote it
-    if len(corpus) == 0:  # refused here as in a local pretrain, before the stage is started for nothing
-        raise nothing_decoded(pipeline.redact_url(ctx.config.source), corpus.rejects)
-    pipeline.check_index_fits(ctx, corpus, plan)  # before the stage trains for an index that cannot be built
+    pipeline.check_vectors(ctx, corpus, plan)  # as a local pretrain does, before the stage starts for nothing
     pipeline.stage_pixels(ctx, corpus, plan)
     child = run_deployment(deployment, timeout=None, parameters={
         "run_url": display_url(ctx.out_fs, ctx.run_dir), "run_id": ctx.run_id,

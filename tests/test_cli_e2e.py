@@ -411,6 +411,18 @@ def test_a_published_file_gone_missing_is_one_line(digits_run, tmp_path):
     assert_one_line_error(ae("outliers", out, check=False), "embeddings.parquet is missing")
 
 
+def test_a_reused_model_with_nothing_to_embed_writes_no_run_folder(digits_run, mnist_subset, tmp_path):
+    # before: the refusal came after the reused model had been copied into a new run folder
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(digits_run[0], out)
+    runs = sorted(os.listdir(out / "runs"))
+    proc = ae("run", mnist_subset, out, "--dim", 16, "--retrain", "never", "--max-image-pixels", 10, check=False)
+    assert_one_line_error(proc, "none of its 300 objects could be decoded", "300 decompression_bomb")
+    assert sorted(os.listdir(out / "runs")) == runs
+
+
 def test_unknown_key_is_a_clear_error(digits_run):
     out, _ = digits_run
     assert_one_line_error(ae("neighbours", out, "--key", "nope.png", check=False), "nope.png", "not in the table")
@@ -420,6 +432,9 @@ def test_query_command_mistakes_are_one_line_errors(digits_run, mnist_subset, tm
     out, _ = digits_run
     (tmp_path / "a-file").write_text("not a folder")
     os.mkfifo(tmp_path / "fifo")  # reading it blocked forever
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.png").write_bytes((Path(mnist_subset) / "00000.png").read_bytes())
+    (tmp_path / "link").symlink_to(tmp_path / "src")
     for args, needles in [
         (("neighbours", out, "--image", mnist_subset), ("is a folder",)),
         (("neighbours", out, "--image", "http://127.0.0.1:9/x.png"), ("cannot be read", "ClientConnectorError")),
@@ -436,8 +451,30 @@ def test_query_command_mistakes_are_one_line_errors(digits_run, mnist_subset, tm
         (("run", mnist_subset, tmp_path / "a-file" / "o"), ("is a file", "cannot be created")),
         (("run", mnist_subset, tmp_path / "o", "--work-dir", tmp_path / "a-file" / "w"), ("work dir", "is a file")),
         (("run", mnist_subset, "/proc/ae-out"), ("cannot write in",)),
+        # before: these three crashed after decoding, or wrote Infinity into the manifest's JSON
+        (("run", mnist_subset, tmp_path / "o", "--seed", -1), ("seed", "greater than or equal to 0")),
+        (("run", mnist_subset, tmp_path / "o", "--seed", 10**23), ("seed", "less than")),
+        (("run", mnist_subset, tmp_path / "o", "--max-minutes", "inf"), ("max_minutes", "finite")),
+        # before: ran on (an embedding size ae run refuses), tracebacks at the end, or silently nothing
+        (("evaluate", mnist_subset, "--labels", tmp_path / "x.csv", "--dims", "8,99999"), ("from 1 to 4096",)),
+        (("evaluate", mnist_subset, "--labels", tmp_path / "x.csv", "--markdown", "/proc/e.md"), ("cannot write there",)),
+        (("outliers", out, "--grid", "/proc/g.png"), ("cannot write there",)),
+        (("outliers", out, "--grid", ""), ("--grid is empty",)),
+        # before: a symlink or a /. part hid that the output lay inside the source
+        (("run", tmp_path / "link", tmp_path / "src" / "o"), ("inside source",)),
+        (("run", f"{tmp_path}/src/.", tmp_path / "src" / "o"), ("inside source",)),
     ]:
         assert_one_line_error(ae(*args, check=False), *needles)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "src" / "o").exists()
+    # before: a traceback whose message held the secret (s3fs took "key:secret@bucket" for a bucket)
+    for args in (("info", "s3://AKID:SECRETX@bkt/o"), ("neighbours", out, "--image", "s3://AKID:SECRETX@bkt/x.png"),
+                 ("run", "s3://AKID:SECRETX@bkt/src", tmp_path / "o")):
+        proc = ae(*args, check=False)
+        assert_one_line_error(proc, "credentials in an s3:// URL are not used", "s3://bkt/")
+        assert "SECRETX" not in proc.stdout + proc.stderr
+    every = json.loads(ae("outliers", out, "-n", 10**22, "--json").stdout)["outliers"]  # before: OverflowError
+    assert len(every) == pq.read_metadata(Path(out) / "runs" / (Path(out) / "LATEST").read_text().strip()
+                                          / "embeddings.parquet").num_rows
     names = sorted(os.listdir(mnist_subset))
     labels = tmp_path / "labels"
     labels.mkdir()

@@ -224,12 +224,12 @@ def test_the_index_check_counts_decoded_images_and_carried_rows(mnist_subset, tm
     # 800 floats a vector, 1 MiB: 300 vectors fit (0.92 MiB), 400 do not (1.22 MiB)
     ctx, plan, corpus = _decoded(source, tmp_path, dim=800, budget_mb=1)
     assert (len(plan.objects), len(corpus)) == (400, 300)
-    pipeline.check_index_fits(ctx, corpus, plan)  # the 300 that decoded, not the 400 listed
+    pipeline.check_vectors(ctx, corpus, plan)  # the 300 that decoded, not the 400 listed
     # a reused model: the unchanged rows carried over count too
     reused = dataclasses.replace(plan, retrain=False, previous=object(),
                                  carried={"embeddings": pa.table({"key": [f"old{i}" for i in range(100)]})})
     with pytest.raises(AeError, match="400 vectors of 800 floats do not fit"):
-        pipeline.check_index_fits(ctx, corpus, reused)
+        pipeline.check_vectors(ctx, corpus, reused)
 
 
 @pytest.mark.parametrize("ivf_n,lists", [(100, 2), (10_000, 256), (1_000_000, 4000)])
