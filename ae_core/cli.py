@@ -245,6 +245,12 @@ def _prefect_api(server: _TemporaryServer | None) -> Iterator[None]:
         yield
 
 
+def _measured_in(quality: dict) -> str:
+    """Where a reused model's figures come from: the run that trained it, on its images."""
+    run = quality.get("measured_in_run")
+    return f" (measured in run {run}, which trained the model)" if run else ""
+
+
 def _print_summary(m: dict) -> None:
     reasons = ", ".join(f"{r}: {n}" for r, n in sorted(m["rejects_by_reason"].items()))
     t, q = m.get("train", {}), m.get("quality", {})
@@ -259,14 +265,14 @@ def _print_summary(m: dict) -> None:
     print(f"           {m['model_version']}: dim {m['dim']}, input {m['image_size']}x{m['image_size']}"
           f"x{m['channels']}, {t.get('epochs_run')} epochs in {t.get('seconds')} s on {t.get('device')}"
           f" ({t.get('stop_reason')})")
-    if q.get("sample"):
-        from ae_core.quality import ratio_text, weak_model_hint
+    from ae_core.quality import anomaly_hint, ratio_text, weak_model_hint
 
+    if q.get("sample"):
         ratio = q.get("ae_over_pca")
         versus = f" = {ratio:.2f}x PCA's error" if ratio is not None else f" ({ratio_text(None)})"
         print(f"  quality  reconstruction MSE {q['ae_mse']:.5f} vs PCA-{m['dim']} {q['pca_mse']:.5f}{versus},"
-              f" on {q['sample']} images")
-        hint = weak_model_hint(q, t)
+              f" on {q['sample']} images" + _measured_in(q))
+    for hint in (weak_model_hint(q, t) if q.get("sample") else None, anomaly_hint(t)):
         if hint:
             print(f"  note     {hint}")
     ix = m["index"]
@@ -298,10 +304,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"  rows {out['rows']}, rejected {out['rejected']}, dim {out['dim']}, "
           f"input {out['image_size']}x{out['image_size']}x{out['channels']}, width {out['width']}, "
           f"{out['blocks_per_stage']} block(s) per stage, model {out['model_version']}")
-    if q.get("sample"):
+    numbers = (all(isinstance(q.get(k), (int, float)) for k in ("ae_mse", "pca_mse"))  # a hand-edited manifest
+               and isinstance(q.get("ae_over_pca"), (int, float, type(None))))
+    if q.get("sample") and numbers:
         from ae_core.quality import ratio_text
 
-        print(f"  reconstruction MSE {q['ae_mse']:.5f} vs PCA {q['pca_mse']:.5f} ({ratio_text(q.get('ae_over_pca'))})")
+        print(f"  reconstruction MSE {q['ae_mse']:.5f} vs PCA {q['pca_mse']:.5f} ({ratio_text(q.get('ae_over_pca'))})"
+              + _measured_in(q))
     for name in ("embeddings", "rejects", "index", "checkpoint"):
         print(f"  {name:<11}{out[name]}")
     return 0

@@ -44,7 +44,7 @@ from ae_core.quality import pca_comparison
 from ae_core.storage import (ObjectInfo, check_local_writable, check_store, check_store_writable, display_url,
                              is_local, join, list_objects, open_store, put_file_atomic, redact_url,
                              remove_tree, same_or_inside, write_bytes_atomic)
-from ae_core.train import train_autoencoder, train_fold_models
+from ae_core.train import train_autoencoder, train_fold_results
 
 
 @dataclass
@@ -437,9 +437,11 @@ def train_and_save(fs: AbstractFileSystem, run_dir: str, pixels: np.ndarray, spe
             bar.set_postfix(train=f"{rec['train_mse']:.5f}", val=f"{rec['val_mse'] or 0:.5f}")
         result = train_autoencoder(pixels, arch, train, on_epoch)
     t0 = time.perf_counter()
-    fold_models = train_fold_models(pixels, folds_of(keys), arch, train)
+    folds = train_fold_results(pixels, folds_of(keys), arch, train)
+    fold_models = [f.model for f in folds]
     summary = {**result.summary(), "anomaly_steps": train.anomaly_steps, "anomaly_models": len(fold_models),
-               "anomaly_seconds": round(time.perf_counter() - t0, 2)}
+               "anomaly_seconds": round(time.perf_counter() - t0, 2),
+               "anomaly_steps_run": [f.steps for f in folds], "anomaly_stop_reasons": [f.stop_reason for f in folds]}
     extra = {"train": summary, "run_id": run_id}
     data, version = checkpoint.to_bytes(result.model, spec, extra, fold_models)
     write_bytes_atomic(fs, join(run_dir, outputs.CHECKPOINT), data)

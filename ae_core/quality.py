@@ -38,6 +38,8 @@ def weak_model_hint(quality: dict, train: dict) -> str | None:
         fix = "training stopped at its time budget: raise --max-minutes"
     elif stop == "early_stopping":  # more epochs would not help: it stopped improving
         fix = "training stopped improving: try another --lr, or a larger model (--width, --blocks-per-stage)"
+    elif stop == "epochs":  # it ran every epoch asked for: more time alone would not change it
+        fix = "train longer (--epochs) or try another --lr"
     else:
         fix = "train longer (--epochs, --max-minutes) or try another --lr"
     reused = quality.get("measured_in_run")
@@ -45,6 +47,18 @@ def weak_model_hint(quality: dict, train: dict) -> str | None:
         fix += f", with --retrain always (this run reused the model trained in run {reused})"
     return (f"the autoencoder's reconstruction error is {ratio:.2f}x PCA's with as many components, "
             f"so its embeddings may be weaker than PCA's; {fix}")
+
+
+def anomaly_hint(train: dict) -> str | None:
+    """A line for the run's summary and report when the two models behind anomaly_score stopped
+    at their time budget before the steps asked for (their scores then rank less well); None
+    otherwise. Pure."""
+    planned, done = train.get("anomaly_steps"), train.get("anomaly_steps_run") or []
+    if not planned or not done or min(done) >= planned:
+        return None
+    return (f"the two models behind anomaly_score stopped at their time budget (a quarter of --max-minutes "
+            f"each) after {' and '.join(str(n) for n in done)} of {planned} steps, so anomaly_score may rank "
+            "less well; raise --max-minutes")
 
 
 def pca_fits(x: np.ndarray, dims: Sequence[int]) -> dict[int, tuple[np.ndarray, float]]:

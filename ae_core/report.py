@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ae_core.model import ConvAutoencoder
-from ae_core.quality import weak_model_hint
+from ae_core.quality import anomaly_hint, weak_model_hint
 
 TILE = 64  # pixels per image in the grids: small inputs (28x28) are scaled up to be seen
 _PAD = 2
@@ -132,7 +132,7 @@ def summary_markdown(m: dict, pictures: dict[str, str]) -> str:
                        f"PCA with {m['dim']} components reproduces these {q['sample']} images exactly (as it does "
                        f"any {m['dim'] + 1} images or fewer), so there is no ratio to it")
                   + (f" (measured in run {q['measured_in_run']})" if q.get("measured_in_run") else "") + "."]
-        hint = weak_model_hint(q, t)
+    for hint in (weak_model_hint(q, t) if q.get("sample") else None, anomaly_hint(t)):
         if hint:
             lines += ["", f"**Note:** {hint[0].upper()}{hint[1:]}."]
     lines += ["", f"Index: {ix.get('kind')} ({ix.get('metric')}, {ix.get('reason')}), {ix.get('ntotal')} vectors; "

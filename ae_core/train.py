@@ -41,6 +41,7 @@ class TrainResult:
     stop_reason: str = "epochs"
     seconds: float = 0.0
     images_seen: int = 0
+    steps: int = 0  # optimizer steps taken
 
     def summary(self) -> dict:
         return {"device": self.device, "precision": self.precision, "epochs_planned": self.epochs_planned, "epochs_run": len(self.history), "best_epoch": self.best_epoch,
@@ -235,7 +236,7 @@ def train_autoencoder(pixels: np.ndarray, arch: AEArch, cfg: TrainConfig,
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
-    result.seconds = time.perf_counter() - t0
+    result.seconds, result.steps = time.perf_counter() - t0, step
     return result
 
 
@@ -244,6 +245,12 @@ def train_fold_models(pixels: np.ndarray, folds: np.ndarray, arch: AEArch, cfg: 
     each (and at most a quarter of the time budget each): the scorers of anomaly_score. They use
     plain conv stages (no residual blocks), ~3x cheaper than the published model's.
     Returns [] when anomaly scores are off or a fold is empty."""
+    return [r.model for r in train_fold_results(pixels, folds, arch, cfg)]
+
+
+def train_fold_results(pixels: np.ndarray, folds: np.ndarray, arch: AEArch, cfg: TrainConfig) -> list[TrainResult]:
+    """train_fold_models, with each model's TrainResult: its steps and why it stopped (a model
+    cut short by its time budget scores less well)."""
     rows = [np.flatnonzero(folds == k) for k in (0, 1)]
     if cfg.anomaly_steps == 0 or min(len(r) for r in rows) == 0:
         return []
@@ -253,5 +260,5 @@ def train_fold_models(pixels: np.ndarray, folds: np.ndarray, arch: AEArch, cfg: 
         epochs = max(1, math.ceil(cfg.anomaly_steps / math.ceil(len(idx) / cfg.batch_size)))
         sub = cfg.model_copy(update={"epochs": epochs, "val_fraction": 0.0, "seed": cfg.seed + 1 + k,
                                      "max_minutes": cfg.max_minutes / 4})
-        models.append(train_autoencoder(pixels, arch, sub, rows=idx).model)
+        models.append(train_autoencoder(pixels, arch, sub, rows=idx))
     return models

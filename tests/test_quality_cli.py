@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from ae_core.errors import AeError
-from ae_core.quality import PCA_EXACT_MSE, pca_comparison, ratio_text, weak_model_hint
+from ae_core.quality import PCA_EXACT_MSE, anomaly_hint, pca_comparison, ratio_text, weak_model_hint
 from conftest import COIL, MNIST, ROOT
 from test_cli_e2e import ae, assert_one_line_error
 
@@ -140,10 +140,20 @@ def test_a_model_worse_than_pca_gets_a_hint_naming_what_to_change():
     assert "1.73x PCA's" in budget and "raise --max-minutes" in budget
     short = weak_model_hint({"ae_over_pca": 1.2}, {"stop_reason": "epochs"})
     assert "--epochs" in short and "--lr" in short and "--retrain" not in short
+    assert "--max-minutes" not in short  # it ran every epoch: more time alone changes nothing
     stalled = weak_model_hint({"ae_over_pca": 1.2}, {"stop_reason": "early_stopping"})
     assert "--epochs" not in stalled and "--lr" in stalled and "--width" in stalled
     reused = weak_model_hint({"ae_over_pca": 1.2, "measured_in_run": "20260101T000000Z-aaaaaa"}, {"stop_reason": "epochs"})
     assert "--retrain always (this run reused the model trained in run 20260101T000000Z-aaaaaa)" in reused
+
+
+def test_anomaly_models_cut_short_by_their_time_budget_get_a_hint():
+    # before: cut short silently; the manifest said anomaly_steps 300 whatever they ran
+    assert anomaly_hint({"anomaly_steps": 300, "anomaly_steps_run": [300, 302]}) is None
+    assert anomaly_hint({"anomaly_steps": 0, "anomaly_steps_run": []}) is None
+    assert anomaly_hint({"anomaly_steps": 300}) is None  # a run from before the steps were recorded
+    cut = anomaly_hint({"anomaly_steps": 300, "anomaly_steps_run": [41, 300]})
+    assert "after 41 and 300 of 300 steps" in cut and "raise --max-minutes" in cut
 
 
 def test_evaluate_prints_ae_pca_and_raw_side_by_side(mnist_subset, tmp_path):
