@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from datetime import datetime, timezone
 
 from pydantic import ValidationError
 
@@ -93,6 +94,10 @@ def _run_flow(source: str, output: str, kwargs: dict) -> dict:
     prepare_run(config, options)
     from flows.pretrain_and_embed import pretrain_and_embed
 
+    import httpx  # Prefect's HTTP client
+
+    before, _ = _latest_published(output, options)
+    started = datetime.now(timezone.utc).isoformat()
     with _prefect_api(server):
         try:
             return pretrain_and_embed(source=source, output=output, **kwargs)
@@ -102,6 +107,43 @@ def _run_flow(source: str, output: str, kwargs: dict) -> dict:
                               "does not answer; start it, or unset PREFECT_API_URL (in the environment "
                               "or your Prefect profile) to let ae start a temporary one") from err
             raise
+        except httpx.TransportError as err:  # the server died (the OOM killer, say) while the flow ran
+            return published_despite(output, options, before, started, err)
+
+
+def _latest_published(output: str, options: dict | None) -> tuple[str | None, dict | None]:
+    """(the run OUTPUT/LATEST names, its manifest with published_url); Nones where either cannot
+    be read."""
+    from ae_core.outputs import MANIFEST, latest_run_id, run_path
+    from ae_core.storage import display_url, join, open_store, read_text
+
+    try:
+        fs, root = open_store(output, options)
+        run_id = latest_run_id(fs, root)
+        if run_id is None:
+            return None, None
+        folder = run_path(root, run_id)
+        return run_id, {**json.loads(read_text(fs, join(folder, MANIFEST))), "published_url": display_url(fs, folder)}
+    except Exception:  # noqa: BLE001 - only a hint for the message: what stands in OUTPUT
+        return None, None
+
+
+def published_despite(output: str, options: dict | None, before: str | None, started: str,
+                      err: Exception) -> dict:
+    """After Prefect's API stopped answering mid-run: the manifest of the run this command
+    published, when LATEST moved to a run that started after the command did (the flow runs
+    on without the API and fails only where it must report, at its end); else one AeError
+    saying nothing was published."""
+    from ae_core.storage import redact_url
+
+    run_id, manifest = _latest_published(output, options)
+    if run_id is not None and run_id != before and str(manifest.get("started_at", "")) >= started:
+        print(f"ae: warning: Prefect's API stopped answering during the run ({type(err).__name__}: {err}), "
+              f"after run {run_id} was published; the run is complete", file=sys.stderr)
+        return {**manifest, "pruned_runs": []}
+    stands = f"run {before}" if before else "no run"
+    raise AeError(f"Prefect's API stopped answering during the run ({type(err).__name__}: {err}); nothing "
+                  f"was published ({redact_url(output)!r} still holds {stands}); run again") from err
 
 
 def _configured_api_url() -> str:
@@ -263,7 +305,7 @@ def _print_summary(m: dict) -> None:
           + f"; {c.get('encoded', 0)} encoded this run")
     print(f"  model    {'retrained' if c.get('retrained') else 'reused'}: {c.get('retrain_reason')}")
     print(f"           {m['model_version']}: dim {m['dim']}, input {m['image_size']}x{m['image_size']}"
-          f"x{m['channels']}, {t.get('epochs_run')} epochs in {t.get('seconds')} s on {t.get('device')}"
+          f"x{m['channels']}, {t.get('epochs_run')} epoch{'' if t.get('epochs_run') == 1 else 's'} in {t.get('seconds')} s on {t.get('device')}"
           f" ({t.get('stop_reason')})")
     from ae_core.quality import anomaly_hint, ratio_text, weak_model_hint
 
@@ -342,11 +384,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ae_core.demo import write_digits_corpus
     from ae_core.query import neighbours_of_key
 
+    train = _demo_train(args)  # a wrong --epochs stops it before the digits are written
     root = os.path.abspath(args.output)
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise AeError(f"demo folder {args.output!r} is a file; give a folder (created if missing)")
     corpus, result = os.path.join(root, "digits"), os.path.join(root, "result")
-    labels = write_digits_corpus(corpus)
+    try:
+        labels = write_digits_corpus(corpus)
+    except OSError as err:
+        raise AeError(f"demo folder {args.output!r}: cannot write the digits there ({err.strerror or err}); "
+                      "give a writable folder") from err
     print(f"wrote {len(labels)} digit images (scikit-learn) to {corpus}")
-    manifest = _run_flow(corpus, result, {"train": _demo_train(args)})
+    manifest = _run_flow(corpus, result, {"train": train})
     _print_summary(manifest)
     key = "00000.png"
     hits = neighbours_of_key(result, key, 6)
@@ -450,7 +499,7 @@ def cmd_outliers(args: argparse.Namespace) -> int:
 def _demo_train(args: argparse.Namespace):
     from ae_core.config import TrainConfig
 
-    return TrainConfig(epochs=args.epochs) if args.epochs else TrainConfig()
+    return TrainConfig() if args.epochs is None else TrainConfig(epochs=args.epochs)
 
 
 def _label_args(p: argparse.ArgumentParser) -> None:

@@ -75,7 +75,8 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     except Exception as err:  # noqa: BLE001 - any other failure of a header parse is per-object
         raise DecodeError("corrupt_header", f"{type(err).__name__}: {err}") from err
     if img.width * img.height > max_pixels:
-        raise DecodeError(DECOMPRESSION_BOMB, f"{img.width}x{img.height} pixels exceeds the limit of "
+        w, h = _displayed_size(img, _orientation(img))  # as the table's width and height give it
+        raise DecodeError(DECOMPRESSION_BOMB, f"{w}x{h} pixels exceeds the limit of "
                           f"{max_pixels} (max_image_pixels; ae run --max-image-pixels)")
     if img.width < 1 or img.height < 1:
         raise DecodeError("corrupt_header", f"invalid size {img.width}x{img.height}")

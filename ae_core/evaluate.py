@@ -275,7 +275,7 @@ def evaluation_markdown(source: str, rows: Sequence[dict]) -> str:
         r = rows[0]
         shared = shared_name_note(r["with_shared_name"])
         lines += [f"Accuracies are on the {r['labelled']} labelled images of {r['images']} "
-                  f"({r['images'] - r['labelled']} have no label{shared}); the errors on all of them.", ""]
+                  f"({r['images'] - r['labelled']} {'has' if r['images'] - r['labelled'] == 1 else 'have'} no label{shared}); the errors on all of them.", ""]
     lines += [head, "|" + "---|" * 13]
     for r in rows:
         lines.append(f"| {r['dim']} | {r['images']} | {r['image_size']}x{r['image_size']}x{r['channels']} "

@@ -122,6 +122,9 @@ def retrain_decision(train: TrainConfig, diff: SourceDiff | None, incompatible: 
     previous_total = (len(diff.unchanged) + len(diff.changed) + len(diff.deleted) + len(diff.retried)
                       + len(diff.rechecked))
     fraction = diff.churn / max(1, previous_total)
+    # new objects count too, so against a small published run the share can pass 100%
+    what = (f"{diff.churn} new, changed or deleted objects, {fraction:.0%} of the published run's "
+            f"{previous_total}")
     if fraction > train.retrain_fraction:
-        return True, f"{fraction:.0%} of the corpus changed (> {train.retrain_fraction:.0%})"
-    return False, f"{fraction:.0%} of the corpus changed (<= {train.retrain_fraction:.0%})"
+        return True, f"{what} (> {train.retrain_fraction:.0%})"
+    return False, f"{what} (<= {train.retrain_fraction:.0%})"

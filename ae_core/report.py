@@ -111,6 +111,10 @@ def loss_curve(history: Sequence[dict], width: int = 480, height: int = 300) -> 
     return _png(img)
 
 
+def _count(n: object, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def summary_markdown(m: dict, pictures: dict[str, str]) -> str:
     """The run's summary as markdown; `pictures` maps a title to a URL or relative path."""
     c, q, ix, t = m.get("changes", {}), m.get("quality", {}), m.get("index", {}), m.get("train", {})
@@ -139,8 +143,10 @@ def summary_markdown(m: dict, pictures: dict[str, str]) -> str:
               f"recall@10 against exact search {ix.get('recall_at_10', 0):.3f} (floor {ix.get('recall_floor')}), "
               f"rows finding themselves first {ix.get('self_hit_rate', 0):.3f}."]
     if t.get("epochs_run") is not None:
-        lines += ["", f"Training: {t.get('epochs_run')} epochs in {t.get('seconds')} s on {t.get('device')} "
-                  f"({t.get('stop_reason')}), best held-out MSE {t.get('best_val_mse')}."]
+        best = t.get("best_val_mse")
+        best = f"{best:.5f}" if isinstance(best, float) else best  # None when nothing was held out
+        lines += ["", f"Training: {_count(t.get('epochs_run'), 'epoch')} in {t.get('seconds')} s on "
+                  f"{t.get('device')} ({t.get('stop_reason')}), best held-out MSE {best}."]
     lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in m.get("timings_s", {}).items()]
     lines += ["", "## Pictures", ""] + [f"![{title}]({url})" for title, url in pictures.items()]

@@ -423,6 +423,24 @@ def test_a_reused_model_with_nothing_to_embed_writes_no_run_folder(digits_run, m
     assert sorted(os.listdir(out / "runs")) == runs
 
 
+def test_a_run_whose_prefect_api_went_away_says_whether_it_published(digits_run, capsys):
+    # before: the flow published, then failed to report its end to a dead server: a traceback, exit 1
+    import httpx
+
+    from ae_core import cli
+    from ae_core.errors import AeError
+
+    out, lost = str(digits_run[0]), httpx.ConnectError("[Errno 111] Connection refused")
+    run_id = (digits_run[0] / "LATEST").read_text().strip()
+    manifest = cli.published_despite(out, None, None, "2000-01-01T00:00:00+00:00", lost)
+    assert manifest["run_id"] == run_id and manifest["published_url"].endswith(run_id)
+    assert f"after run {run_id} was published; the run is complete" in capsys.readouterr().err
+    with pytest.raises(AeError, match=f"nothing was published .* still holds run {run_id}"):
+        cli.published_despite(out, None, run_id, "2000-01-01T00:00:00+00:00", lost)  # LATEST did not move
+    with pytest.raises(AeError, match="nothing was published"):  # LATEST names a run older than the command
+        cli.published_despite(out, None, None, "2999-01-01T00:00:00+00:00", lost)
+
+
 def test_unknown_key_is_a_clear_error(digits_run):
     out, _ = digits_run
     assert_one_line_error(ae("neighbours", out, "--key", "nope.png", check=False), "nope.png", "not in the table")
@@ -463,6 +481,10 @@ def test_query_command_mistakes_are_one_line_errors(digits_run, mnist_subset, tm
         # before: a symlink or a /. part hid that the output lay inside the source
         (("run", tmp_path / "link", tmp_path / "src" / "o"), ("inside source",)),
         (("run", f"{tmp_path}/src/.", tmp_path / "src" / "o"), ("inside source",)),
+        # before: a traceback; and 1,797 digits written before --epochs was refused (0 meant the default)
+        (("demo", tmp_path / "a-file"), ("is a file",)),
+        (("demo", tmp_path / "o", "--epochs", -5), ("epochs", "greater than 0")),
+        (("demo", tmp_path / "o", "--epochs", 0), ("epochs", "greater than 0")),
     ]:
         assert_one_line_error(ae(*args, check=False), *needles)
     assert not (tmp_path / "o").exists() and not (tmp_path / "src" / "o").exists()

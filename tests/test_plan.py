@@ -136,7 +136,8 @@ def test_diff_reads_again_a_file_with_its_size_and_mtime_but_another_identity_wi
     assert [o.key for o in d.unchanged] == ["same", "old-table", "remote"]  # nothing recorded: size and tag decide
     assert d.churn == 0 and d.counts()["rechecked"] == 2
     # a corpus copied to another disk (every stat new) is read again, not retrained on
-    assert retrain_decision(TrainConfig(), d, None) == (False, "0% of the corpus changed (<= 20%)")
+    assert retrain_decision(TrainConfig(), d, None) == (
+        False, "0 new, changed or deleted objects, 0% of the published run's 5 (<= 20%)")
     assert diff_listing({"a": (1, "m")}, [obj("a", "1:1")]).unchanged  # a (size, tag) listing still compares
 
 
