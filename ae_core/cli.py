@@ -10,7 +10,6 @@ import argparse
 import atexit
 import contextlib
 import copy
-import errno
 import ctypes
 import importlib.util
 import json
@@ -108,7 +107,7 @@ def _run_flow(source: str, output: str, kwargs: dict) -> dict:
                               "or your Prefect profile) to let ae start a temporary one") from err
             raise
         except httpx.TransportError as err:  # the server died (the OOM killer, say) while the flow ran
-            return published_despite(output, options, before, started, err)
+            return published_despite(source, output, options, before, started, err)
 
 
 def _latest_published(output: str, options: dict | None) -> tuple[str | None, dict | None]:
@@ -128,22 +127,44 @@ def _latest_published(output: str, options: dict | None) -> tuple[str | None, di
         return None, None
 
 
-def published_despite(output: str, options: dict | None, before: str | None, started: str,
+def _after(stamp: object, started: str) -> bool:
+    try:
+        return datetime.fromisoformat(str(stamp)) >= datetime.fromisoformat(started)
+    except ValueError:
+        return False
+
+
+def _source_as_published(source: str, options: dict | None) -> str | None:
+    """SOURCE as a manifest records it (publish_run): a local folder as its absolute path."""
+    from ae_core.storage import is_local, open_store, redact_url
+
+    try:
+        fs, root = open_store(source, options)
+    except AeError:
+        return None
+    return root if is_local(fs) else redact_url(source)
+
+
+def published_despite(source: str, output: str, options: dict | None, before: str | None, started: str,
                       err: Exception) -> dict:
     """After Prefect's API stopped answering mid-run: the manifest of the run this command
-    published, when LATEST moved to a run that started after the command did (the flow runs
-    on without the API and fails only where it must report, at its end); else one AeError
-    saying nothing was published."""
+    published, when LATEST moved to a run of this SOURCE that started after the command did
+    (the flow runs on without the API and fails only where it must report, at its end); else
+    one AeError saying nothing was published."""
     from ae_core.storage import redact_url
 
     run_id, manifest = _latest_published(output, options)
-    if run_id is not None and run_id != before and str(manifest.get("started_at", "")) >= started:
+    if run_id is not None and run_id != before and _after(manifest.get("started_at"), started) \
+            and manifest.get("source") == _source_as_published(source, options):
         print(f"ae: warning: Prefect's API stopped answering during the run ({type(err).__name__}: {err}), "
               f"after run {run_id} was published; the run is complete", file=sys.stderr)
         return {**manifest, "pruned_runs": []}
-    stands = f"run {before}" if before else "no run"
-    raise AeError(f"Prefect's API stopped answering during the run ({type(err).__name__}: {err}); nothing "
-                  f"was published ({redact_url(output)!r} still holds {stands}); run again") from err
+    lost = f"Prefect's API stopped answering during the run ({type(err).__name__}: {err})"
+    if run_id is None:  # no LATEST, or OUTPUT unreadable just now
+        raise AeError(f"{lost}; {redact_url(output)!r} shows no run this command published (`ae info "
+                      f"{redact_url(output)}` tells what stands); run again") from err
+    raise AeError(f"{lost}; nothing was published ({redact_url(output)!r} holds run {run_id}, "
+                  "not one of this command's); run again") from err
 
 
 def _configured_api_url() -> str:
@@ -314,7 +335,7 @@ def _print_summary(m: dict) -> None:
         versus = f" = {ratio:.2f}x PCA's error" if ratio is not None else f" ({ratio_text(None)})"
         print(f"  quality  reconstruction MSE {q['ae_mse']:.5f} vs PCA-{m['dim']} {q['pca_mse']:.5f}{versus},"
               f" on {q['sample']} images" + _measured_in(q))
-    for hint in (weak_model_hint(q, t) if q.get("sample") else None, anomaly_hint(t)):
+    for hint in (weak_model_hint(q, t) if q.get("sample") else None, anomaly_hint(t, q)):
         if hint:
             print(f"  note     {hint}")
     ix = m["index"]
@@ -418,10 +439,11 @@ def _check_writable(option: str, path: str | None) -> None:
         raise AeError(f"{option} {path!r}: folder {folder!r} does not exist; create it or give another path")
     if os.path.isdir(path):
         raise AeError(f"{option} {path!r} is a folder; give a file name")
-    try:  # a trial file: permissions, a read-only mount, a file system that holds no files
-        tempfile.TemporaryFile(dir=folder).close()
-        if os.path.exists(path) and not os.access(path, os.W_OK):
-            raise PermissionError(errno.EACCES, "the file is read-only")
+    try:  # the file itself if it exists (its folder need not be writable), else a trial file beside it
+        if os.path.exists(path):
+            open(path, "ab").close()  # appends nothing: the content and its time stay as they are
+        else:
+            tempfile.TemporaryFile(dir=folder).close()
     except OSError as err:
         raise AeError(f"{option} {path!r}: cannot write there ({err.strerror or err}); give a writable path") from err
 

@@ -206,8 +206,11 @@ def release_work_dir(folder: str) -> None:
 def list_source(ctx: RunContext) -> list[ObjectInfo]:
     ing = ctx.config.ingest
     with ctx.timed("list"):
-        # OUTPUT is never inside SOURCE (prepare_run), but a symlinked folder may lead into it
+        # OUTPUT is never inside SOURCE (prepare_run), but a symlinked folder may lead into it;
+        # SOURCE may lie inside OUTPUT (photos/ beside runs/), and then only runs/ is the output's
         skip = ctx.out_root if is_local(ctx.src_fs) and is_local(ctx.out_fs) else None
+        if skip and same_or_inside(ctx.src_fs, ctx.src_root, ctx.out_fs, ctx.out_root):
+            skip = join(ctx.out_root, outputs.RUNS)
         objects = sorted(list_objects(ctx.src_fs, ctx.src_root, ing.include, ing.exclude, skip), key=lambda o: o.key)
     if not objects:
         raise AeError(f"source {redact_url(ctx.config.source)!r} holds no objects"
@@ -606,7 +609,7 @@ def published_manifest(ctx: RunContext) -> dict | None:
         if outputs.latest_run_id(ctx.out_fs, ctx.out_root) != ctx.run_id:
             return None
         manifest = json.loads(ctx.out_fs.cat_file(ctx.out(outputs.MANIFEST)))
-    except (AeError, FileNotFoundError, ValueError):  # damaged or half there: not this run's publication
+    except Exception:  # noqa: BLE001 - damaged, half there, unreachable: the stages that read next retry
         return None
     return {**manifest, "pruned_runs": [], "published_url": display_url(ctx.out_fs, ctx.run_dir)}
 
@@ -616,9 +619,8 @@ def publish_run(ctx: RunContext, plan: RunPlan, ckpt: checkpoint.Checkpoint, enc
     """Write the report and the manifest, point OUTPUT/LATEST at this run, prune old runs.
     Returns the manifest (the published one when an earlier attempt of this task got that far)."""
     done = published_manifest(ctx)
-    if done is not None:
-        release_work_dir(ctx.work_dir)
-        return done
+    if done is not None:  # an earlier attempt published, then failed in what follows: finish that
+        return {**done, **_after_publishing(ctx)}
     manifest = {
         "format": "ae-embed-run/1", "run_id": ctx.run_id, "started_at": ctx.started_at,
         "finished_at": datetime.now(timezone.utc).isoformat(),
@@ -646,12 +648,17 @@ def publish_run(ctx: RunContext, plan: RunPlan, ckpt: checkpoint.Checkpoint, enc
                               files, manifest["output"])
     write_bytes_atomic(ctx.out_fs, ctx.out(outputs.MANIFEST), json.dumps(manifest, indent=2).encode())
     outputs.publish(ctx.out_fs, ctx.out_root, ctx.run_id)
-    if ctx.out_fs.exists(ctx.out(STAGE_DIR)):  # pixels staged for a pretrain stage elsewhere
+    return {**manifest, **_after_publishing(ctx)}
+
+
+def _after_publishing(ctx: RunContext) -> dict:
+    """Delete what the published run no longer needs (pixels staged for a pretrain stage
+    elsewhere, runs beyond --keep-runs, the pixel cache); safe to repeat."""
+    if ctx.out_fs.exists(ctx.out(STAGE_DIR)):
         remove_tree(ctx.out_fs, ctx.out(STAGE_DIR))
-    manifest["pruned_runs"] = outputs.prune_runs(ctx.out_fs, ctx.out_root, ctx.config.publish.keep_runs, ctx.run_id)
+    pruned = outputs.prune_runs(ctx.out_fs, ctx.out_root, ctx.config.publish.keep_runs, ctx.run_id)
     release_work_dir(ctx.work_dir)
-    manifest["published_url"] = display_url(ctx.out_fs, ctx.run_dir)
-    return manifest
+    return {"pruned_runs": pruned, "published_url": display_url(ctx.out_fs, ctx.run_dir)}
 
 
 def read_rejects(ctx: RunContext, limit: int) -> list[dict]:

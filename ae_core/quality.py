@@ -49,16 +49,20 @@ def weak_model_hint(quality: dict, train: dict) -> str | None:
             f"so its embeddings may be weaker than PCA's; {fix}")
 
 
-def anomaly_hint(train: dict) -> str | None:
+def anomaly_hint(train: dict, quality: dict | None = None) -> str | None:
     """A line for the run's summary and report when the two models behind anomaly_score stopped
     at their time budget before the steps asked for (their scores then rank less well); None
     otherwise. Pure."""
     planned, done = train.get("anomaly_steps"), train.get("anomaly_steps_run") or []
-    if not planned or not done or min(done) >= planned:
+    if not planned or not done or min(done) >= planned or "max_minutes" not in (train.get("anomaly_stop_reasons") or []):
         return None
+    fix = "raise --max-minutes"
+    reused = (quality or {}).get("measured_in_run")
+    if reused:  # their settings reach them only when the model is trained again
+        fix += f", with --retrain always (this run reused the models trained in run {reused})"
     return (f"the two models behind anomaly_score stopped at their time budget (a quarter of --max-minutes "
             f"each) after {' and '.join(str(n) for n in done)} of {planned} steps, so anomaly_score may rank "
-            "less well; raise --max-minutes")
+            f"less well; {fix}")
 
 
 def pca_fits(x: np.ndarray, dims: Sequence[int]) -> dict[int, tuple[np.ndarray, float]]:

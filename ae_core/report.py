@@ -136,7 +136,7 @@ def summary_markdown(m: dict, pictures: dict[str, str]) -> str:
                        f"PCA with {m['dim']} components reproduces these {q['sample']} images exactly (as it does "
                        f"any {m['dim'] + 1} images or fewer), so there is no ratio to it")
                   + (f" (measured in run {q['measured_in_run']})" if q.get("measured_in_run") else "") + "."]
-    for hint in (weak_model_hint(q, t) if q.get("sample") else None, anomaly_hint(t)):
+    for hint in (weak_model_hint(q, t) if q.get("sample") else None, anomaly_hint(t, q)):
         if hint:
             lines += ["", f"**Note:** {hint[0].upper()}{hint[1:]}."]
     lines += ["", f"Index: {ix.get('kind')} ({ix.get('metric')}, {ix.get('reason')}), {ix.get('ntotal')} vectors; "

@@ -47,11 +47,11 @@ def open_store(url: str, options: Mapping[str, dict] | None = None) -> tuple[Abs
     if not url.strip():  # fsspec would take it for the working directory
         raise AeError("an empty path or URL; give a folder or an fsspec URL such as s3://bucket/prefix")
     protocol = url.split("://", 1)[0] if "://" in url else "file"
-    if protocol in _BUCKETED and "@" in url.split("://", 1)[1].split("/", 1)[0]:
+    if protocol in _USERINFO_IS_BUCKET and "@" in url.split("://", 1)[1].split("/", 1)[0]:
         # s3fs would take "user:secret@bucket" for the bucket's name and echo it in its error
         raise AeError(f"{redact_url(url)!r}: credentials in an {protocol}:// URL are not used (the part before "
-                      "@ would be read as the bucket); give them with --aws-credentials-block, the AWS "
-                      "variables or a profile, and the URL without them")
+                      "@ would be read as the bucket); give the URL without them, and the credentials as the "
+                      "store reads them (for S3: --aws-credentials-block, the AWS variables or a profile)")
     try:
         fs, root = url_to_fs(url, **dict((options or {}).get(protocol, {})))
     except (ValueError, ImportError) as err:
@@ -236,6 +236,8 @@ def listing_tag(info: dict) -> str:
 
 
 _BUCKETED = ("s3", "s3a", "gs", "gcs", "az", "abfs")  # object stores whose paths start with a bucket
+# where "user:secret@" would be read as part of the bucket's name (abfs://container@account is Azure's form)
+_USERINFO_IS_BUCKET = ("s3", "s3a", "gs", "gcs")
 
 
 def _protocol(fs: AbstractFileSystem) -> str:

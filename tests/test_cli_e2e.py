@@ -423,7 +423,7 @@ def test_a_reused_model_with_nothing_to_embed_writes_no_run_folder(digits_run, m
     assert sorted(os.listdir(out / "runs")) == runs
 
 
-def test_a_run_whose_prefect_api_went_away_says_whether_it_published(digits_run, capsys):
+def test_a_run_whose_prefect_api_went_away_says_whether_it_published(digits_run, mnist_subset, capsys):
     # before: the flow published, then failed to report its end to a dead server: a traceback, exit 1
     import httpx
 
@@ -432,13 +432,16 @@ def test_a_run_whose_prefect_api_went_away_says_whether_it_published(digits_run,
 
     out, lost = str(digits_run[0]), httpx.ConnectError("[Errno 111] Connection refused")
     run_id = (digits_run[0] / "LATEST").read_text().strip()
-    manifest = cli.published_despite(out, None, None, "2000-01-01T00:00:00+00:00", lost)
+    source, long_ago = str(mnist_subset), "2000-01-01T00:00:00+00:00"
+    manifest = cli.published_despite(source, out, None, None, long_ago, lost)
     assert manifest["run_id"] == run_id and manifest["published_url"].endswith(run_id)
     assert f"after run {run_id} was published; the run is complete" in capsys.readouterr().err
-    with pytest.raises(AeError, match=f"nothing was published .* still holds run {run_id}"):
-        cli.published_despite(out, None, run_id, "2000-01-01T00:00:00+00:00", lost)  # LATEST did not move
+    with pytest.raises(AeError, match=f"nothing was published .* holds run {run_id}, not one of this command's"):
+        cli.published_despite(source, out, None, run_id, long_ago, lost)  # LATEST did not move
     with pytest.raises(AeError, match="nothing was published"):  # LATEST names a run older than the command
-        cli.published_despite(out, None, None, "2999-01-01T00:00:00+00:00", lost)
+        cli.published_despite(source, out, None, None, "2999-01-01T00:00:00+00:00", lost)
+    with pytest.raises(AeError, match="nothing was published"):  # another source's run, into the same OUTPUT
+        cli.published_despite(str(mnist_subset.parent), out, None, None, long_ago, lost)
 
 
 def test_unknown_key_is_a_clear_error(digits_run):

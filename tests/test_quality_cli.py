@@ -152,8 +152,13 @@ def test_anomaly_models_cut_short_by_their_time_budget_get_a_hint():
     assert anomaly_hint({"anomaly_steps": 300, "anomaly_steps_run": [300, 302]}) is None
     assert anomaly_hint({"anomaly_steps": 0, "anomaly_steps_run": []}) is None
     assert anomaly_hint({"anomaly_steps": 300}) is None  # a run from before the steps were recorded
-    cut = anomaly_hint({"anomaly_steps": 300, "anomaly_steps_run": [41, 300]})
-    assert "after 41 and 300 of 300 steps" in cut and "raise --max-minutes" in cut
+    cut = {"anomaly_steps": 300, "anomaly_steps_run": [41, 300], "anomaly_stop_reasons": ["max_minutes", "epochs"]}
+    assert "after 41 and 300 of 300 steps" in anomaly_hint(cut) and "raise --max-minutes" in anomaly_hint(cut)
+    assert "--retrain" not in anomaly_hint(cut)
+    reused = anomaly_hint(cut, {"measured_in_run": "20260101T000000Z-aaaaaa"})
+    assert "with --retrain always (this run reused the models trained in run 20260101T000000Z-aaaaaa)" in reused
+    # fewer steps for another reason (no gain on the training loss for `patience` epochs): no time advice
+    assert anomaly_hint({**cut, "anomaly_stop_reasons": ["early_stopping", "epochs"]}) is None
 
 
 def test_evaluate_prints_ae_pca_and_raw_side_by_side(mnist_subset, tmp_path):

@@ -415,3 +415,35 @@ def test_an_empty_location_or_a_bucketless_url_is_refused_not_taken_for_the_work
             open_store(url)
     assert open_store("s3://b")[1] == "b" and is_local(open_store("file:///tmp")[0])
     assert open_store("memory://")[1] == ""  # memory has no buckets: its root is a folder
+
+
+def test_a_source_inside_the_output_is_listed_without_the_outputs_runs(mnist_subset, tmp_path):
+    # before: every object under OUTPUT was skipped, so the run said SOURCE "holds no objects"
+    import shutil
+
+    from ae_core import pipeline
+    from ae_core.config import RunConfig
+
+    out = tmp_path / "out"
+    shutil.copytree(mnist_subset, out / "digits")
+    (out / "runs" / "20260101T000000Z-aaaaaa").mkdir(parents=True)
+    shutil.copy(mnist_subset / "00000.png", out / "runs" / "20260101T000000Z-aaaaaa" / "reconstructions.png")
+    ctx = pipeline.prepare_run(RunConfig(source=str(out / "digits"), output=str(out), work_dir=str(tmp_path / "w")))
+    assert len(pipeline.list_source(ctx)) == 300
+    # SOURCE that holds OUTPUT's runs (through a link): those are still never read back
+    (out / "digits" / "results").symlink_to(out / "runs")
+    assert len(pipeline.list_source(ctx)) == 300
+
+
+def test_credentials_in_a_bucket_url_are_refused_without_echoing_them():
+    from ae_core.errors import AeError
+    from ae_core.storage import open_store
+
+    for url in ("s3://AKID:SECRETX@bkt/photos", "gs://AKID:SECRETX@bkt"):
+        with pytest.raises(AeError, match="credentials in an .* URL are not used") as err:
+            open_store(url)
+        assert "SECRETX" not in str(err.value)
+    try:  # Azure's own form names the container before the @: not refused as credentials
+        open_store("abfs://container@account.dfs.core.windows.net/photos")
+    except AeError as err:  # adlfs not installed here: any other one-line error
+        assert "credentials in an" not in str(err)
