@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -406,6 +407,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ae_core.query import neighbours_of_key
 
     train = _demo_train(args)  # a wrong --epochs stops it before the digits are written
+    if not args.output.strip():
+        raise AeError("the demo folder is empty; give a folder (default demo-out)")
     root = os.path.abspath(args.output)
     if os.path.exists(root) and not os.path.isdir(root):
         raise AeError(f"demo folder {args.output!r} is a file; give a folder (created if missing)")
@@ -428,17 +431,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _check_writable(option: str, path: str | None) -> None:
     """A file the command will write at the end: its folder must exist now, not after the work."""
+    from ae_core.storage import redact_url
+
     if path is None:
         return
     if not path.strip():
         raise AeError(f"{option} is empty; give a file name")
-    if "://" in path:
-        raise AeError(f"{option} {path!r}: give a local file path; the picture is written on this machine")
+    if "://" in path or "::" in path:
+        raise AeError(f"{option} {redact_url(path)!r}: give a local file path; the file is written on this machine")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise AeError(f"{option} {path!r}: folder {folder!r} does not exist; create it or give another path")
     if os.path.isdir(path):
         raise AeError(f"{option} {path!r} is a folder; give a file name")
+    if os.path.islink(path) and not os.path.exists(path):
+        raise AeError(f"{option} {path!r} is a link to {os.readlink(path)!r}, which does not exist; give another path")
+    if os.path.exists(path) and (stat.S_ISFIFO(os.stat(path).st_mode) or stat.S_ISSOCK(os.stat(path).st_mode)):
+        raise AeError(f"{option} {path!r} is a pipe or a socket (opening it waits for a reader); give a file name")
     try:  # the file itself if it exists (its folder need not be writable), else a trial file beside it
         if os.path.exists(path):
             open(path, "ab").close()  # appends nothing: the content and its time stay as they are

@@ -208,7 +208,7 @@ def list_source(ctx: RunContext) -> list[ObjectInfo]:
     with ctx.timed("list"):
         # OUTPUT is never inside SOURCE (prepare_run), but a symlinked folder may lead into it;
         # SOURCE may lie inside OUTPUT (photos/ beside runs/), and then only runs/ is the output's
-        skip = ctx.out_root if is_local(ctx.src_fs) and is_local(ctx.out_fs) else None
+        skip = ctx.out_root if type(ctx.src_fs) is type(ctx.out_fs) else None
         if skip and same_or_inside(ctx.src_fs, ctx.src_root, ctx.out_fs, ctx.out_root):
             skip = join(ctx.out_root, outputs.RUNS)
         objects = sorted(list_objects(ctx.src_fs, ctx.src_root, ing.include, ing.exclude, skip), key=lambda o: o.key)

@@ -47,11 +47,16 @@ def open_store(url: str, options: Mapping[str, dict] | None = None) -> tuple[Abs
     if not url.strip():  # fsspec would take it for the working directory
         raise AeError("an empty path or URL; give a folder or an fsspec URL such as s3://bucket/prefix")
     protocol = url.split("://", 1)[0] if "://" in url else "file"
-    if protocol in _USERINFO_IS_BUCKET and "@" in url.split("://", 1)[1].split("/", 1)[0]:
-        # s3fs would take "user:secret@bucket" for the bucket's name and echo it in its error
-        raise AeError(f"{redact_url(url)!r}: credentials in an {protocol}:// URL are not used (the part before "
-                      "@ would be read as the bucket); give the URL without them, and the credentials as the "
-                      "store reads them (for S3: --aws-credentials-block, the AWS variables or a profile)")
+    for part in url.split("::"):  # each URL of a chain (simplecache::s3://...), whatever the scheme's case
+        scheme, _, rest = part.partition("://")
+        if rest and scheme.lower() in _USERINFO_IS_BUCKET and "@" in rest.split("/", 1)[0]:
+            # s3fs would take "user:secret@bucket" for the bucket's name and echo it in its error
+            raise AeError(f"{redact_url(url)!r}: credentials in the URL are not used (the part before "
+                          "@ would be read as the bucket); give the URL without them, and the credentials as the "
+                          "store reads them (for S3: --aws-credentials-block, the AWS variables or a profile)")
+        if rest and scheme.lower() in _BUCKETED and "//" in rest.rstrip("/"):
+            raise AeError(f"{redact_url(url)!r} has an empty path part (//); remove the extra slash (keys "
+                          "with empty parts are not supported: they defeat the check that OUTPUT is not in SOURCE)")
     try:
         fs, root = url_to_fs(url, **dict((options or {}).get(protocol, {})))
     except (ValueError, ImportError) as err:
@@ -209,6 +214,8 @@ def _walk_local(root: str, skip_prefix: str | None, ancestors: frozenset[str] | 
                     if stat.S_ISDIR(kind):
                         subdirs.append(path)
                         continue
+                    if skip_real and _under(os.path.realpath(path), skip_real):
+                        continue  # a file of OUTPUT's, through a link
                 if not stat.S_ISREG(kind):
                     continue
                 # fsspec's fields: `created` is what the tag falls back on for an mtime of 0
@@ -484,7 +491,9 @@ def iter_batches(items: Iterable, size: int) -> Iterator[list]:
 
 
 def redact_url(url: str) -> str:
-    """Drop any user:password@ part of a URL before it is logged or stored."""
+    """Drop any user:password@ part of a URL (of each URL of a chain) before it is logged or stored."""
+    if "::" in url:
+        return "::".join(redact_url(part) for part in url.split("::"))
     parts = urlsplit(url)
     if parts.username or parts.password:
         host = parts.hostname or ""

@@ -456,6 +456,7 @@ def test_query_command_mistakes_are_one_line_errors(digits_run, mnist_subset, tm
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "a.png").write_bytes((Path(mnist_subset) / "00000.png").read_bytes())
     (tmp_path / "link").symlink_to(tmp_path / "src")
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "no-such-folder" / "g.png")
     for args, needles in [
         (("neighbours", out, "--image", mnist_subset), ("is a folder",)),
         (("neighbours", out, "--image", "http://127.0.0.1:9/x.png"), ("cannot be read", "ClientConnectorError")),
@@ -481,6 +482,10 @@ def test_query_command_mistakes_are_one_line_errors(digits_run, mnist_subset, tm
         (("evaluate", mnist_subset, "--labels", tmp_path / "x.csv", "--markdown", "/proc/e.md"), ("cannot write there",)),
         (("outliers", out, "--grid", "/proc/g.png"), ("cannot write there",)),
         (("outliers", out, "--grid", ""), ("--grid is empty",)),
+        (("outliers", out, "--grid", tmp_path / "fifo"), ("is a pipe or a socket",)),  # before: waited forever
+        (("outliers", out, "--grid", tmp_path / "dangling.png"), ("which does not exist",)),
+        (("outliers", out, "--grid", "S3://AKID:SECRETX@b/g.png"), ("'s3://b/g.png': give a local file path",)),
+        (("demo", ""), ("demo folder is empty",)),
         # before: a symlink or a /. part hid that the output lay inside the source
         (("run", tmp_path / "link", tmp_path / "src" / "o"), ("inside source",)),
         (("run", f"{tmp_path}/src/.", tmp_path / "src" / "o"), ("inside source",)),
@@ -495,7 +500,7 @@ def test_query_command_mistakes_are_one_line_errors(digits_run, mnist_subset, tm
     for args in (("info", "s3://AKID:SECRETX@bkt/o"), ("neighbours", out, "--image", "s3://AKID:SECRETX@bkt/x.png"),
                  ("run", "s3://AKID:SECRETX@bkt/src", tmp_path / "o")):
         proc = ae(*args, check=False)
-        assert_one_line_error(proc, "credentials in an s3:// URL are not used", "s3://bkt/")
+        assert_one_line_error(proc, "credentials in the URL are not used", "s3://bkt/")
         assert "SECRETX" not in proc.stdout + proc.stderr
     every = json.loads(ae("outliers", out, "-n", 10**22, "--json").stdout)["outliers"]  # before: OverflowError
     assert len(every) == pq.read_metadata(Path(out) / "runs" / (Path(out) / "LATEST").read_text().strip()

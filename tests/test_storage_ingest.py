@@ -433,17 +433,41 @@ def test_a_source_inside_the_output_is_listed_without_the_outputs_runs(mnist_sub
     # SOURCE that holds OUTPUT's runs (through a link): those are still never read back
     (out / "digits" / "results").symlink_to(out / "runs")
     assert len(pipeline.list_source(ctx)) == 300
+    # nor one of their files (before: a file link was listed; only folder links were checked)
+    (out / "digits" / "recon.png").symlink_to(out / "runs" / "20260101T000000Z-aaaaaa" / "reconstructions.png")
+    assert len(pipeline.list_source(ctx)) == 300
 
 
 def test_credentials_in_a_bucket_url_are_refused_without_echoing_them():
     from ae_core.errors import AeError
     from ae_core.storage import open_store
 
-    for url in ("s3://AKID:SECRETX@bkt/photos", "gs://AKID:SECRETX@bkt"):
-        with pytest.raises(AeError, match="credentials in an .* URL are not used") as err:
+    for url in ("s3://AKID:SECRETX@bkt/photos", "gs://AKID:SECRETX@bkt", "S3://AKID:SECRETX@bkt/photos",
+                "simplecache::s3://AKID:SECRETX@bkt/photos"):  # before: the last two leaked the secret
+        with pytest.raises(AeError, match="credentials in the URL are not used") as err:
             open_store(url)
         assert "SECRETX" not in str(err.value)
     try:  # Azure's own form names the container before the @: not refused as credentials
         open_store("abfs://container@account.dfs.core.windows.net/photos")
     except AeError as err:  # adlfs not installed here: any other one-line error
-        assert "credentials in an" not in str(err)
+        assert "credentials in the URL" not in str(err)
+    with pytest.raises(AeError, match="empty path part"):  # before: it slipped past the OUTPUT-in-SOURCE check
+        open_store("s3://bkt//photos")
+
+
+def test_a_source_inside_the_output_never_lists_the_outputs_runs(store, tmp_path):
+    # before: over S3 (and memory://) OUTPUT/runs as SOURCE embedded earlier runs' pictures
+    from ae_core import pipeline
+    from ae_core.config import RunConfig
+
+    fs, root = open_store(store)
+    fs.makedirs(f"{root}/runs/20260101T000000Z-aaaaaa", exist_ok=True)
+    fs.pipe_file(f"{root}/runs/20260101T000000Z-aaaaaa/loss.png", (MNIST / "00000.png").read_bytes())
+
+    def listed(source):
+        ctx = pipeline.prepare_run(RunConfig(source=source, output=store, work_dir=str(tmp_path / "w")))
+        return sorted(o.key for o in pipeline.list_source(ctx))
+
+    assert listed(f"{store}/sub") == ["b.png", "deeper/c"]
+    with pytest.raises(AeError, match="holds no objects"):
+        listed(f"{store}/runs")
