@@ -100,11 +100,14 @@ def test_fold_models_train_on_their_own_fold_only():
     assert train_fold_models(pixels, folds, AEArch(4, 16, 1), TrainConfig(anomaly_steps=0)) == []
     from ae_core.train import train_fold_results
 
-    done = train_fold_results(pixels, folds, AEArch(4, 16, 1), TrainConfig(anomaly_steps=60, batch_size=16))
+    # no early stopping on the training loss here (patience): only the steps or the time may end them
+    done = train_fold_results(pixels, folds, AEArch(4, 16, 1), TrainConfig(anomaly_steps=60, batch_size=16,
+                                                                            patience=10**9))
     assert [r.steps for r in done] == [60, 60] and {r.stop_reason for r in done} == {"epochs"}  # 2 batches an epoch
     cut = train_fold_results(pixels, folds, AEArch(4, 16, 1), TrainConfig(anomaly_steps=10**6, batch_size=16,
-                                                                           max_minutes=0.01))
-    assert all(0 < r.steps < 10**6 and r.stop_reason == "max_minutes" for r in cut)
+                                                                           max_minutes=0.01, patience=10**9))
+    assert [r.stop_reason for r in cut] == ["max_minutes"] * 2 and all(0 < r.steps < 10**6 for r in cut), \
+        [(r.steps, r.stop_reason) for r in cut]
 
 
 @pytest.mark.parametrize("arch", [AEArch(32, 28, 1), AEArch(16, 64, 3, width=8), AEArch(8, 16, 1, blocks_per_stage=0)])
