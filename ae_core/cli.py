@@ -96,7 +96,7 @@ def _run_flow(source: str, output: str, kwargs: dict) -> dict:
 
     import httpx  # Prefect's HTTP client
 
-    before, _ = _latest_published(output, options)
+    before, _ = _latest_published(output, options, manifest=False)
     started = datetime.now(timezone.utc).isoformat()
     with _prefect_api(server):
         try:
@@ -111,19 +111,18 @@ def _run_flow(source: str, output: str, kwargs: dict) -> dict:
             return published_despite(source, output, options, before, started, err)
 
 
-def _latest_published(output: str, options: dict | None) -> tuple[str | None, dict | None]:
-    """(the run OUTPUT/LATEST names, its manifest with published_url); Nones where either cannot
-    be read."""
-    from ae_core.outputs import MANIFEST, latest_run_id, run_path
-    from ae_core.storage import display_url, join, open_store, read_text
+def _latest_published(output: str, options: dict | None, manifest: bool = True) -> tuple[str | None, dict | None]:
+    """(the run OUTPUT/LATEST names, its manifest with published_url, if asked for); Nones where
+    either cannot be read."""
+    from ae_core.outputs import latest_run_id, published_run, run_path
+    from ae_core.storage import display_url, open_store
 
     try:
         fs, root = open_store(output, options)
-        run_id = latest_run_id(fs, root)
-        if run_id is None:
-            return None, None
-        folder = run_path(root, run_id)
-        return run_id, {**json.loads(read_text(fs, join(folder, MANIFEST))), "published_url": display_url(fs, folder)}
+        if not manifest:
+            return latest_run_id(fs, root), None
+        run_id, stored = published_run(fs, root)
+        return (run_id, None if stored is None else {**stored, "published_url": display_url(fs, run_path(root, run_id))})
     except Exception:  # noqa: BLE001 - only a hint for the message: what stands in OUTPUT
         return None, None
 
@@ -136,14 +135,13 @@ def _after(stamp: object, started: str) -> bool:
 
 
 def _source_as_published(source: str, options: dict | None) -> str | None:
-    """SOURCE as a manifest records it (publish_run): a local folder as its absolute path."""
-    from ae_core.storage import is_local, open_store, redact_url
+    from ae_core.pipeline import recorded_source
+    from ae_core.storage import open_store
 
     try:
-        fs, root = open_store(source, options)
+        return recorded_source(*open_store(source, options), source)
     except AeError:
         return None
-    return root if is_local(fs) else redact_url(source)
 
 
 def published_despite(source: str, output: str, options: dict | None, before: str | None, started: str,
@@ -329,16 +327,15 @@ def _print_summary(m: dict) -> None:
     print(f"           {m['model_version']}: dim {m['dim']}, input {m['image_size']}x{m['image_size']}"
           f"x{m['channels']}, {t.get('epochs_run')} epoch{'' if t.get('epochs_run') == 1 else 's'} in {t.get('seconds')} s on {t.get('device')}"
           f" ({t.get('stop_reason')})")
-    from ae_core.quality import anomaly_hint, ratio_text, weak_model_hint
+    from ae_core.quality import ratio_text, run_notes
 
     if q.get("sample"):
         ratio = q.get("ae_over_pca")
         versus = f" = {ratio:.2f}x PCA's error" if ratio is not None else f" ({ratio_text(None)})"
         print(f"  quality  reconstruction MSE {q['ae_mse']:.5f} vs PCA-{m['dim']} {q['pca_mse']:.5f}{versus},"
               f" on {q['sample']} images" + _measured_in(q))
-    for hint in (weak_model_hint(q, t) if q.get("sample") else None, anomaly_hint(t, q)):
-        if hint:
-            print(f"  note     {hint}")
+    for note in run_notes(q, t):
+        print(f"  note     {note}")
     ix = m["index"]
     print(f"  index    {ix['kind']} {ix['metric']}, {ix['ntotal']} vectors, recall@10 "
           f"{ix.get('recall_at_10', 1.0):.3f}, self-hit rate {ix['self_hit_rate']:.3f}")
@@ -446,7 +443,8 @@ def _check_writable(option: str, path: str | None) -> None:
         raise AeError(f"{option} {path!r} is a folder; give a file name")
     if os.path.islink(path) and not os.path.exists(path):
         raise AeError(f"{option} {path!r} is a link to {os.readlink(path)!r}, which does not exist; give another path")
-    if os.path.exists(path) and (stat.S_ISFIFO(os.stat(path).st_mode) or stat.S_ISSOCK(os.stat(path).st_mode)):
+    mode = os.stat(path).st_mode if os.path.exists(path) else 0
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
         raise AeError(f"{option} {path!r} is a pipe or a socket (opening it waits for a reader); give a file name")
     try:  # the file itself if it exists (its folder need not be writable), else a trial file beside it
         if os.path.exists(path):

@@ -179,6 +179,15 @@ def latest_run_id(fs: AbstractFileSystem, root: str) -> str | None:
     return text or None
 
 
+def published_run(fs: AbstractFileSystem, root: str) -> tuple[str | None, dict | None]:
+    """(the run LATEST names, its manifest as stored), (None, None) without a LATEST. Raises
+    what reading them raises; `resolve` is the checked version for queries."""
+    run_id = latest_run_id(fs, root)
+    if run_id is None:
+        return None, None
+    return run_id, json.loads(read_text(fs, join(run_path(root, run_id), MANIFEST)))
+
+
 def prune_runs(fs: AbstractFileSystem, root: str, keep: int, published: str) -> list[str]:
     """Delete all but the newest `keep` finished runs, and unfinished runs older than the
     published one (left by crashed or killed runs). The published run is never deleted.

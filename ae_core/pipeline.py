@@ -601,6 +601,12 @@ def draw_report(ctx: RunContext, corpus: DecodedCorpus, ckpt: checkpoint.Checkpo
     return drawn
 
 
+def recorded_source(fs: AbstractFileSystem, root: str, url: str) -> str:
+    """SOURCE as a manifest records it: a local folder as its absolute path (`ae outliers --grid`
+    reads it again, from any folder), else the URL without credentials."""
+    return root if is_local(fs) else redact_url(url)
+
+
 def published_manifest(ctx: RunContext) -> dict | None:
     """The manifest of this run when an earlier attempt of it (a retried flow run or publish
     task) already published it: LATEST names it. A published run's files never change, so a
@@ -624,8 +630,7 @@ def publish_run(ctx: RunContext, plan: RunPlan, ckpt: checkpoint.Checkpoint, enc
     manifest = {
         "format": "ae-embed-run/1", "run_id": ctx.run_id, "started_at": ctx.started_at,
         "finished_at": datetime.now(timezone.utc).isoformat(),
-        # a local source as an absolute path: `ae outliers --grid` reads it again, from any folder
-        "source": ctx.src_root if is_local(ctx.src_fs) else redact_url(ctx.config.source),
+        "source": recorded_source(ctx.src_fs, ctx.src_root, ctx.config.source),
         "output": redact_url(ctx.config.output),
         "model_version": ckpt.version, "dim": ckpt.model.arch.dim,
         "image_size": ckpt.preprocess.image_size, "channels": ckpt.preprocess.channels,

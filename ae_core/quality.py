@@ -65,6 +65,13 @@ def anomaly_hint(train: dict, quality: dict | None = None) -> str | None:
             f"less well; {fix}")
 
 
+def run_notes(quality: dict, train: dict) -> list[str]:
+    """The notes of a run's summary and report: a model weaker than PCA, anomaly-score models
+    cut by their time budget."""
+    notes = [weak_model_hint(quality, train) if quality.get("sample") else None, anomaly_hint(train, quality)]
+    return [n for n in notes if n]
+
+
 def pca_fits(x: np.ndarray, dims: Sequence[int]) -> dict[int, tuple[np.ndarray, float]]:
     """PCA fitted on x itself (as a linear autoencoder would be), for several component counts
     from one SVD: dim -> (codes, MSE per value). x is (n, features) float on [0, 1]."""

@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ae_core.model import ConvAutoencoder
-from ae_core.quality import anomaly_hint, weak_model_hint
+from ae_core.quality import run_notes
 
 TILE = 64  # pixels per image in the grids: small inputs (28x28) are scaled up to be seen
 _PAD = 2
@@ -136,9 +136,8 @@ def summary_markdown(m: dict, pictures: dict[str, str]) -> str:
                        f"PCA with {m['dim']} components reproduces these {q['sample']} images exactly (as it does "
                        f"any {m['dim'] + 1} images or fewer), so there is no ratio to it")
                   + (f" (measured in run {q['measured_in_run']})" if q.get("measured_in_run") else "") + "."]
-    for hint in (weak_model_hint(q, t) if q.get("sample") else None, anomaly_hint(t, q)):
-        if hint:
-            lines += ["", f"**Note:** {hint[0].upper()}{hint[1:]}."]
+    for note in run_notes(q, t):
+        lines += ["", f"**Note:** {note[0].upper()}{note[1:]}."]
     lines += ["", f"Index: {ix.get('kind')} ({ix.get('metric')}, {ix.get('reason')}), {ix.get('ntotal')} vectors; "
               f"recall@10 against exact search {ix.get('recall_at_10', 0):.3f} (floor {ix.get('recall_floor')}), "
               f"rows finding themselves first {ix.get('self_hit_rate', 0):.3f}."]

@@ -255,10 +255,10 @@ def train_fold_results(pixels: np.ndarray, folds: np.ndarray, arch: AEArch, cfg:
     if cfg.anomaly_steps == 0 or min(len(r) for r in rows) == 0:
         return []
     arch = AEArch(arch.dim, arch.image_size, arch.channels, arch.width, blocks_per_stage=0)
-    models = []
+    results = []
     for k, idx in enumerate(rows):
         epochs = max(1, math.ceil(cfg.anomaly_steps / math.ceil(len(idx) / cfg.batch_size)))
         sub = cfg.model_copy(update={"epochs": epochs, "val_fraction": 0.0, "seed": cfg.seed + 1 + k,
                                      "max_minutes": cfg.max_minutes / 4})
-        models.append(train_autoencoder(pixels, arch, sub, rows=idx))
-    return models
+        results.append(train_autoencoder(pixels, arch, sub, rows=idx))
+    return results
