@@ -276,26 +276,43 @@ def check_store(fs: AbstractFileSystem, root: str, url: str, role: str) -> None:
     try:
         if bucket:
             fs.info(bucket)
+        elif not is_local(fs):  # http(s), ftp, sftp...: reach the host once, so a dead one is one line
+            fs.isdir(root)
     except FileNotFoundError as err:
+        if not bucket:
+            return  # reached it; the callers say what is missing
+
         raise AeError(f"{role} {url!r}: bucket {bucket!r} does not exist{where}; create it or fix "
                       "the URL") from err
     except PermissionError as err:
+        if not bucket:
+            raise AeError(f"{role} {url!r}: access denied ({_first_line(err)}); check the credentials "
+                          "for that host") from err
         raise AeError(f"{role} {url!r}: access denied{where} ({err}); check the credentials "
                       "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE) and the "
                       "bucket's policy") from err
     except Exception as err:
-        if is_connection_error(err):
-            raise _unreachable(role, url, where) from err
+        if is_connection_error(err) or (not bucket and isinstance(err, OSError)):
+            raise _unreachable(role, url, where, bucket is not None) from err
         if {cls.__name__ for cls in type(err).__mro__} & {"NoCredentialsError", "PartialCredentialsError"}:
             raise AeError(f"{role} {url!r}: no credentials found{where}; set AWS_ACCESS_KEY_ID and "
                           "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or name a Prefect block with "
                           "--aws-credentials-block") from err
+        if not bucket:  # an HTTP error status, a refused login: one line, retried like an unreachable store
+            raise AeError(f"{role} {url!r} cannot be read ({type(err).__name__}: {_first_line(err)}); check "
+                          "the URL, the host and the credentials", transient=True) from err
         raise
 
 
-def _unreachable(role: str, url: str, where: str) -> AeError:
-    return AeError(f"{role} {url!r}: cannot reach the store{where}; check the endpoint (AWS_ENDPOINT_URL, or "
-                   "the credentials block's endpoint_url) and the network", transient=True)
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else "no detail"
+
+
+def _unreachable(role: str, url: str, where: str, object_store: bool = True) -> AeError:
+    fix = ("check the endpoint (AWS_ENDPOINT_URL, or the credentials block's endpoint_url) and the network"
+           if object_store else "check the host name in the URL and the network")
+    return AeError(f"{role} {url!r}: cannot reach the store{where}; {fix}", transient=True)
 
 
 def check_store_writable(fs: AbstractFileSystem, root: str, url: str, role: str) -> None:
@@ -315,8 +332,11 @@ def check_store_writable(fs: AbstractFileSystem, root: str, url: str, role: str)
                           f"it{needs}{left}") from err
         except Exception as err:
             if is_connection_error(err):
-                raise _unreachable(role, url, where) from err
-            raise
+                raise _unreachable(role, url, where, _protocol(fs) in _BUCKETED) from err
+            # a store that takes no writes (a plain HTTP server answers PUT with 501), a quota
+            raise AeError(f"{role} {url!r}: could not {verb} a test object there ({type(err).__name__}: "
+                          f"{_first_line(err)}); give a local folder or an object store that these "
+                          "credentials may write to, such as s3://bucket/prefix") from err
 
 
 def check_local_writable(path: str, what: str) -> None:

@@ -223,6 +223,52 @@ def test_user_errors_are_one_line_and_write_nothing(mnist_subset, tmp_path):
     assert prefect_servers_not_ours() - servers == set()
 
 
+@pytest.fixture()
+def http_folder(mnist_subset, tmp_path):
+    """A plain HTTP server on loopback (Python's http.server: GET and directory listings, no
+    PUT) over a folder holding the digits; yields its base URL."""
+    import functools
+    import shutil
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    served = tmp_path / "served"
+    shutil.copytree(mnist_subset, served / "digits")
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    class Server(ThreadingHTTPServer):
+        request_queue_size = 256  # the default 5 drops fsspec's concurrent connections, retried 1 s later
+
+    server = Server(("127.0.0.1", 0), functools.partial(Quiet, directory=str(served)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_http_source_is_read_and_an_http_store_that_fails_is_one_line(http_folder, mnist_subset, tmp_path):
+    """Before: a dead host in an http(s) URL, or an HTTP server as OUTPUT (it refuses PUT),
+    ended `ae run` with a 40-line aiohttp traceback."""
+    out = tmp_path / "out"
+    from moto_server import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}/digits"  # nothing listens there
+    assert_one_line_error(ae("run", dead, out, check=False), "source", "cannot reach the store", "host name")
+    assert_one_line_error(ae("run", mnist_subset, f"{http_folder}/out", check=False), "output",
+                          "could not write a test object", "501")
+    assert_one_line_error(ae("run", f"{http_folder}/nothing-here", out, check=False), "missing")
+    assert not out.exists()
+    ae("run", f"{http_folder}/digits/", out, "--epochs", 1, "--anomaly-steps", 0)
+    table = pd.read_parquet(out / "runs" / (out / "LATEST").read_text().strip() / "embeddings.parquet")
+    assert sorted(table.key) == sorted(os.listdir(mnist_subset))
+
+
 def test_a_prefect_server_that_cannot_start_is_one_line_naming_why(mnist_subset, tmp_path):
     out = tmp_path / "never-written"
     env = {**os.environ, "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path}/no-such-dir/x.db"}
