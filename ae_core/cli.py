@@ -346,6 +346,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     kwargs = _run_config_kwargs(args)
     kwargs["verbose"] = args.verbose
     manifest = _run_flow(args.source, args.output, kwargs)
+    for line in manifest.get("cleanup_warnings", []):  # published; what it could not delete after
+        print(f"ae: warning: {line}", file=sys.stderr)
     if args.json:
         print(json.dumps(manifest))
     else:
@@ -694,6 +696,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `ae info | head -1`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
+    except OSError as err:  # a full disk where no stage named it (a temporary file, the report)
+        from ae_core.storage import out_of_space
+
+        if not out_of_space(err):
+            raise
+        print(f"ae: error: no space left on the disk ({err}); free space, or give --work-dir or OUTPUT on a larger "
+              "disk", file=sys.stderr)
     finally:
         if fsspec_conf is not None:
             import fsspec.config

@@ -7,6 +7,7 @@ reuses the shards that were finished. A file that cannot be decoded becomes a re
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import multiprocessing as mp
@@ -25,7 +26,8 @@ from fsspec.spec import AbstractFileSystem
 from ae_core.decode import Preprocess, decode_image, fingerprint, might_be_image
 from ae_core.errors import AeError, DecodeError
 from ae_core.hardware import usable_cores
-from ae_core.storage import ObjectInfo, is_connection_error, is_local, read_heads, read_many
+from ae_core.storage import (ObjectInfo, is_connection_error, is_local, no_space, out_of_space, read_heads,
+                             read_many)
 
 READ_ERROR = "read_error"  # the reject reason of an object that could not be read (worth retrying)
 _IN_PROCESS_BELOW = 512  # objects; below this a process pool costs more to start than it saves
@@ -259,18 +261,25 @@ def _save_shard(result: ShardResult, plan: ShardPlan, spec: Preprocess, work_dir
                 pixels: list[np.ndarray]) -> ShardResult:
     npy, meta_path = _shard_paths(work_dir, plan.index)
     digest = None
-    if result.images:
-        tmp = npy + ".tmp.npy"
-        stacked = np.concatenate(pixels)
-        digest = _digest(stacked)
-        np.save(tmp, stacked)
-        os.replace(tmp, npy)
-        result.pixels_path = npy
-    tmp = meta_path + ".tmp"
-    with open(tmp, "w") as f:  # json.dumps, not json.dump: dump to a file runs the pure-Python encoder
-        f.write(json.dumps({"signature": _shard_signature(plan, spec), "images": result.images,
-                            "rejects": result.rejects, "pixels": digest}))
-    os.replace(tmp, meta_path)
+    tmp = npy + ".tmp.npy"
+    try:
+        if result.images:
+            stacked = np.concatenate(pixels)
+            digest = _digest(stacked)
+            np.save(tmp, stacked)
+            os.replace(tmp, npy)
+            result.pixels_path = npy
+        tmp = meta_path + ".tmp"
+        with open(tmp, "w") as f:  # json.dumps, not json.dump: dump to a file runs the pure-Python encoder
+            f.write(json.dumps({"signature": _shard_signature(plan, spec), "images": result.images,
+                                "rejects": result.rejects, "pixels": digest}))
+        os.replace(tmp, meta_path)
+    except BaseException as err:  # a full disk kept the half-written temporary, filling it further
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if out_of_space(err):
+            raise no_space(err, work_dir, "give --work-dir on a larger disk") from err
+        raise
     return result
 
 

@@ -188,10 +188,12 @@ def published_run(fs: AbstractFileSystem, root: str) -> tuple[str | None, dict |
     return run_id, json.loads(read_text(fs, join(run_path(root, run_id), MANIFEST)))
 
 
-def prune_runs(fs: AbstractFileSystem, root: str, keep: int, published: str) -> list[str]:
+def prune_runs(fs: AbstractFileSystem, root: str, keep: int, published: str,
+               failed: dict[str, str] | None = None) -> list[str]:
     """Delete all but the newest `keep` finished runs, and unfinished runs older than the
     published one (left by crashed or killed runs). The published run is never deleted.
-    Returns the deleted run ids."""
+    Returns the deleted run ids; a run that cannot be deleted (another user's folder) is left,
+    with why in `failed` (run id -> one line), and the others are still deleted."""
     runs_dir = join(root, RUNS)
     try:
         names = (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(runs_dir, detail=False))
@@ -201,9 +203,17 @@ def prune_runs(fs: AbstractFileSystem, root: str, keep: int, published: str) -> 
     finished = [r for r in ids if fs.exists(join(runs_dir, r, MANIFEST))]
     kept = set(finished[-keep:]) | {published}
     doomed = [r for r in ids if r not in kept and (r in finished or r < published)]
+    deleted = []
     for run_id in doomed:
-        remove_tree(fs, join(runs_dir, run_id))
-    return doomed
+        try:
+            remove_tree(fs, join(runs_dir, run_id))
+        except OSError as err:  # before: the first failure stopped the pruning for good, silently
+            if failed is None:
+                raise
+            failed[run_id] = f"{type(err).__name__}: {err}"
+            continue
+        deleted.append(run_id)
+    return deleted
 
 
 def resolve(output: str) -> Published:

@@ -125,6 +125,9 @@ def prepare_run(config: RunConfig, storage_options: Mapping[str, dict] | None = 
         raise AeError(f"output {out_url!r} is a file; give a folder or prefix")
     if is_local(out_fs):
         check_local_writable(out_root, "output")
+        # where the run's folder goes: OUTPUT/runs made by another user passed the check above,
+        # and the run failed with a traceback after training
+        check_local_writable(join(out_root, outputs.RUNS), "output")
     else:
         check_store_writable(out_fs, out_root, out_url, "output")
     parent = os.path.abspath(os.path.expanduser(config.work_dir)) if config.work_dir else _private_work_dir()
@@ -626,7 +629,7 @@ def publish_run(ctx: RunContext, plan: RunPlan, ckpt: checkpoint.Checkpoint, enc
     Returns the manifest (the published one when an earlier attempt of this task got that far)."""
     done = published_manifest(ctx)
     if done is not None:  # an earlier attempt published, then failed in what follows: finish that
-        return {**done, **_after_publishing(ctx)}
+        return {**done, **after_publishing(ctx)}
     manifest = {
         "format": "ae-embed-run/1", "run_id": ctx.run_id, "started_at": ctx.started_at,
         "finished_at": datetime.now(timezone.utc).isoformat(),
@@ -653,17 +656,35 @@ def publish_run(ctx: RunContext, plan: RunPlan, ckpt: checkpoint.Checkpoint, enc
                               files, manifest["output"])
     write_bytes_atomic(ctx.out_fs, ctx.out(outputs.MANIFEST), json.dumps(manifest, indent=2).encode())
     outputs.publish(ctx.out_fs, ctx.out_root, ctx.run_id)
-    return {**manifest, **_after_publishing(ctx)}
+    return {**manifest, **after_publishing(ctx)}
 
 
-def _after_publishing(ctx: RunContext) -> dict:
+def after_publishing(ctx: RunContext) -> dict:
     """Delete what the published run no longer needs (pixels staged for a pretrain stage
-    elsewhere, runs beyond --keep-runs, the pixel cache); safe to repeat."""
-    if ctx.out_fs.exists(ctx.out(STAGE_DIR)):
-        remove_tree(ctx.out_fs, ctx.out(STAGE_DIR))
-    pruned = outputs.prune_runs(ctx.out_fs, ctx.out_root, ctx.config.publish.keep_runs, ctx.run_id)
+    elsewhere, runs beyond --keep-runs, the pixel cache); safe to repeat. The run is published
+    already: what cannot be deleted is a line in `cleanup_warnings`, never a failed run (a
+    failure here once failed the stage, retried the flow and left the pixel cache behind)."""
+    warnings: list[str] = []
+    failed: dict[str, str] = {}
+    pruned: list[str] = []
+    try:
+        if ctx.out_fs.exists(ctx.out(STAGE_DIR)):
+            remove_tree(ctx.out_fs, ctx.out(STAGE_DIR))
+    except OSError as err:
+        warnings.append(f"could not delete the staged pixels {display_url(ctx.out_fs, ctx.out(STAGE_DIR))!r} "
+                        f"({type(err).__name__}: {err}); delete them by hand")
+    try:
+        pruned = outputs.prune_runs(ctx.out_fs, ctx.out_root, ctx.config.publish.keep_runs, ctx.run_id, failed)
+    except OSError as err:  # the listing itself
+        warnings.append(f"could not prune old runs in {display_url(ctx.out_fs, ctx.out_root)!r} "
+                        f"({type(err).__name__}: {err})")
+    for run_id, why in failed.items():
+        where = display_url(ctx.out_fs, join(ctx.out_root, outputs.RUNS, run_id))
+        warnings.append(f"could not delete old run {where!r} ({why}); --keep-runs is not met until it is "
+                        "deleted by its owner or by hand")
     release_work_dir(ctx.work_dir)
-    return {"pruned_runs": pruned, "published_url": display_url(ctx.out_fs, ctx.run_dir)}
+    return {"pruned_runs": pruned, "published_url": display_url(ctx.out_fs, ctx.run_dir),
+            "cleanup_warnings": warnings}
 
 
 def read_rejects(ctx: RunContext, limit: int) -> list[dict]:

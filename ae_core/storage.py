@@ -7,6 +7,7 @@ Listing, batched concurrent reads (s3fs's async `cat_ranges` on many paths at on
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import os
 import posixpath
@@ -14,7 +15,7 @@ import re
 import stat
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
@@ -110,7 +111,7 @@ def list_objects(fs: AbstractFileSystem, root: str, include: Sequence[str] = (),
         what = "a file, not a folder" if fs.exists(root) else "missing"
         raise AeError(f"source {display_url(fs, root)!r} is {what}; give the folder or prefix "
                       "that holds the images")
-    walk = _walk_local(root, skip_prefix) if is_local(fs) else _walk_fsspec(fs, root, skip_prefix)
+    walk = _walk_local(root, skip_prefix, exclude=exclude) if is_local(fs) else _walk_fsspec(fs, root, skip_prefix)
     prefix, local = root.rstrip("/") + "/", is_local(fs)
     for path, size, tag, ident in walk:
         key = path[len(prefix):] if path.startswith(prefix) else posixpath.basename(path)
@@ -170,7 +171,8 @@ def _walk_fsspec(fs: AbstractFileSystem, root: str, skip_prefix: str | None) -> 
 
 
 def _walk_local(root: str, skip_prefix: str | None, ancestors: frozenset[str] | None = None,
-                skip_real: str | None = None) -> Iterator[tuple[str, int, str, str]]:
+                skip_real: str | None = None, exclude: Sequence[str] = (),
+                top: str | None = None) -> Iterator[tuple[str, int, str, str]]:
     """(path, size, tag, stat) of every file under a local `root`, folder by folder in sorted order:
     what `fs.walk(detail=True)` gives, from one `os.scandir` and one stat per entry instead of
     fsspec's per-entry `info` (~9 us each, as much as decoding a 28x28 PNG). Same values, but:
@@ -184,6 +186,7 @@ def _walk_local(root: str, skip_prefix: str | None, ancestors: frozenset[str] | 
     if ancestors is None:
         ancestors = frozenset([os.path.realpath(root)])
         skip_real = os.path.realpath(skip_prefix) if skip_prefix else None
+        top = root.rstrip("/") + "/"
     base = root.rstrip("/")
     files: list[tuple[str, int, str, str]] = []
     subdirs: list[str] = []
@@ -221,14 +224,22 @@ def _walk_local(root: str, skip_prefix: str | None, ancestors: frozenset[str] | 
                 # fsspec's fields: `created` is what the tag falls back on for an mtime of 0
                 files.append((path, size, listing_tag({"size": size, "mtime": mtime,
                                                        "created": getattr(st, "st_birthtime", st.st_ctime)}), ident))
-    except OSError:
-        return  # vanished or unreadable: skipped, as fsspec's walk does
+    except (FileNotFoundError, NotADirectoryError):
+        return  # vanished since its parent was read: nothing of it to list
+    except OSError as err:  # fsspec's walk skips it: its images were then counted as deleted, rows lost
+        key = base[len(top):] if top and base.startswith(top) else ""
+        if key and not key_matches(f"{key}/-", (), exclude):
+            return  # excluded by the user: its keys would be left out anyway
+        leave_out = f"or leave it out with --exclude '{key}/*'" if key else "or give a folder you may read"
+        raise AeError(f"source folder {root!r} cannot be listed ({err.strerror or err}); fix its permissions, "
+                      f"{leave_out}. Nothing was published: an unreadable folder is never taken for deleted "
+                      "images", transient=err.errno not in (errno.EACCES, errno.EPERM)) from err
     files.sort()
     yield from files
     for sub in sorted(subdirs):
         real = os.path.realpath(sub)
         if real not in ancestors and not (skip_real and _under(real, skip_real)):
-            yield from _walk_local(sub, skip_prefix, ancestors | {real}, skip_real)
+            yield from _walk_local(sub, skip_prefix, ancestors | {real}, skip_real, exclude, top)
 
 
 def listing_tag(info: dict) -> str:
@@ -415,18 +426,40 @@ def _read_local(paths: Sequence[str], head: int | None = None) -> dict[str, byte
 
 def write_bytes_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
     """Write under a temporary name beside `path`, then move it into place."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    fs.pipe_file(tmp, data)
-    _move(fs, tmp, path)
+    _write_atomic(fs, path, lambda tmp: fs.pipe_file(tmp, data))
 
 
 def put_file_atomic(fs: AbstractFileSystem, local_path: str, path: str) -> None:
     """Upload a finished local file; readers never see a partial object."""
+    _write_atomic(fs, path, lambda tmp: fs.put_file(local_path, tmp))
+
+
+def _write_atomic(fs: AbstractFileSystem, path: str, write: Callable[[str], object]) -> None:
+    """`write` to a temporary name beside `path`, then the move; a failure removes the temporary
+    (a full disk kept it, filling the disk further), and a full disk is one line."""
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    fs.put_file(local_path, tmp)
-    _move(fs, tmp, path)
+    try:
+        write(tmp)
+        _move(fs, tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(Exception):
+            if fs.exists(tmp):
+                fs.rm_file(tmp)
+        if out_of_space(err):
+            raise no_space(err, display_url(fs, path), "choose an OUTPUT on a larger disk") from err
+        raise
+
+
+def out_of_space(err: BaseException) -> bool:
+    """A full disk or quota; numpy's np.save says so without an errno ("N requested and M written")."""
+    return isinstance(err, OSError) and (err.errno in (errno.ENOSPC, errno.EDQUOT) or (
+        err.errno is None and " requested and " in str(err) and str(err).endswith(" written")))
+
+
+def no_space(err: BaseException, where: str, fix: str) -> AeError:
+    why = getattr(err, "strerror", None) or "No space left on device"
+    return AeError(f"no space left on the disk holding {where!r} ({why}); free space there, or {fix}")
 
 
 def _move(fs: AbstractFileSystem, src: str, dst: str) -> None:

@@ -171,6 +171,9 @@ def _run(config: RunConfig, aws_credentials_block: str | None, pretrain_deployme
     done = pipeline.published_manifest(ctx)
     if done is not None:  # a retry of a flow run that failed after it published: its files stand
         logger.info("run %s was published by an earlier attempt of this flow run; nothing to redo", ctx.run_id)
+        done = {**done, **pipeline.after_publishing(ctx)}  # the clean-up that attempt did not reach
+        for line in done["cleanup_warnings"]:
+            logger.warning(line)
         publish_artifacts(ctx, done)
         return done
     if pretrain_deployment:
@@ -193,6 +196,8 @@ def _run(config: RunConfig, aws_credentials_block: str | None, pretrain_deployme
     index_info = index_task(ctx, encoded)
     pictures = report_task(ctx, corpus, ckpt, plan, encoded)
     manifest = publish_task(ctx, plan, ckpt, encoded, index_info, pictures)
+    for line in manifest.get("cleanup_warnings", []):
+        logger.warning(line)
     publish_artifacts(ctx, manifest)
     logger.info("published run %s: %d rows, %d rejected", ctx.run_id, manifest["rows"], manifest["rejected"])
     return manifest

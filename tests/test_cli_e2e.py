@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -228,7 +229,6 @@ def http_folder(mnist_subset, tmp_path):
     """A plain HTTP server on loopback (Python's http.server: GET and directory listings, no
     PUT) over a folder holding the digits; yields its base URL."""
     import functools
-    import shutil
     import threading
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
@@ -267,6 +267,70 @@ def test_an_http_source_is_read_and_an_http_store_that_fails_is_one_line(http_fo
     ae("run", f"{http_folder}/digits/", out, "--epochs", 1, "--anomaly-steps", 0)
     table = pd.read_parquet(out / "runs" / (out / "LATEST").read_text().strip() / "embeddings.parquet")
     assert sorted(table.key) == sorted(os.listdir(mnist_subset))
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A real 1 MiB file system (tmpfs), where the machine lets the tests mount one."""
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_full_disk_is_one_line_without_retries_and_leaves_no_temporaries(mnist_subset, small_disk, tmp_path):
+    """Before: a 79-line traceback after two stage retries and a flow retry (~38 s on an error
+    that cannot pass), and the half-written temporary files kept the disk full."""
+    started = time.monotonic()
+    # the pixel cache: 10,000 digits (7.8 MB of pixels) into 1 MiB
+    proc = ae("run", MNIST, tmp_path / "out", "--epochs", 1, "--work-dir", small_disk, check=False)
+    assert_one_line_error(proc, "no space left on the disk holding", str(small_disk), "--work-dir")
+    assert not (tmp_path / "out").exists()
+    # OUTPUT: the model file does not fit
+    proc = ae("run", mnist_subset, small_disk / "out", "--epochs", 1, "--anomaly-steps", 0, check=False)
+    assert_one_line_error(proc, "no space left on the disk holding", "model.pt", "OUTPUT")
+    assert not (small_disk / "out" / "LATEST").exists()
+    left = [p.name for p in small_disk.rglob("*") if ".tmp" in p.name]
+    assert left == [] and shutil.disk_usage(small_disk).used < 64 * 1024, left
+    assert time.monotonic() - started < 120  # no retries of an error that cannot pass
+
+
+def test_an_old_run_that_cannot_be_deleted_is_a_warning_and_the_rest_is_still_pruned(mnist_subset, tmp_path):
+    """Before: the first run folder that could not be deleted (another user's) failed the publish
+    stage after LATEST moved, the flow was retried, pruning stopped for good without a word
+    (`--keep-runs 1`, four runs kept), and the pixel cache was never released."""
+    from test_storage_ingest import _as_unprivileged
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = ["run", mnist_subset, out, "--include", "000*", "--epochs", 1, "--anomaly-steps", 0, "--keep-runs", 1,
+            "--work-dir", work]
+
+    def run() -> subprocess.CompletedProcess:
+        proc = subprocess.run([*_as_unprivileged(), *AE, *map(str, args)], capture_output=True, text=True,
+                              env={**shared_prefect_env(), "PYTHONUNBUFFERED": "1"}, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    run()
+    stuck = (out / "LATEST").read_text().strip()
+    (out / "runs" / stuck).chmod(0o555)  # its files cannot be deleted
+    try:
+        second = run()
+        published = (out / "LATEST").read_text().strip()
+        assert published != stuck
+        warnings = [line for line in second.stderr.splitlines() if line.startswith("ae: warning:")]
+        assert len(warnings) == 1 and "could not delete old run" in warnings[0] and stuck in warnings[0], second.stderr
+        third = run()
+        assert sorted(p.name for p in (out / "runs").iterdir()) == sorted([stuck, (out / "LATEST").read_text().strip()])
+        assert not (out / "runs" / published).exists()  # pruned, though the stuck one came first
+        assert stuck in third.stderr and list(work.glob("ae-cache-*")) == []  # the cache released
+    finally:
+        (out / "runs" / stuck).chmod(0o755)
 
 
 def test_a_prefect_server_that_cannot_start_is_one_line_naming_why(mnist_subset, tmp_path):

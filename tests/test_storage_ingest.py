@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -471,3 +472,65 @@ def test_a_source_inside_the_output_never_lists_the_outputs_runs(store, tmp_path
     assert listed(f"{store}/sub") == ["b.png", "deeper/c"]
     with pytest.raises(AeError, match="holds no objects"):
         listed(f"{store}/runs")
+
+
+def _as_unprivileged() -> list[str]:
+    """A command prefix under which file permissions hold: root reads a mode-000 folder anyway,
+    so as root the listing runs without the capabilities that override permissions."""
+    if os.geteuid() != 0:
+        return []
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: a mode-000 folder stays readable")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-dac_override,-dac_read_search"]
+
+
+def test_a_folder_that_cannot_be_listed_stops_the_listing_unless_excluded(tmp_path):
+    # before: skipped without a word, so a nightly run took its images for deleted ones and
+    # dropped their published rows
+    src = tmp_path / "src"
+    (src / "locked").mkdir(parents=True)
+    (src / "a.png").write_bytes(b"x")
+    (src / "locked" / "b.png").write_bytes(b"x")
+    (src / "locked").chmod(0)
+    code = ("import sys; from ae_core.errors import AeError; from ae_core.storage import list_objects, open_store\n"
+            "fs, root = open_store(sys.argv[1])\n"
+            "try:\n    print(sorted(o.key for o in list_objects(fs, root, exclude=sys.argv[2:])))\n"
+            "except AeError as err:\n    print('AeError', err.transient, err)\n")
+    try:
+        def listing(*exclude: str) -> str:
+            proc = subprocess.run([*_as_unprivileged(), sys.executable, "-c", code, str(src), *exclude],
+                                  capture_output=True, text=True, timeout=60,
+                                  env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+            assert proc.returncode == 0, proc.stderr
+            return proc.stdout.strip()
+
+        refused = listing()
+        assert refused.startswith("AeError False source folder") and "locked" in refused, refused
+        assert "Permission denied" in refused and "--exclude 'locked/*'" in refused
+        assert listing("locked/*") == "['a.png']"
+        (src / "locked").chmod(0o755)
+        src.chmod(0)
+        assert "give a folder you may read" in listing()
+    finally:
+        src.chmod(0o755)
+        (src / "locked").chmod(0o755)
+
+
+def test_an_output_whose_runs_folder_is_not_writable_is_refused_before_the_work(mnist_subset, tmp_path):
+    # before: OUTPUT itself writable passed the check; the run failed after training, with a
+    # traceback, at its own folder in OUTPUT/runs (made by a colleague, say)
+    out = tmp_path / "out"
+    (out / "runs").mkdir(parents=True)
+    (out / "runs").chmod(0o555)
+    code = ("import sys; from ae_core.config import RunConfig; from ae_core.errors import AeError\n"
+            "from ae_core.pipeline import prepare_run\n"
+            "try:\n    prepare_run(RunConfig(source=sys.argv[1], output=sys.argv[2], work_dir=sys.argv[3]))\n"
+            "    print('accepted')\nexcept AeError as err:\n    print('AeError', err)\n")
+    try:
+        proc = subprocess.run([*_as_unprivileged(), sys.executable, "-c", code, str(mnist_subset), str(out),
+                               str(tmp_path / "work")], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    finally:
+        (out / "runs").chmod(0o755)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("AeError output") and f"cannot write in {str(out / 'runs')!r}" in proc.stdout, proc.stdout
