@@ -333,11 +333,11 @@ def _print_summary(m: dict) -> None:
         ratio = q.get("ae_over_pca")
         versus = f" = {ratio:.2f}x PCA's error" if ratio is not None else f" ({ratio_text(None)})"
         print(f"  quality  reconstruction MSE {q['ae_mse']:.5f} vs PCA-{m['dim']} {q['pca_mse']:.5f}{versus},"
-              f" on {q['sample']} images" + _measured_in(q))
+              f" on {q['sample']} image{'' if q['sample'] == 1 else 's'}" + _measured_in(q))
     for note in run_notes(q, t):
         print(f"  note     {note}")
     ix = m["index"]
-    print(f"  index    {ix['kind']} {ix['metric']}, {ix['ntotal']} vectors, recall@10 "
+    print(f"  index    {ix['kind']} {ix['metric']}, {ix['ntotal']} vector{'' if ix['ntotal'] == 1 else 's'}, recall@10 "
           f"{ix.get('recall_at_10', 1.0):.3f}, self-hit rate {ix['self_hit_rate']:.3f}")
     print("  stages   " + ", ".join(f"{k} {v:.1f}s" for k, v in m["timings_s"].items()))
 
@@ -515,8 +515,8 @@ def cmd_outliers(args: argparse.Namespace) -> int:
         else "the published model's reconstruction error"
     print(f"{len(worst)} most anomalous images, ranked by {by} ({what}):")
     if by != args.by:
-        print("  (this run has no anomaly scores: it ran with --anomaly-steps 0, or before they existed;"
-              " run again with --anomaly-steps N, N > 0, to rank by them)")
+        print("  (this run has no anomaly scores: it ran with --anomaly-steps 0, on too few images to split in"
+              " two halves, or before they existed; run again with --anomaly-steps N, N > 0, to rank by them)")
     print(f"  {'rank':>4}  {'anomaly':>9}  {'recon':>9}  key")
     for w in worst:
         score = w.get("anomaly_score")

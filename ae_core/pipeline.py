@@ -43,7 +43,7 @@ from ae_core.plan import probe_corpus, resolve_model_config
 from ae_core.quality import pca_comparison
 from ae_core.storage import (ObjectInfo, check_local_writable, check_store, check_store_writable, display_url,
                              is_local, join, list_objects, open_store, put_file_atomic, redact_url,
-                             remove_tree, same_or_inside, write_bytes_atomic)
+                             remove_tree, same_or_inside, underlying, write_bytes_atomic)
 from ae_core.train import train_autoencoder, train_fold_results
 
 
@@ -211,7 +211,7 @@ def list_source(ctx: RunContext) -> list[ObjectInfo]:
     with ctx.timed("list"):
         # OUTPUT is never inside SOURCE (prepare_run), but a symlinked folder may lead into it;
         # SOURCE may lie inside OUTPUT (photos/ beside runs/), and then only runs/ is the output's
-        skip = ctx.out_root if type(ctx.src_fs) is type(ctx.out_fs) else None
+        skip = ctx.out_root if type(underlying(ctx.src_fs)) is type(underlying(ctx.out_fs)) else None
         if skip and same_or_inside(ctx.src_fs, ctx.src_root, ctx.out_fs, ctx.out_root):
             skip = join(ctx.out_root, outputs.RUNS)
         objects = sorted(list_objects(ctx.src_fs, ctx.src_root, ing.include, ing.exclude, skip), key=lambda o: o.key)

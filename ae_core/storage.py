@@ -55,14 +55,26 @@ def open_store(url: str, options: Mapping[str, dict] | None = None) -> tuple[Abs
             raise AeError(f"{redact_url(url)!r}: credentials in the URL are not used (the part before "
                           "@ would be read as the bucket); give the URL without them, and the credentials as the "
                           "store reads them (for S3: --aws-credentials-block, the AWS variables or a profile)")
+        if rest and scheme.lower() in _HOSTED and ":" in rest.split("/", 1)[0].rpartition("@")[0]:
+            # a password in the URL would be kept in Prefect's flow-run parameters and in reject details
+            raise AeError(f"{redact_url(url)!r}: a password in the URL is refused, as it would be stored with the "
+                          "run (Prefect's flow-run parameters, the rejects table); give the URL without it and the "
+                          f"credentials in fsspec's configuration for {scheme.lower()} (FSSPEC_CONFIG_DIR, e.g. "
+                          '{"https": {"headers": {"Authorization": "Basic ..."}}})')
         if rest and scheme.lower() in _BUCKETED and "//" in rest.rstrip("/"):
             raise AeError(f"{redact_url(url)!r} has an empty path part (//); remove the extra slash (keys "
                           "with empty parts are not supported: they defeat the check that OUTPUT is not in SOURCE)")
     try:
         fs, root = url_to_fs(url, **dict((options or {}).get(protocol, {})))
     except (ValueError, ImportError) as err:
-        raise AeError(f"cannot open {url!r}: {err}; use a local path or an fsspec URL "
+        raise AeError(f"cannot open {redact_url(url)!r}: {err}; use a local path or an fsspec URL "
                       "such as file://, s3:// or memory://") from err
+    except Exception as err:  # noqa: BLE001 - a zip:// that is no zip, an FTP host that refuses: one line
+        if is_connection_error(err):
+            raise AeError(f"cannot open {redact_url(url)!r}: cannot reach the store ({_first_line(err)}); check "
+                          "the host name in the URL and the network", transient=True) from err
+        raise AeError(f"cannot open {redact_url(url)!r} ({type(err).__name__}: {_first_line(err)}); check that "
+                      "it exists and is what its URL says (zip:// a zip file, tar:// a tar file)") from err
     if _protocol(fs) in _BUCKETED and not root.strip("/"):
         raise AeError(f"{redact_url(url)!r} names no bucket; give {_protocol(fs)}://bucket or {_protocol(fs)}://bucket/prefix")
     return fs, root.rstrip("/") or root
@@ -159,7 +171,12 @@ def _walk_fsspec(fs: AbstractFileSystem, root: str, skip_prefix: str | None) -> 
     empty segment (`a//b.png`, from joining `prefix/` and `/name`), neither a row nor a reject."""
     fs.invalidate_cache(root)  # every run sees the store as it is now, not a cached listing
     marker = root.rstrip("/")
-    found = fs.find(root, withdirs=False, detail=True)
+    try:
+        found = fs.find(root, withdirs=False, detail=True)
+    except RecursionError as err:  # an HTTP listing page that links to itself or to its parent
+        raise AeError(f"source {display_url(fs, root)!r}: its listing never ends (a page links back to itself "
+                      "or to a folder above it); give a folder whose listing links only to what lies below it") from err
+    entries = []
     for name in sorted(found):
         info = found[name]
         path = info.get("name", name)
@@ -167,7 +184,38 @@ def _walk_fsspec(fs: AbstractFileSystem, root: str, skip_prefix: str | None) -> 
             continue
         if path == marker or (path.endswith("/") and not info.get("size")):
             continue  # an S3 "folder" marker (a zero-byte key ending in /), not an image; with bytes, a candidate
-        yield path, int(info.get("size") or 0), listing_tag(info), ""
+        entries.append((path, info))
+    versions = _versions_of_unversioned(fs, [p for p, info in entries if info.get("size") is None])
+    for path, info in entries:
+        info = versions.get(path, info)
+        tag = listing_tag(info) if info.get("size") is not None else f"unknown:{uuid.uuid4().hex}"
+        yield path, int(info.get("size") or 0), tag, ""
+
+
+def _versions_of_unversioned(fs: AbstractFileSystem, paths: list[str]) -> dict[str, dict]:
+    """An HTTP folder's listing is a page of links, with no size, date or ETag: one HEAD each
+    (concurrent) gives them, so a file changed on the server is seen as changed (before, every
+    file stayed "unchanged" forever, its embedding stale). Where even that fails the object gets
+    a tag of its own each run (above): read again every run, never wrongly carried over."""
+    if not paths:
+        return {}
+    if getattr(fs, "async_impl", False) and hasattr(fs, "_info"):
+        import asyncio
+
+        from fsspec.asyn import sync
+
+        async def heads() -> list:
+            return await asyncio.gather(*(fs._info(p) for p in paths), return_exceptions=True)
+
+        got = sync(fs.loop, heads)
+    else:
+        got = []
+        for p in paths:
+            try:
+                got.append(fs.info(p))
+            except Exception as err:  # noqa: BLE001 - its read reports it
+                got.append(err)
+    return {p: info for p, info in zip(paths, got) if isinstance(info, dict) and info.get("size") is not None}
 
 
 def _walk_local(root: str, skip_prefix: str | None, ancestors: frozenset[str] | None = None,
@@ -247,7 +295,9 @@ def listing_tag(info: dict) -> str:
     etag = info.get("ETag") or info.get("etag")
     if etag:
         return "etag:" + str(etag).strip('"')
-    mtime = info.get("mtime") or info.get("LastModified") or info.get("created") or ""
+    if info.get("CRC") is not None:  # a zip member: its checksum (a re-zipped member keeps size, loses mtime)
+        return f"crc:{info['CRC']}:size:{info.get('size')}"
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("Last-Modified") or info.get("created") or ""
     if hasattr(mtime, "timestamp"):
         mtime = mtime.timestamp()
     return f"size:{info.get('size')}:mtime:{mtime}"
@@ -256,6 +306,7 @@ def listing_tag(info: dict) -> str:
 _BUCKETED = ("s3", "s3a", "gs", "gcs", "az", "abfs")  # object stores whose paths start with a bucket
 # where "user:secret@" would be read as part of the bucket's name (abfs://container@account is Azure's form)
 _USERINFO_IS_BUCKET = ("s3", "s3a", "gs", "gcs")
+_HOSTED = ("http", "https", "ftp", "sftp", "ssh", "webdav", "dav", "davs", "smb")  # user:password@host
 
 
 def _protocol(fs: AbstractFileSystem) -> str:
@@ -525,11 +576,22 @@ def fetch_to_local(url: str, local_dir: str) -> str:
 def same_or_inside(fs_a: AbstractFileSystem, a: str, fs_b: AbstractFileSystem, b: str) -> bool:
     """True when location `a` is `b` or lies inside it, on the same filesystem. Local paths are
     compared resolved: through symlinks, and without `.` or `..` parts."""
+    fs_a, fs_b = underlying(fs_a), underlying(fs_b)
     if type(fs_a) is not type(fs_b):
         return False
     if is_local(fs_a):
         a, b = os.path.realpath(a), os.path.realpath(b)
     return _under(a, b)
+
+
+def underlying(fs: AbstractFileSystem) -> AbstractFileSystem:
+    """The store under fsspec's caching layers (simplecache::, filecache::, blockcache::): the
+    same paths, so OUTPUT in SOURCE is caught through a chained URL too."""
+    from fsspec.implementations.cached import CachingFileSystem
+
+    while isinstance(fs, CachingFileSystem):
+        fs = fs.fs
+    return fs
 
 
 def iter_batches(items: Iterable, size: int) -> Iterator[list]:

@@ -227,7 +227,7 @@ def test_user_errors_are_one_line_and_write_nothing(mnist_subset, tmp_path):
 @pytest.fixture()
 def http_folder(mnist_subset, tmp_path):
     """A plain HTTP server on loopback (Python's http.server: GET and directory listings, no
-    PUT) over a folder holding the digits; yields its base URL."""
+    PUT) over a folder holding the digits; yields its base URL and the folder."""
     import functools
     import threading
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -246,7 +246,7 @@ def http_folder(mnist_subset, tmp_path):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"http://127.0.0.1:{server.server_address[1]}", served
     finally:
         server.shutdown()
         server.server_close()
@@ -254,7 +254,9 @@ def http_folder(mnist_subset, tmp_path):
 
 def test_an_http_source_is_read_and_an_http_store_that_fails_is_one_line(http_folder, mnist_subset, tmp_path):
     """Before: a dead host in an http(s) URL, or an HTTP server as OUTPUT (it refuses PUT),
-    ended `ae run` with a 40-line aiohttp traceback."""
+    ended `ae run` with a 40-line aiohttp traceback. And a file changed on the server stayed
+    "unchanged" forever (its listing page gives no size or date), its embedding stale."""
+    http_folder, served = http_folder
     out = tmp_path / "out"
     from moto_server import free_port
 
@@ -267,6 +269,13 @@ def test_an_http_source_is_read_and_an_http_store_that_fails_is_one_line(http_fo
     ae("run", f"{http_folder}/digits/", out, "--epochs", 1, "--anomaly-steps", 0)
     table = pd.read_parquet(out / "runs" / (out / "LATEST").read_text().strip() / "embeddings.parquet")
     assert sorted(table.key) == sorted(os.listdir(mnist_subset))
+    changed = sorted(os.listdir(mnist_subset))[7]
+    (served / "digits" / changed).write_bytes((COIL / sorted(os.listdir(COIL))[0]).read_bytes())
+    again = json.loads(ae("run", f"{http_folder}/digits/", out, "--epochs", 1, "--anomaly-steps", 0, "--json").stdout)
+    assert again["changes"]["changed"] == 1 and again["changes"]["unchanged"] == len(table) - 1, again["changes"]
+    now = pd.read_parquet(out / "runs" / again["run_id"] / "embeddings.parquet").set_index("key")
+    before = table.set_index("key")
+    assert not np.array_equal(now.loc[changed, "embedding"], before.loc[changed, "embedding"])
 
 
 @pytest.fixture()

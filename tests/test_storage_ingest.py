@@ -534,3 +534,73 @@ def test_an_output_whose_runs_folder_is_not_writable_is_refused_before_the_work(
         (out / "runs").chmod(0o755)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("AeError output") and f"cannot write in {str(out / 'runs')!r}" in proc.stdout, proc.stdout
+
+
+def test_urls_that_cannot_be_opened_are_one_line_and_passwords_are_refused(tmp_path):
+    # before: a zip:// of a file that is no zip, or an FTP host that refuses, was a traceback; a
+    # password in an http URL reached Prefect's flow-run parameters and the rejects table
+    (tmp_path / "fake.zip").write_text("not a zip")
+    with pytest.raises(AeError, match=r"cannot open 'zip://::.*fake.zip' \(BadZipFile") as err:
+        open_store(f"zip://::file://{tmp_path}/fake.zip")
+    assert not err.value.transient
+    with pytest.raises(AeError, match="cannot reach the store") as err:
+        open_store(f"ftp://127.0.0.1:{free_port()}/x")
+    assert err.value.transient
+    for url in ("http://user:s3cr3t@127.0.0.1:1/x", "simplecache::https://u:s3cr3t@example.invalid/x"):
+        with pytest.raises(AeError, match="a password in the URL is refused") as err:
+            open_store(url)
+        assert "s3cr3t" not in str(err.value)
+    assert type(open_store("https://user@example.invalid/x")[0]).__name__ == "HTTPFileSystem"  # no secret there
+
+
+def test_a_zip_member_rewritten_at_the_same_size_gets_a_new_tag(tmp_path):
+    # before: the tag was size and an mtime that a zip member's listing does not give, so a
+    # re-zipped member of the same size was "unchanged" and its embedding stale
+    import zipfile
+
+    def tags() -> dict[str, str]:
+        fs, root = open_store(f"zip://imgs::file://{tmp_path}/a.zip")
+        return {o.key: o.tag for o in list_objects(fs, root)}
+
+    for first, second in ((b"AAAA", b"BBBB"), (b"BBBB", b"AAAA")):
+        with zipfile.ZipFile(tmp_path / "a.zip", "w") as z:
+            z.writestr("imgs/1.png", first)
+            z.writestr("imgs/2.png", second)
+        if first == b"AAAA":
+            before = tags()
+    after = tags()
+    assert before["1.png"] != after["1.png"] and before["1.png"] == after["2.png"]
+
+
+def test_an_http_listing_that_links_back_to_itself_is_one_line(tmp_path):
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    (tmp_path / "loop").mkdir()
+    (tmp_path / "loop" / "index.html").write_text('<a href="./">here</a> <a href="../loop/">again</a> <a href="a.png">a</a>')
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        fs, root = open_store(f"http://127.0.0.1:{server.server_address[1]}/loop/")
+        with pytest.raises(AeError, match="its listing never ends"):
+            list(list_objects(fs, root))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_output_inside_the_source_is_caught_through_a_caching_chain(tmp_path):
+    # before: the caching layer's filesystem type differed from the plain one, so a run through
+    # simplecache::file:// embedded its own report pictures
+    from ae_core.storage import same_or_inside
+
+    src, out = open_store(f"simplecache::file://{tmp_path}"), open_store(str(tmp_path / "out"))
+    assert same_or_inside(*out, *src)
+    assert same_or_inside(*open_store(f"filecache::file://{tmp_path}/out"), *open_store(str(tmp_path)))
+    assert not same_or_inside(*open_store(f"simplecache::file://{tmp_path}/a"), *open_store(str(tmp_path / "b")))
