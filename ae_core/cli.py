@@ -515,8 +515,8 @@ def cmd_outliers(args: argparse.Namespace) -> int:
         else "the published model's reconstruction error"
     print(f"{len(worst)} most anomalous images, ranked by {by} ({what}):")
     if by != args.by:
-        print("  (this run has no anomaly scores: it ran with --anomaly-steps 0, on too few images to split in"
-              " two halves, or before they existed; run again with --anomaly-steps N, N > 0, to rank by them)")
+        print("  (this run has no anomaly scores: it ran with --anomaly-steps 0 (run again with --anomaly-steps N,"
+              " N > 0, to rank by them), on too few images to split in two halves, or before they existed)")
     print(f"  {'rank':>4}  {'anomaly':>9}  {'recon':>9}  key")
     for w in worst:
         score = w.get("anomaly_score")

@@ -17,7 +17,7 @@ from ae_core.config import IngestConfig, ModelConfig, TrainConfig
 from ae_core.decode import Preprocess
 from ae_core.errors import AeError
 from ae_core.model import AEArch
-from ae_core.storage import ObjectInfo
+from ae_core.storage import ObjectInfo, unversioned
 
 SOURCE_SCHEMA = pa.schema([("key", pa.string()), ("size", pa.int64()), ("tag", pa.string()), ("stat", pa.string())])
 
@@ -64,14 +64,17 @@ def diff_listing(previous: Mapping[str, tuple[int, str, str | None]], current: S
     `retried`, not carried over as a reject. A local file with the same size and mtime whose
     stat (inode, status-change time) differs from the recorded one is `rechecked`: read again,
     since it may be another file (swapped in by `mv`, copied with its mtime kept); but not
-    counted as churn, since a corpus copied to another disk has every file's stat changed."""
+    counted as churn, since a corpus copied to another disk has every file's stat changed. An
+    object whose old or new tag carries no version (`storage.unversioned`) is `rechecked` too."""
     new, changed, unchanged, retried, rechecked = [], [], [], [], []
     for o in current:
         before = previous.get(o.key)
         if before is None:
             new.append(o)
         elif before[:2] != (o.size, o.tag):
-            changed.append(o)
+            # a tag that says nothing of the version (an http listing's, a zip member's before
+            # their tags had one): read again, but not churn, or every such run would retrain
+            (rechecked if unversioned(before[1]) or unversioned(o.tag) else changed).append(o)
         elif o.key in read_failed:
             retried.append(o)
         elif len(before) > 2 and before[2] and o.stat and before[2] != o.stat:

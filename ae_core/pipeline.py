@@ -42,7 +42,7 @@ from ae_core.model import AEArch
 from ae_core.plan import probe_corpus, resolve_model_config
 from ae_core.quality import pca_comparison
 from ae_core.storage import (ObjectInfo, check_local_writable, check_store, check_store_writable, display_url,
-                             is_local, join, list_objects, open_store, put_file_atomic, redact_url,
+                             is_local, join, list_objects, open_store, put_file_atomic, redact_url, refuse_password,
                              remove_tree, same_or_inside, underlying, write_bytes_atomic)
 from ae_core.train import train_autoencoder, train_fold_results
 
@@ -111,6 +111,8 @@ def prepare_run(config: RunConfig, storage_options: Mapping[str, dict] | None = 
         if not url.strip():  # fsspec would take it for the working directory (a worker's checkout)
             raise AeError(f"{role} is empty; give a folder or an fsspec URL such as s3://bucket/prefix")
     src_url, out_url = redact_url(config.source), redact_url(config.output)
+    refuse_password(config.source, "source")
+    refuse_password(config.output, "output")
     src_fs, src_root = open_store(config.source, storage_options)
     out_fs, out_root = open_store(config.output, storage_options)
     check_store(src_fs, src_root, src_url, "source")
@@ -131,7 +133,8 @@ def prepare_run(config: RunConfig, storage_options: Mapping[str, dict] | None = 
     else:
         check_store_writable(out_fs, out_root, out_url, "output")
     parent = os.path.abspath(os.path.expanduser(config.work_dir)) if config.work_dir else _private_work_dir()
-    if is_local(src_fs) and same_or_inside(src_fs, os.path.realpath(parent), src_fs, os.path.realpath(src_root)):
+    if is_local(underlying(src_fs)) and same_or_inside(underlying(src_fs), os.path.realpath(parent), src_fs,
+                                                       os.path.realpath(src_root)):
         raise AeError(f"work dir {parent!r} lies inside source {src_url!r}; choose one outside (--work-dir), "
                       "or the cached pixels would be read back as images")
     check_local_writable(parent, "work dir")

@@ -55,12 +55,6 @@ def open_store(url: str, options: Mapping[str, dict] | None = None) -> tuple[Abs
             raise AeError(f"{redact_url(url)!r}: credentials in the URL are not used (the part before "
                           "@ would be read as the bucket); give the URL without them, and the credentials as the "
                           "store reads them (for S3: --aws-credentials-block, the AWS variables or a profile)")
-        if rest and scheme.lower() in _HOSTED and ":" in rest.split("/", 1)[0].rpartition("@")[0]:
-            # a password in the URL would be kept in Prefect's flow-run parameters and in reject details
-            raise AeError(f"{redact_url(url)!r}: a password in the URL is refused, as it would be stored with the "
-                          "run (Prefect's flow-run parameters, the rejects table); give the URL without it and the "
-                          f"credentials in fsspec's configuration for {scheme.lower()} (FSSPEC_CONFIG_DIR, e.g. "
-                          '{"https": {"headers": {"Authorization": "Basic ..."}}})')
         if rest and scheme.lower() in _BUCKETED and "//" in rest.rstrip("/"):
             raise AeError(f"{redact_url(url)!r} has an empty path part (//); remove the extra slash (keys "
                           "with empty parts are not supported: they defeat the check that OUTPUT is not in SOURCE)")
@@ -78,6 +72,21 @@ def open_store(url: str, options: Mapping[str, dict] | None = None) -> tuple[Abs
     if _protocol(fs) in _BUCKETED and not root.strip("/"):
         raise AeError(f"{redact_url(url)!r} names no bucket; give {_protocol(fs)}://bucket or {_protocol(fs)}://bucket/prefix")
     return fs, root.rstrip("/") or root
+
+
+def refuse_password(url: str, role: str) -> None:
+    """A run's SOURCE or OUTPUT with user:password@ (http, ftp, sftp...): refused, as the URL is
+    kept with the run (Prefect's flow-run parameters, reject details). The query commands, which
+    store nothing, accept one."""
+    for part in url.split("::"):
+        scheme, _, rest = part.partition("://")
+        scheme = scheme.lower()
+        if rest and scheme in _HOSTED and ":" in rest.split("/", 1)[0].rpartition("@")[0]:
+            example = ('{"https": {"headers": {"Authorization": "Basic ..."}}}' if scheme.startswith("http")
+                       else f'{{"{scheme}": {{"username": "...", "password": "..."}}}}')
+            raise AeError(f"{role} {redact_url(url)!r}: a password in the URL is refused, as it would be stored "
+                          "with the run (Prefect's flow-run parameters, the rejects table); give the URL without "
+                          f"it and the credentials in fsspec's configuration (FSSPEC_CONFIG_DIR, e.g. {example})")
 
 
 def display_url(fs: AbstractFileSystem, path: str) -> str:
@@ -123,8 +132,9 @@ def list_objects(fs: AbstractFileSystem, root: str, include: Sequence[str] = (),
         what = "a file, not a folder" if fs.exists(root) else "missing"
         raise AeError(f"source {display_url(fs, root)!r} is {what}; give the folder or prefix "
                       "that holds the images")
-    walk = _walk_local(root, skip_prefix, exclude=exclude) if is_local(fs) else _walk_fsspec(fs, root, skip_prefix)
-    prefix, local = root.rstrip("/") + "/", is_local(fs)
+    local = is_local(underlying(fs))  # simplecache::file:// too: fsspec's walk omits unreadable folders
+    walk = _walk_local(root, skip_prefix, exclude=exclude, include=include) if local else _walk_fsspec(fs, root, skip_prefix)
+    prefix = root.rstrip("/") + "/"
     for path, size, tag, ident in walk:
         key = path[len(prefix):] if path.startswith(prefix) else posixpath.basename(path)
         if local and (not key.isascii() or "\\x" in key):  # S3 keys are UTF-8 by definition
@@ -188,7 +198,9 @@ def _walk_fsspec(fs: AbstractFileSystem, root: str, skip_prefix: str | None) -> 
     versions = _versions_of_unversioned(fs, [p for p, info in entries if info.get("size") is None])
     for path, info in entries:
         info = versions.get(path, info)
-        tag = listing_tag(info) if info.get("size") is not None else f"unknown:{uuid.uuid4().hex}"
+        tag = listing_tag(info)
+        if unversioned(tag):
+            tag = f"unknown:{uuid.uuid4().hex}"
         yield path, int(info.get("size") or 0), tag, ""
 
 
@@ -200,12 +212,10 @@ def _versions_of_unversioned(fs: AbstractFileSystem, paths: list[str]) -> dict[s
     if not paths:
         return {}
     if getattr(fs, "async_impl", False) and hasattr(fs, "_info"):
-        import asyncio
+        from fsspec.asyn import _run_coros_in_chunks, sync
 
-        from fsspec.asyn import sync
-
-        async def heads() -> list:
-            return await asyncio.gather(*(fs._info(p) for p in paths), return_exceptions=True)
+        async def heads() -> list:  # in chunks: not 100,000 requests at once
+            return await _run_coros_in_chunks([fs._info(p) for p in paths], batch_size=64, return_exceptions=True)
 
         got = sync(fs.loop, heads)
     else:
@@ -215,11 +225,29 @@ def _versions_of_unversioned(fs: AbstractFileSystem, paths: list[str]) -> dict[s
                 got.append(fs.info(p))
             except Exception as err:  # noqa: BLE001 - its read reports it
                 got.append(err)
-    return {p: info for p, info in zip(paths, got) if isinstance(info, dict) and info.get("size") is not None}
+    return {p: info for p, info in zip(paths, got) if isinstance(info, dict)}
+
+
+def _may_include(folder: str, include: Sequence[str]) -> bool:
+    """Whether some include pattern may match a key under `folder` (judged by each pattern's
+    literal start, before its first wildcard); True without include patterns."""
+    if not include:
+        return True
+    under = folder + "/"
+    for pat in include:
+        literal = re.split(r"[*?\[]", pat, maxsplit=1)[0]
+        if literal.startswith(under) or under.startswith(literal):
+            return True
+    return False
+
+
+def _glob_escape(name: str) -> str:
+    """`name` as a glob pattern that matches only itself (fnmatch reads [2019] as a class)."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def _walk_local(root: str, skip_prefix: str | None, ancestors: frozenset[str] | None = None,
-                skip_real: str | None = None, exclude: Sequence[str] = (),
+                skip_real: str | None = None, exclude: Sequence[str] = (), include: Sequence[str] = (),
                 top: str | None = None) -> Iterator[tuple[str, int, str, str]]:
     """(path, size, tag, stat) of every file under a local `root`, folder by folder in sorted order:
     what `fs.walk(detail=True)` gives, from one `os.scandir` and one stat per entry instead of
@@ -276,9 +304,9 @@ def _walk_local(root: str, skip_prefix: str | None, ancestors: frozenset[str] | 
         return  # vanished since its parent was read: nothing of it to list
     except OSError as err:  # fsspec's walk skips it: its images were then counted as deleted, rows lost
         key = base[len(top):] if top and base.startswith(top) else ""
-        if key and not key_matches(f"{key}/-", (), exclude):
-            return  # excluded by the user: its keys would be left out anyway
-        leave_out = f"or leave it out with --exclude '{key}/*'" if key else "or give a folder you may read"
+        if key and (not key_matches(f"{key}/-", (), exclude) or not _may_include(key, include)):
+            return  # left out by the user's patterns: its keys would not be listed anyway
+        leave_out = f"or leave it out with --exclude '{_glob_escape(key)}/*'" if key else "or give a folder you may read"
         raise AeError(f"source folder {root!r} cannot be listed ({err.strerror or err}); fix its permissions, "
                       f"{leave_out}. Nothing was published: an unreadable folder is never taken for deleted "
                       "images", transient=err.errno not in (errno.EACCES, errno.EPERM)) from err
@@ -287,7 +315,7 @@ def _walk_local(root: str, skip_prefix: str | None, ancestors: frozenset[str] | 
     for sub in sorted(subdirs):
         real = os.path.realpath(sub)
         if real not in ancestors and not (skip_real and _under(real, skip_real)):
-            yield from _walk_local(sub, skip_prefix, ancestors | {real}, skip_real, exclude, top)
+            yield from _walk_local(sub, skip_prefix, ancestors | {real}, skip_real, exclude, include, top)
 
 
 def listing_tag(info: dict) -> str:
@@ -301,6 +329,13 @@ def listing_tag(info: dict) -> str:
     if hasattr(mtime, "timestamp"):
         mtime = mtime.timestamp()
     return f"size:{info.get('size')}:mtime:{mtime}"
+
+
+def unversioned(tag: str) -> bool:
+    """A listing tag that tells nothing of the object's version: no size, date, ETag or
+    checksum was listed (an HTTP page of links whose HEAD failed; http and zip objects before
+    session 13 tagged them). Such an object is read again each run, not trusted as unchanged."""
+    return tag.startswith("unknown:") or (tag.startswith("size:") and tag.endswith(":mtime:"))
 
 
 _BUCKETED = ("s3", "s3a", "gs", "gcs", "az", "abfs")  # object stores whose paths start with a bucket
@@ -354,15 +389,15 @@ def check_store(fs: AbstractFileSystem, root: str, url: str, role: str) -> None:
                       "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE) and the "
                       "bucket's policy") from err
     except Exception as err:
-        if is_connection_error(err) or (not bucket and isinstance(err, OSError)):
-            raise _unreachable(role, url, where, bucket is not None) from err
+        if is_connection_error(err) or (not bucket and isinstance(err, OSError) and _status(err) is None):
+            raise _unreachable(role, url, where, bucket is not None, err) from err
         if {cls.__name__ for cls in type(err).__mro__} & {"NoCredentialsError", "PartialCredentialsError"}:
             raise AeError(f"{role} {url!r}: no credentials found{where}; set AWS_ACCESS_KEY_ID and "
                           "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or name a Prefect block with "
                           "--aws-credentials-block") from err
-        if not bucket:  # an HTTP error status, a refused login: one line, retried like an unreachable store
+        if not bucket:  # an HTTP error status, a refused login: one line; retried only where it may pass
             raise AeError(f"{role} {url!r} cannot be read ({type(err).__name__}: {_first_line(err)}); check "
-                          "the URL, the host and the credentials", transient=True) from err
+                          "the URL, the host and the credentials", transient=_may_pass(err)) from err
         raise
 
 
@@ -371,10 +406,28 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0][:300] if text else "no detail"
 
 
-def _unreachable(role: str, url: str, where: str, object_store: bool = True) -> AeError:
+def _unreachable(role: str, url: str, where: str, object_store: bool = True,
+                 err: BaseException | None = None) -> AeError:
     fix = ("check the endpoint (AWS_ENDPOINT_URL, or the credentials block's endpoint_url) and the network"
            if object_store else "check the host name in the URL and the network")
-    return AeError(f"{role} {url!r}: cannot reach the store{where}; {fix}", transient=True)
+    why = "" if object_store or err is None else f" ({type(err).__name__}: {_first_line(err)})"
+    return AeError(f"{role} {url!r}: cannot reach the store{where}{why}; {fix}", transient=True)
+
+
+def _status(err: BaseException) -> int | None:
+    """The HTTP status of a failed request (aiohttp's, botocore's), or None."""
+    status = getattr(err, "status", None)
+    if isinstance(status, int):
+        return status
+    response = getattr(err, "response", None)
+    code = response.get("ResponseMetadata", {}).get("HTTPStatusCode") if isinstance(response, dict) else None
+    return code if isinstance(code, int) else None
+
+
+def _may_pass(err: BaseException) -> bool:
+    """Worth a retry: throttling or a server error, not a refusal (4xx) or 501 Not Implemented."""
+    status = _status(err)
+    return status is None or status == 429 or (status >= 500 and status != 501)
 
 
 def check_store_writable(fs: AbstractFileSystem, root: str, url: str, role: str) -> None:
@@ -398,7 +451,8 @@ def check_store_writable(fs: AbstractFileSystem, root: str, url: str, role: str)
             # a store that takes no writes (a plain HTTP server answers PUT with 501), a quota
             raise AeError(f"{role} {url!r}: could not {verb} a test object there ({type(err).__name__}: "
                           f"{_first_line(err)}); give a local folder or an object store that these "
-                          "credentials may write to, such as s3://bucket/prefix") from err
+                          "credentials may write to, such as s3://bucket/prefix",
+                          transient=_status(err) is not None and _may_pass(err)) from err
 
 
 def check_local_writable(path: str, what: str) -> None:
@@ -509,7 +563,7 @@ def out_of_space(err: BaseException) -> bool:
 
 
 def no_space(err: BaseException, where: str, fix: str) -> AeError:
-    why = getattr(err, "strerror", None) or "No space left on device"
+    why = getattr(err, "strerror", None) or f"a short write: {err}"
     return AeError(f"no space left on the disk holding {where!r} ({why}); free space there, or {fix}")
 
 

@@ -171,7 +171,9 @@ def _run(config: RunConfig, aws_credentials_block: str | None, pretrain_deployme
     done = pipeline.published_manifest(ctx)
     if done is not None:  # a retry of a flow run that failed after it published: its files stand
         logger.info("run %s was published by an earlier attempt of this flow run; nothing to redo", ctx.run_id)
-        done = {**done, **pipeline.after_publishing(ctx)}  # the clean-up that attempt did not reach
+        # the clean-up that attempt may not have reached; the cache is claimed first, so one that
+        # a live run of the same pair holds is never deleted under it
+        done = {**done, **pipeline.after_publishing(pipeline.claim_work_dir(ctx))}
         for line in done["cleanup_warnings"]:
             logger.warning(line)
         publish_artifacts(ctx, done)

@@ -189,3 +189,19 @@ def test_damage_is_what_the_bytes_cause_never_an_io_error_of_the_store():
                 OSError(errno.EIO, "Internal Server Error"), OSError(errno.EREMOTEIO, "remote"),
                 ConnectionResetError(errno.ECONNRESET, "reset"), TimeoutError("slow")):
         assert not is_damage(err), err
+
+
+def test_an_object_whose_tag_tells_no_version_is_rechecked_not_churn():
+    # before: an http listing's "size:None:mtime:" never changed (stale embeddings); once the
+    # tags carried a version, the first run would count every http or zip object as changed
+    # (and retrain), and an object whose HEAD failed, tagged anew each run, would every night
+    def obj(key: str, size: int, tag: str) -> ObjectInfo:
+        return ObjectInfo(key=key, path=f"/{key}", size=size, tag=tag)
+
+    previous = {"old-http": (0, "size:None:mtime:"), "old-zip": (5, "size:5:mtime:"), "unknown": (0, "unknown:ab"),
+                "plain": (5, "size:5:mtime:1.0"), "etag": (5, "etag:x")}
+    current = [obj("old-http", 254, "size:254:mtime:Sat, 28 Nov 2026 03:18:10 GMT"), obj("old-zip", 5, "crc:1:size:5"),
+               obj("unknown", 0, "unknown:cd"), obj("plain", 5, "size:5:mtime:2.0"), obj("etag", 5, "etag:y")]
+    d = diff_listing(previous, current)
+    assert [o.key for o in d.rechecked] == ["old-http", "old-zip", "unknown"]
+    assert [o.key for o in d.changed] == ["plain", "etag"] and d.churn == 2
