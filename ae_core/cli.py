@@ -321,7 +321,7 @@ def _print_summary(m: dict) -> None:
     print(f"  images   {m['rows']} embedded, {m['rejected']} rejected" + (f" ({reasons})" if reasons else ""))
     print(f"  source   {c.get('new', 0)} new, {c.get('changed', 0)} changed, {c.get('unchanged', 0)} unchanged,"
           f" {c.get('deleted', 0)} deleted" + (f", {c['retried']} retried" if c.get("retried") else "")
-          + (f", {c['rechecked']} rechecked (replaced in place)" if c.get("rechecked") else "")
+          + (f", {c['rechecked']} rechecked (replaced in place, or listed with no version)" if c.get("rechecked") else "")
           + f"; {c.get('encoded', 0)} encoded this run")
     print(f"  model    {'retrained' if c.get('retrained') else 'reused'}: {c.get('retrain_reason')}")
     print(f"           {m['model_version']}: dim {m['dim']}, input {m['image_size']}x{m['image_size']}"

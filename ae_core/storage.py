@@ -12,6 +12,7 @@ import fnmatch
 import os
 import posixpath
 import re
+import shlex
 import stat
 import tempfile
 import uuid
@@ -81,7 +82,7 @@ def refuse_password(url: str, role: str) -> None:
     for part in url.split("::"):
         scheme, _, rest = part.partition("://")
         scheme = scheme.lower()
-        if rest and scheme in _HOSTED and ":" in rest.split("/", 1)[0].rpartition("@")[0]:
+        if rest and scheme in _HOSTED and ":" in re.split(r"[/?#]", rest, maxsplit=1)[0].rpartition("@")[0]:
             example = ('{"https": {"headers": {"Authorization": "Basic ..."}}}' if scheme.startswith("http")
                        else f'{{"{scheme}": {{"username": "...", "password": "..."}}}}')
             raise AeError(f"{role} {redact_url(url)!r}: a password in the URL is refused, as it would be stored "
@@ -133,10 +134,18 @@ def list_objects(fs: AbstractFileSystem, root: str, include: Sequence[str] = (),
         raise AeError(f"source {display_url(fs, root)!r} is {what}; give the folder or prefix "
                       "that holds the images")
     local = is_local(underlying(fs))  # simplecache::file:// too: fsspec's walk omits unreadable folders
-    walk = _walk_local(root, skip_prefix, exclude=exclude, include=include) if local else _walk_fsspec(fs, root, skip_prefix)
     prefix = root.rstrip("/") + "/"
+
+    def key_of(path: str) -> str:
+        if path.startswith(prefix):
+            return path[len(prefix):]
+        # a zip's or tar's root ("" as root): the whole member path, or a/x.png and b/x.png shared a key
+        return path.lstrip("/") if not root.strip("/") else posixpath.basename(path)
+
+    walk = (_walk_local(root, skip_prefix, exclude=exclude, include=include) if local
+            else _walk_fsspec(fs, root, skip_prefix, lambda p: key_matches(key_of(p), include, exclude)))
     for path, size, tag, ident in walk:
-        key = path[len(prefix):] if path.startswith(prefix) else posixpath.basename(path)
+        key = key_of(path)
         if local and (not key.isascii() or "\\x" in key):  # S3 keys are UTF-8 by definition
             key = utf8_key(key)
         if key_matches(key, include, exclude):
@@ -175,7 +184,8 @@ def key_path(fs: AbstractFileSystem, root: str, key: str) -> str:
     return join(root, key)
 
 
-def _walk_fsspec(fs: AbstractFileSystem, root: str, skip_prefix: str | None) -> Iterator[tuple[str, int, str, str]]:
+def _walk_fsspec(fs: AbstractFileSystem, root: str, skip_prefix: str | None,
+                 wanted: Callable[[str], bool] = lambda path: True) -> Iterator[tuple[str, int, str, str]]:
     """(path, size, tag, "") of every non-folder under `root`, sorted by path. One flat listing
     (`find`), not a walk folder by folder: a walk splits keys at "/" and on S3 lost a key with an
     empty segment (`a//b.png`, from joining `prefix/` and `/name`), neither a row nor a reject."""
@@ -194,7 +204,8 @@ def _walk_fsspec(fs: AbstractFileSystem, root: str, skip_prefix: str | None) -> 
             continue
         if path == marker or (path.endswith("/") and not info.get("size")):
             continue  # an S3 "folder" marker (a zero-byte key ending in /), not an image; with bytes, a candidate
-        entries.append((path, info))
+        if wanted(path):  # --include/--exclude before any HEAD request
+            entries.append((path, info))
     versions = _versions_of_unversioned(fs, [p for p, info in entries if info.get("size") is None])
     for path, info in entries:
         info = versions.get(path, info)
@@ -280,7 +291,7 @@ def _walk_local(root: str, skip_prefix: str | None, ancestors: frozenset[str] | 
                 except FileNotFoundError:
                     continue  # deleted since the scandir
                 except OSError:  # cannot even stat it (no search permission): listed, so that
-                    files.append((path, 0, listing_tag({"size": 0}), ""))  # its read fails: a reject row
+                    files.append((path, 0, "unstatable:size:0", ""))  # its read fails: a reject row
                     continue
                 size, mtime, kind, ident = st.st_size, st.st_mtime, st.st_mode, f"{st.st_ino}:{st.st_ctime_ns}"
                 if entry.is_symlink():
@@ -306,7 +317,8 @@ def _walk_local(root: str, skip_prefix: str | None, ancestors: frozenset[str] | 
         key = base[len(top):] if top and base.startswith(top) else ""
         if key and (not key_matches(f"{key}/-", (), exclude) or not _may_include(key, include)):
             return  # left out by the user's patterns: its keys would not be listed anyway
-        leave_out = f"or leave it out with --exclude '{_glob_escape(key)}/*'" if key else "or give a folder you may read"
+        leave_out = (f"or leave it out with --exclude {shlex.quote(_glob_escape(key) + '/*')}" if key
+                     else "or give a folder you may read")
         raise AeError(f"source folder {root!r} cannot be listed ({err.strerror or err}); fix its permissions, "
                       f"{leave_out}. Nothing was published: an unreadable folder is never taken for deleted "
                       "images", transient=err.errno not in (errno.EACCES, errno.EPERM)) from err
@@ -341,7 +353,7 @@ def unversioned(tag: str) -> bool:
 _BUCKETED = ("s3", "s3a", "gs", "gcs", "az", "abfs")  # object stores whose paths start with a bucket
 # where "user:secret@" would be read as part of the bucket's name (abfs://container@account is Azure's form)
 _USERINFO_IS_BUCKET = ("s3", "s3a", "gs", "gcs")
-_HOSTED = ("http", "https", "ftp", "sftp", "ssh", "webdav", "dav", "davs", "smb")  # user:password@host
+_HOSTED = ("http", "https", "ftp", "ftps", "sftp", "ssh", "webdav", "dav", "davs", "smb", "hdfs", "webhdfs")  # user:password@host
 
 
 def _protocol(fs: AbstractFileSystem) -> str:

@@ -202,6 +202,8 @@ def test_an_object_whose_tag_tells_no_version_is_rechecked_not_churn():
                 "plain": (5, "size:5:mtime:1.0"), "etag": (5, "etag:x")}
     current = [obj("old-http", 254, "size:254:mtime:Sat, 28 Nov 2026 03:18:10 GMT"), obj("old-zip", 5, "crc:1:size:5"),
                obj("unknown", 0, "unknown:cd"), obj("plain", 5, "size:5:mtime:2.0"), obj("etag", 5, "etag:y")]
+    previous["unstatable"] = (5, "size:5:mtime:1.0")  # a file now in a folder it may list but not enter
+    current.append(obj("unstatable", 0, "unstatable:size:0"))
     d = diff_listing(previous, current)
     assert [o.key for o in d.rechecked] == ["old-http", "old-zip", "unknown"]
-    assert [o.key for o in d.changed] == ["plain", "etag"] and d.churn == 2
+    assert [o.key for o in d.changed] == ["plain", "etag", "unstatable"] and d.churn == 3

@@ -555,7 +555,11 @@ def test_urls_that_cannot_be_opened_are_one_line_and_passwords_are_refused(tmp_p
         with pytest.raises(AeError, match="source .* a password in the URL is refused") as err:
             refuse_password(url, "source")
         assert "s3cr3t" not in str(err.value) and example in str(err.value)
+    for url in ("ftps://u:s3cr3t@h/x", "hdfs://u:s3cr3t@h/x"):
+        with pytest.raises(AeError, match="a password in the URL is refused"):
+            refuse_password(url, "source")
     refuse_password("https://user@example.invalid/x", "source")  # no secret there
+    refuse_password("http://example.invalid?a=b:c@d", "source")  # a query, not a user
     from ae_core.config import RunConfig
     from ae_core.pipeline import prepare_run
 
@@ -581,6 +585,44 @@ def test_a_zip_member_rewritten_at_the_same_size_gets_a_new_tag(tmp_path):
             before = tags()
     after = tags()
     assert before["1.png"] != after["1.png"] and before["1.png"] == after["2.png"]
+    # at the zip's root, a key keeps its folders: a/x.png and b/x.png both had the key x.png
+    with zipfile.ZipFile(tmp_path / "b.zip", "w") as z:
+        z.writestr("a/x.png", b"1")
+        z.writestr("b/x.png", b"2")
+    fs, root = open_store(f"zip://::file://{tmp_path}/b.zip")
+    assert sorted(o.key for o in list_objects(fs, root)) == ["a/x.png", "b/x.png"]
+
+
+def test_an_http_listing_asks_for_the_versions_of_the_included_files_only(tmp_path):
+    # before: one HEAD for every file of the site, whatever --include / --exclude left out
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        for i in range(5):
+            (tmp_path / folder / f"{i}.png").write_bytes(b"x" * (i + 1))
+    heads = []
+
+    class Counting(SimpleHTTPRequestHandler):
+        def do_HEAD(self):
+            heads.append(self.path)
+            super().do_HEAD()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Counting, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        fs, root = open_store(f"http://127.0.0.1:{server.server_address[1]}/")
+        got = list(list_objects(fs, root, include=["a/*"], exclude=["a/4.png"]))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [(o.key, o.size) for o in got] == [(f"a/{i}.png", i + 1) for i in range(4)]
+    assert sorted(heads) == [f"/a/{i}.png" for i in range(4)]
 
 
 def test_an_http_listing_that_links_back_to_itself_is_one_line(tmp_path):
