@@ -226,30 +226,14 @@ def test_user_errors_are_one_line_and_write_nothing(mnist_subset, tmp_path):
 
 @pytest.fixture()
 def http_folder(mnist_subset, tmp_path):
-    """A plain HTTP server on loopback (Python's http.server: GET and directory listings, no
-    PUT) over a folder holding the digits; yields its base URL and the folder."""
-    import functools
-    import threading
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+    """A plain HTTP server on loopback (no PUT) over a folder holding the digits; yields its base
+    URL and the folder."""
+    from http_server import serve_folder
 
     served = tmp_path / "served"
     shutil.copytree(mnist_subset, served / "digits")
-
-    class Quiet(SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    class Server(ThreadingHTTPServer):
-        request_queue_size = 256  # the default 5 drops fsspec's concurrent connections, retried 1 s later
-
-    server = Server(("127.0.0.1", 0), functools.partial(Quiet, directory=str(served)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", served
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_folder(served) as base:
+        yield base, served
 
 
 def test_an_http_source_is_read_and_an_http_store_that_fails_is_one_line(http_folder, mnist_subset, tmp_path):

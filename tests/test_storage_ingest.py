@@ -595,57 +595,29 @@ def test_a_zip_member_rewritten_at_the_same_size_gets_a_new_tag(tmp_path):
 
 def test_an_http_listing_asks_for_the_versions_of_the_included_files_only(tmp_path):
     # before: one HEAD for every file of the site, whatever --include / --exclude left out
-    import functools
-    import threading
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+    from http_server import serve_folder
 
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
         for i in range(5):
             (tmp_path / folder / f"{i}.png").write_bytes(b"x" * (i + 1))
-    heads = []
-
-    class Counting(SimpleHTTPRequestHandler):
-        def do_HEAD(self):
-            heads.append(self.path)
-            super().do_HEAD()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Counting, directory=str(tmp_path)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        fs, root = open_store(f"http://127.0.0.1:{server.server_address[1]}/")
+    heads: list[str] = []
+    with serve_folder(tmp_path, heads) as base:
+        fs, root = open_store(f"{base}/")
         got = list(list_objects(fs, root, include=["a/*"], exclude=["a/4.png"]))
-    finally:
-        server.shutdown()
-        server.server_close()
     assert [(o.key, o.size) for o in got] == [(f"a/{i}.png", i + 1) for i in range(4)]
     assert sorted(heads) == [f"/a/{i}.png" for i in range(4)]
 
 
 def test_an_http_listing_that_links_back_to_itself_is_one_line(tmp_path):
-    import functools
-    import threading
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+    from http_server import serve_folder
 
     (tmp_path / "loop").mkdir()
     (tmp_path / "loop" / "index.html").write_text('<a href="./">here</a> <a href="../loop/">again</a> <a href="a.png">a</a>')
-
-    class Quiet(SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        fs, root = open_store(f"http://127.0.0.1:{server.server_address[1]}/loop/")
+    with serve_folder(tmp_path) as base:
+        fs, root = open_store(f"{base}/loop/")
         with pytest.raises(AeError, match="its listing never ends"):
             list(list_objects(fs, root))
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_an_output_inside_the_source_is_caught_through_a_caching_chain(tmp_path):

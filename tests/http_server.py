@@ -1,0 +1,37 @@
+"""A plain HTTP server on loopback over a folder (Python's http.server: GET, HEAD and directory
+listings, no PUT), for tests of http(s) SOURCEs against a real server."""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 256  # the default 5 drops fsspec's concurrent connections, retried 1 s later
+
+
+@contextmanager
+def serve_folder(folder: Path, heads: list[str] | None = None) -> Iterator[str]:
+    """Serve `folder`; yields the base URL. HEAD requests' paths are appended to `heads`."""
+
+    class Handler(SimpleHTTPRequestHandler):
+        def do_HEAD(self):
+            if heads is not None:
+                heads.append(self.path)
+            super().do_HEAD()
+
+        def log_message(self, *args):
+            pass
+
+    server = _Server(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
