@@ -49,14 +49,13 @@ def open_store(url: str, options: Mapping[str, dict] | None = None) -> tuple[Abs
     if not url.strip():  # fsspec would take it for the working directory
         raise AeError("an empty path or URL; give a folder or an fsspec URL such as s3://bucket/prefix")
     protocol = url.split("://", 1)[0] if "://" in url else "file"
-    for part in url.split("::"):  # each URL of a chain (simplecache::s3://...), whatever the scheme's case
-        scheme, _, rest = part.partition("://")
-        if rest and scheme.lower() in _USERINFO_IS_BUCKET and "@" in rest.split("/", 1)[0]:
+    for scheme, rest in _chain(url):
+        if scheme in _USERINFO_IS_BUCKET and "@" in rest.split("/", 1)[0]:
             # s3fs would take "user:secret@bucket" for the bucket's name and echo it in its error
             raise AeError(f"{redact_url(url)!r}: credentials in the URL are not used (the part before "
                           "@ would be read as the bucket); give the URL without them, and the credentials as the "
                           "store reads them (for S3: --aws-credentials-block, the AWS variables or a profile)")
-        if rest and scheme.lower() in _BUCKETED and "//" in rest.rstrip("/"):
+        if scheme in _BUCKETED and "//" in rest.rstrip("/"):
             raise AeError(f"{redact_url(url)!r} has an empty path part (//); remove the extra slash (keys "
                           "with empty parts are not supported: they defeat the check that OUTPUT is not in SOURCE)")
     try:
@@ -75,14 +74,21 @@ def open_store(url: str, options: Mapping[str, dict] | None = None) -> tuple[Abs
     return fs, root.rstrip("/") or root
 
 
+def _chain(url: str) -> Iterator[tuple[str, str]]:
+    """(scheme in lower case, what follows ://) of each URL of a chain (simplecache::s3://...)
+    that has a scheme."""
+    for part in url.split("::"):
+        scheme, _, rest = part.partition("://")
+        if rest:
+            yield scheme.lower(), rest
+
+
 def refuse_password(url: str, role: str) -> None:
     """A run's SOURCE or OUTPUT with user:password@ (http, ftp, sftp...): refused, as the URL is
     kept with the run (Prefect's flow-run parameters, reject details). The query commands, which
     store nothing, accept one."""
-    for part in url.split("::"):
-        scheme, _, rest = part.partition("://")
-        scheme = scheme.lower()
-        if rest and scheme in _HOSTED and ":" in re.split(r"[/?#]", rest, maxsplit=1)[0].rpartition("@")[0]:
+    for scheme, rest in _chain(url):
+        if scheme in _HOSTED and ":" in re.split(r"[/?#]", rest, maxsplit=1)[0].rpartition("@")[0]:
             example = ('{"https": {"headers": {"Authorization": "Basic ..."}}}' if scheme.startswith("http")
                        else f'{{"{scheme}": {{"username": "...", "password": "..."}}}}')
             raise AeError(f"{role} {redact_url(url)!r}: a password in the URL is refused, as it would be stored "
@@ -148,7 +154,7 @@ def list_objects(fs: AbstractFileSystem, root: str, include: Sequence[str] = (),
         key = key_of(path)
         if local and (not key.isascii() or "\\x" in key):  # S3 keys are UTF-8 by definition
             key = utf8_key(key)
-        if key_matches(key, include, exclude):
+        if not local or key_matches(key, include, exclude):  # _walk_fsspec kept only the wanted ones
             yield ObjectInfo(key=key, path=path, size=size, tag=tag, stat=ident)
 
 
@@ -390,7 +396,6 @@ def check_store(fs: AbstractFileSystem, root: str, url: str, role: str) -> None:
     except FileNotFoundError as err:
         if not bucket:
             return  # reached it; the callers say what is missing
-
         raise AeError(f"{role} {url!r}: bucket {bucket!r} does not exist{where}; create it or fix "
                       "the URL") from err
     except PermissionError as err:

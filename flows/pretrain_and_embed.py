@@ -112,10 +112,13 @@ def pretrain_on_pool(ctx: pipeline.RunContext, corpus, plan: pipeline.RunPlan, d
 
 @task(name="artifacts", cache_policy=NO_CACHE)
 def publish_artifacts(ctx: pipeline.RunContext, manifest: dict) -> None:
-    """The run report in the Prefect UI: the markdown summary and a table of the rejects. The run
-    is published by now: an error here (the API unreachable) is a warning, not a failed run,
-    which Prefect would retry."""
+    """The run report in the Prefect UI: the markdown summary and a table of the rejects, and in
+    the log what the clean-up after publishing could not delete. The run is published by now: an
+    error here (the API unreachable) is a warning, not a failed run, which Prefect would retry."""
     from ae_core.report import summary_markdown
+
+    for line in manifest.get("cleanup_warnings", []):
+        get_run_logger().warning(line)
 
     try:
         pictures = {title: display_url(ctx.out_fs, ctx.out(name))
@@ -174,8 +177,6 @@ def _run(config: RunConfig, aws_credentials_block: str | None, pretrain_deployme
         # the clean-up that attempt may not have reached; the cache is claimed first, so one that
         # a live run of the same pair holds is never deleted under it
         done = {**done, **pipeline.after_publishing(pipeline.claim_work_dir(ctx))}
-        for line in done["cleanup_warnings"]:
-            logger.warning(line)
         publish_artifacts(ctx, done)
         return done
     if pretrain_deployment:
@@ -198,8 +199,6 @@ def _run(config: RunConfig, aws_credentials_block: str | None, pretrain_deployme
     index_info = index_task(ctx, encoded)
     pictures = report_task(ctx, corpus, ckpt, plan, encoded)
     manifest = publish_task(ctx, plan, ckpt, encoded, index_info, pictures)
-    for line in manifest.get("cleanup_warnings", []):
-        logger.warning(line)
     publish_artifacts(ctx, manifest)
     logger.info("published run %s: %d rows, %d rejected", ctx.run_id, manifest["rows"], manifest["rejected"])
     return manifest
