@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import unicodedata
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 
@@ -345,6 +346,9 @@ def _print_summary(m: dict) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     kwargs = _run_config_kwargs(args)
     kwargs["verbose"] = args.verbose
+    if re.search(r"(^|::)memory://", args.output, re.IGNORECASE):  # useful from Python, not from a shell
+        print(f"ae: warning: OUTPUT {args.output!r} is this process's memory: the run is published there and "
+              "gone when ae exits; give a folder or a store URL (s3://bucket/prefix) to keep it", file=sys.stderr)
     manifest = _run_flow(args.source, args.output, kwargs)
     for line in manifest.get("cleanup_warnings", []):  # published; what it could not delete after
         print(f"ae: warning: {line}", file=sys.stderr)
@@ -383,9 +387,15 @@ def _print_neighbours(query: str, hits: list, as_json: bool) -> None:
     if as_json:
         print(json.dumps({"query": query, "neighbours": [h.__dict__ for h in hits]}))
         return
-    print(f"nearest neighbours of {query}:")
+    print(f"nearest neighbours of {_shown(query)}:")
     for h in hits:
-        print(f"  {h.rank:>3}  {h.distance:10.4f}  {h.key}")
+        print(f"  {h.rank:>3}  {h.distance:10.4f}  {_shown(h.key)}")
+
+
+def _shown(key: str) -> str:
+    """A key as printed in a table: as is, or quoted and escaped (repr) where it holds a newline,
+    a tab or another control character, so that each hit stays on one line."""
+    return repr(key) if any(unicodedata.category(c) == "Cc" for c in key) else key
 
 
 def cmd_neighbours(args: argparse.Namespace) -> int:
@@ -520,7 +530,7 @@ def cmd_outliers(args: argparse.Namespace) -> int:
     print(f"  {'rank':>4}  {'anomaly':>9}  {'recon':>9}  key")
     for w in worst:
         score = w.get("anomaly_score")
-        print(f"  {w['rank']:>4}  {score if score is not None else float('nan'):9.5f}  {w['recon_error']:9.5f}  {w['key']}")
+        print(f"  {w['rank']:>4}  {score if score is not None else float('nan'):9.5f}  {w['recon_error']:9.5f}  {_shown(w['key'])}")
     if args.grid:
         print(f"picture (originals, captioned with their rank, above their reconstructions; "
               f"{GRID_COLUMNS} a band): {args.grid}")

@@ -48,6 +48,10 @@ def open_store(url: str, options: Mapping[str, dict] | None = None) -> tuple[Abs
     """
     if not url.strip():  # fsspec would take it for the working directory
         raise AeError("an empty path or URL; give a folder or an fsspec URL such as s3://bucket/prefix")
+    if _SHORT_IPV6.search(url):
+        raise AeError(f"{redact_url(url)!r}: an IPv6 address written with '::' cannot be used, as fsspec reads "
+                      "'::' as the separator of a chained URL; write the address in full (e.g. "
+                      "[0:0:0:0:0:0:0:1] for [::1]) or use a host name")
     protocol = url.split("://", 1)[0] if "://" in url else "file"
     for scheme, rest in _chain(url):
         if scheme in _USERINFO_IS_BUCKET and "@" in rest.split("/", 1)[0]:
@@ -74,10 +78,20 @@ def open_store(url: str, options: Mapping[str, dict] | None = None) -> tuple[Abs
     return fs, root.rstrip("/") or root
 
 
+# an IPv6 host in brackets with a '::' in it: fsspec would cut the URL there
+_SHORT_IPV6 = re.compile(r"\[[0-9A-Za-z.%:]*::[0-9A-Za-z.%:]*\]")
+
+
+def _chain_parts(url: str) -> list[str]:
+    """The URLs of a chain (simplecache::s3://...), split on '::' outside [brackets], so that a
+    URL with an IPv6 host is read whole (and open_store refuses it with the fix)."""
+    return re.split(r"::(?![^\[]*\])", url)
+
+
 def _chain(url: str) -> Iterator[tuple[str, str]]:
     """(scheme in lower case, what follows ://) of each URL of a chain (simplecache::s3://...)
     that has a scheme."""
-    for part in url.split("::"):
+    for part in _chain_parts(url):
         scheme, _, rest = part.partition("://")
         if rest:
             yield scheme.lower(), rest
@@ -678,13 +692,14 @@ def iter_batches(items: Iterable, size: int) -> Iterator[list]:
 
 def redact_url(url: str) -> str:
     """Drop any user:password@ part of a URL (of each URL of a chain) before it is logged or stored."""
-    if "::" in url:
-        return "::".join(redact_url(part) for part in url.split("::"))
-    parts = urlsplit(url)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        return urlunsplit((parts.scheme, host + (f":{parts.port}" if parts.port else ""), parts.path,
-                           parts.query, parts.fragment))
+    if len(chain := _chain_parts(url)) > 1:
+        return "::".join(redact_url(part) for part in chain)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # a malformed host ("[::1" without its bracket): drop what stands before an @
+        return re.sub(r"//[^/?#]*@", "//", url)
+    if parts.username or parts.password:  # the host as written: [brackets] of IPv6 and case kept
+        return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, parts.query, parts.fragment))
     return url
 
 

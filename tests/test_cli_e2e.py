@@ -211,6 +211,11 @@ def test_user_errors_are_one_line_and_write_nothing(mnist_subset, tmp_path):
     assert_one_line_error(refused("run", mnist_subset, out, "--lr", "1e6", "--epochs", 3), "diverged", "--lr")
     assert_one_line_error(refused("run", mnist_subset, mnist_subset / "out"), "inside source")
     assert_one_line_error(refused("run", mnist_subset, "nosuchproto://x/y"), "nosuchproto")
+    assert_one_line_error(refused("run", "http://[::1]:1/x", out), "[::1]", "write the address in full")
+    # an OUTPUT in ae's own memory: a warning that it goes with the process, before anything else
+    proc = refused("run", tmp_path / "no-such-dir", "memory://o")
+    assert proc.stderr.splitlines()[0].startswith("ae: warning: OUTPUT 'memory://o' is this process's memory")
+    assert proc.returncode == 2 and "missing" in proc.stderr.splitlines()[1], proc.stderr
     assert not out.exists() and not (mnist_subset / "out").exists()
     assert_one_line_error(refused("info", out), "no published result", "ae run")
     assert_one_line_error(refused("neighbours", out, "--key", "x"), "no published result")

@@ -225,3 +225,17 @@ def test_a_key_labelled_twice_differently_is_refused_naming_both_lines(tmp_path)
     csv_file.write_text("filename,label\na.png,3\nb.png,4\na.png, 8\n")
     with pytest.raises(AeError, match=r"filename 'a.png' two labels: '3' \(line 2\) and '8' \(line 4\); keep one"):
         read_labels(str(csv_file), "filename", "label")
+
+
+def test_a_key_with_a_newline_is_printed_on_its_hit_s_own_line(capsys):
+    # before: a key "a\nb.png" split its hit over two lines of the table
+    from ae_core.cli import _print_neighbours
+    from ae_core.query import Neighbour
+
+    hits = [Neighbour(1, "odd\nname\t.png", 0.0, 0), Neighbour(2, "plain name é.png", 0.5, 1)]
+    _print_neighbours("odd\nname\t.png", hits, as_json=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["nearest neighbours of 'odd\\nname\\t.png':", "    1      0.0000  'odd\\nname\\t.png'",
+                     "    2      0.5000  plain name é.png"]
+    _print_neighbours("q", hits, as_json=True)  # JSON carries the key as it is
+    assert json.loads(capsys.readouterr().out)["neighbours"][0]["key"] == "odd\nname\t.png"

@@ -568,6 +568,24 @@ def test_urls_that_cannot_be_opened_are_one_line_and_passwords_are_refused(tmp_p
     assert type(open_store("http://user:s3cr3t@127.0.0.1:1/x")[0]).__name__ == "HTTPFileSystem"  # a query reads
 
 
+def test_an_ipv6_host_written_with_a_double_colon_is_refused_with_the_fix(tmp_path):
+    # before: a traceback (ValueError: Invalid IPv6 URL) from cutting the URL at '::' as a chain
+    from ae_core.config import RunConfig
+    from ae_core.pipeline import prepare_run
+    from ae_core.storage import redact_url
+
+    for url in ("http://[::1]:8765/imgs", "simplecache::https://[fe80::1%25eth0]/imgs"):
+        with pytest.raises(AeError, match=r"IPv6 address written with '::' .* write the address in full"):
+            prepare_run(RunConfig(source=url, output=str(tmp_path / "out")))
+    with pytest.raises(AeError, match="a password in the URL is refused") as err:
+        prepare_run(RunConfig(source="http://u:s3cr3t@[::1]:1/x", output=str(tmp_path / "out")))
+    assert "s3cr3t" not in str(err.value) and "'http://[::1]:1/x'" in str(err.value)
+    assert redact_url("simplecache::ftp://u:s3cr3t@[::1]:21/a") == "simplecache::ftp://[::1]:21/a"
+    assert redact_url("http://u:s3cr3t@[::1/a") == "http://[::1/a"  # malformed: still no secret
+    assert type(open_store("http://[0:0:0:0:0:0:0:1]:1/x")[0]).__name__ == "HTTPFileSystem"
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_zip_member_rewritten_at_the_same_size_gets_a_new_tag(tmp_path):
     # before: the tag was size and an mtime that a zip member's listing does not give, so a
     # re-zipped member of the same size was "unchanged" and its embedding stale
