@@ -100,6 +100,17 @@ def _private_work_dir() -> str:
     return parent
 
 
+def _work_dir_parent(value: str) -> str:
+    """--work-dir as an absolute local path: a plain path, or a file:// URL (before: taken for a
+    folder named 'file:'); another URL is refused, as the cache is memory-mapped from local disk."""
+    if value.lower().startswith("file://"):
+        value = value[len("file://"):]
+    elif "://" in value:
+        raise AeError(f"work dir {redact_url(value)!r} is not a local folder; give a local path (the pixel "
+                      "cache is memory-mapped from local disk), e.g. --work-dir /var/tmp/ae-work")
+    return os.path.abspath(os.path.expanduser(value))
+
+
 def prepare_run(config: RunConfig, storage_options: Mapping[str, dict] | None = None,
                 run_id: str | None = None) -> RunContext:
     """Open both stores and check them; writes nothing.
@@ -132,7 +143,7 @@ def prepare_run(config: RunConfig, storage_options: Mapping[str, dict] | None = 
         check_local_writable(join(out_root, outputs.RUNS), "output")
     else:
         check_store_writable(out_fs, out_root, out_url, "output")
-    parent = os.path.abspath(os.path.expanduser(config.work_dir)) if config.work_dir else _private_work_dir()
+    parent = _work_dir_parent(config.work_dir) if config.work_dir else _private_work_dir()
     if is_local(underlying(src_fs)) and same_or_inside(underlying(src_fs), os.path.realpath(parent), src_fs,
                                                        os.path.realpath(src_root)):
         raise AeError(f"work dir {parent!r} lies inside source {src_url!r}; choose one outside (--work-dir), "

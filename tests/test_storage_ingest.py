@@ -586,6 +586,18 @@ def test_an_ipv6_host_written_with_a_double_colon_is_refused_with_the_fix(tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+def test_a_work_dir_given_as_a_url_is_the_local_folder_or_refused(mnist_subset, tmp_path):
+    # before: --work-dir file:///x made a folder named 'file:' in the current directory
+    from ae_core.config import RunConfig
+    from ae_core.pipeline import prepare_run
+
+    ctx = prepare_run(RunConfig(source=str(mnist_subset), output=str(tmp_path / "o"), work_dir=f"file://{tmp_path}/w"))
+    assert ctx.work_dir.startswith(f"{tmp_path}/w/ae-cache-")
+    with pytest.raises(AeError, match=r"work dir 's3://bkt/w' is not a local folder; give a local path"):
+        prepare_run(RunConfig(source=str(mnist_subset), output=str(tmp_path / "o"), work_dir="s3://u:s3cr3t@bkt/w"))
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_zip_member_rewritten_at_the_same_size_gets_a_new_tag(tmp_path):
     # before: the tag was size and an mtime that a zip member's listing does not give, so a
     # re-zipped member of the same size was "unchanged" and its embedding stale
