@@ -550,9 +550,25 @@ def _label_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-col", default="label")
 
 
+def _versions() -> str:
+    """ae's version and those of the engines its results depend on, read without importing them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import ae_core
+
+    def of(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"ae {ae_core.__version__} (" + ", ".join(f"{d} {of(d)}" for d in ("torch", "faiss-cpu", "prefect", "pyarrow")) + ")"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ae", description="Autoencoder image embeddings: pretrain, "
                                 "embed to Parquet, search with FAISS.")
+    p.add_argument("--version", action="version", version=_versions())
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="pretrain on SOURCE and publish embeddings to OUTPUT")

@@ -239,3 +239,15 @@ def test_a_key_with_a_newline_is_printed_on_its_hit_s_own_line(capsys):
                      "    2      0.5000  plain name é.png"]
     _print_neighbours("q", hits, as_json=True)  # JSON carries the key as it is
     assert json.loads(capsys.readouterr().out)["neighbours"][0]["key"] == "odd\nname\t.png"
+
+
+def test_version_names_ae_and_the_engines_its_results_depend_on(capsys):
+    import ae_core
+    from ae_core.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    line = capsys.readouterr().out.strip()
+    assert re.fullmatch(rf"ae {re.escape(ae_core.__version__)} \(torch 2\.13\.0\S*, faiss-cpu \S+, prefect 3\.\S+, "
+                        r"pyarrow \S+\)", line), line
