@@ -137,7 +137,7 @@ class Published:
         files = self.manifest.get("files") if isinstance(self.manifest, dict) else None
         name = files.get(kind) if isinstance(files, dict) else None
         if not isinstance(name, str):
-            raise AeError(f"{self.url(MANIFEST)!r} names no {kind} file, it is damaged; {_RERUN}")
+            raise AeError(f"{self.url(MANIFEST)!r} names no {kind} file, it is damaged; {RERUN}")
         try:
             return read(self.fs, self.file(name), *args)
         except (*CONTENT_ERRORS, OSError) as err:
@@ -145,7 +145,7 @@ class Published:
                 raise
             detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise AeError(f"{self.url(name)!r} cannot be read, it is damaged ({type(err).__name__}: {detail}); "
-                          f"{_RERUN}") from err
+                          f"{RERUN}") from err
 
 
 def pixel_limit(manifest: object) -> int | None:
@@ -157,7 +157,7 @@ def pixel_limit(manifest: object) -> int | None:
     return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
 
 
-_RERUN = "run `ae run` into this output again: a run replaces a published run it cannot read"
+RERUN = "run `ae run` into this output again: a run replaces a published run it cannot read"
 
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # what a run folder's name may be
@@ -240,7 +240,7 @@ def resolve(output: str) -> Published:
         raise AeError(f"{output!r}: the manifest of run {run_id!r} is damaged ({err}); rerun `ae run`") from err
     problem = manifest_problem(manifest)
     if problem:
-        raise AeError(f"{output!r}: the manifest of run {run_id!r} is damaged ({problem}); {_RERUN}")
+        raise AeError(f"{output!r}: the manifest of run {run_id!r} is damaged ({problem}); {RERUN}")
     return Published(fs, root, run_id, manifest)
 
 
@@ -248,6 +248,8 @@ def resolve(output: str) -> Published:
 _MANIFEST_FIELDS = {"files": dict, "rows": int, "rejected": int, "dim": int, "image_size": int, "channels": int,
                     "model_version": str, "source": str}
 _MANIFEST_FILES = ("embeddings", "rejects", "index", "checkpoint")
+# optional (older versions wrote fewer), but objects where present: the commands read into them
+_MANIFEST_OBJECTS = ("config", "quality", "index", "train", "changes", "timings_s", "rejects_by_reason")
 
 
 def manifest_problem(manifest: object) -> str | None:
@@ -259,5 +261,10 @@ def manifest_problem(manifest: object) -> str | None:
         value = manifest.get(name)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             return f"{name!r} is missing or not of type {kind.__name__}"
+    for name in _MANIFEST_OBJECTS:
+        if name in manifest and not isinstance(manifest[name], dict):
+            return f"{name!r} is not an object"
+    if "model" in manifest.get("config", {}) and not isinstance(manifest["config"]["model"], dict):
+        return "'config.model' is not an object"
     missing = [k for k in _MANIFEST_FILES if not isinstance(manifest["files"].get(k), str)]
     return f"'files' names no {', '.join(missing)}" if missing else None

@@ -42,8 +42,16 @@ class Neighbour:
     row: int
 
 
-def _load_index(pub: outputs.Published):
-    return pub.load("index", ae_index.load)
+def _load_index(pub: outputs.Published, rows: int, dim: int):
+    """The run's index, checked against its table's `rows` and the queries' `dim`: an index, a
+    table or a model from another run, put there by hand, would answer with wrong keys (or
+    stop FAISS with a bare assertion)."""
+    index = pub.load("index", ae_index.load)
+    if (index.ntotal, index.d) != (rows, dim):
+        raise AeError(f"{pub.url(pub.manifest['files']['index'])!r} holds {index.ntotal} vectors of dim {index.d}, "
+                      f"but the run's table has {rows} rows and its embeddings dim {dim}: the run's files are "
+                      f"not all its own; {outputs.RERUN}")
+    return index
 
 
 def _keys(pub: outputs.Published):
@@ -91,7 +99,7 @@ def neighbours_of_key(output: str, key: str, k: int = 10) -> list[Neighbour]:
                       f"pandas.read_parquet(<ae info --json>.embeddings).key")
     row = int(rows[0])
     query = table.embeddings_matrix(tbl.slice(row, 1))
-    dist, ids = ae_index.search(_load_index(pub), query, k + 1)
+    dist, ids = ae_index.search(_load_index(pub, len(keys), query.shape[1]), query, k + 1)
     return _rank(dist[0], ids[0], keys, k, row)
 
 
@@ -110,5 +118,6 @@ def neighbours_of_image(output: str, image_url: str, k: int = 10) -> list[Neighb
     except DecodeError as err:
         raise AeError(f"image {shown!r} cannot be decoded ({err.reason}: {err.detail})") from err
     emb, _ = encode_pixels(ckpt.model, pixels)
-    dist, ids = ae_index.search(_load_index(pub), emb, k)
-    return _rank(dist[0], ids[0], _keys(pub), k, None)
+    keys = _keys(pub)
+    dist, ids = ae_index.search(_load_index(pub, len(keys), emb.shape[1]), emb, k)
+    return _rank(dist[0], ids[0], keys, k, None)

@@ -11,13 +11,23 @@ def s3_options_from_block(name: str) -> dict[str, dict]:
     """Storage options for s3:// URLs from the AwsCredentials block `name`."""
     from prefect_aws import AwsCredentials
 
+    import httpx  # Prefect's HTTP client
+    from prefect.settings import get_current_settings
+
+    from ae_core.errors import AeError
+
     try:
         creds = AwsCredentials.load(name)
     except ValueError as err:
-        from ae_core.errors import AeError
-
         raise AeError(f"no AwsCredentials block named {name!r}; create it (prefect block register "
                       "-m prefect_aws, then in the UI or with AwsCredentials(...).save(name))") from err
+    except (httpx.TransportError, RuntimeError) as err:  # the block lives on a Prefect server that is down
+        if isinstance(err, RuntimeError) and not str(err).startswith("Failed to reach API"):
+            raise
+        raise AeError(f"cannot load the AwsCredentials block {name!r}: the Prefect server at "
+                      f"{get_current_settings().api.url} does not answer ({type(err).__name__}); start it, or unset "
+                      "PREFECT_API_URL (in the environment or your Prefect profile) to read blocks from the local "
+                      "Prefect database under PREFECT_HOME", transient=True) from err
     options: dict = {}
     if creds.aws_access_key_id:
         options["key"] = creds.aws_access_key_id

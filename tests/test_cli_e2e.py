@@ -224,6 +224,10 @@ def test_user_errors_are_one_line_and_write_nothing(mnist_subset, tmp_path):
         proc = subprocess.run([*AE, "run", mnist_subset, out], capture_output=True, text=True,
                               env={**os.environ, **env}, timeout=300)
         assert_one_line_error(proc, *needles)
+    for args in (("run", mnist_subset, out), ("info", out)):  # before: a traceback (httpx.ConnectError)
+        proc = subprocess.run([*AE, *args, "--aws-credentials-block", "creds"], capture_output=True, text=True,
+                              env={**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"}, timeout=300)
+        assert_one_line_error(proc, "AwsCredentials block 'creds'", "127.0.0.1:9/api does not answer")
     assert not out.exists()
     # Prefect's temporary server starts before the stores are checked; a refused run stops it
     assert prefect_servers_not_ours() - servers == set()

@@ -158,7 +158,11 @@ def test_a_manifest_that_parses_but_lacks_what_the_queries_read_is_one_line(mnis
     for damaged, problem in [({}, "'files' is missing"), ([], "a JSON list, not an object"),
                              (None, "a JSON NoneType"), (no_rows, "'rows' is missing or not of type int"),
                              ({**good, "dim": "32"}, "'dim' is missing or not of type int"),
-                             (no_index, "'files' names no index")]:
+                             (no_index, "'files' names no index"),
+                             # before: a traceback in `ae info` (AttributeError) from each of these
+                             ({**good, "quality": [1]}, "'quality' is not an object"),
+                             ({**good, "config": None}, "'config' is not an object"),
+                             ({**good, "config": {**good["config"], "model": 3}}, "'config.model' is not an object")]:
         path.write_text(json.dumps(damaged))
         for reading in (lambda: query.info(str(out)), lambda: evaluate.outliers(str(out), 2),
                         lambda: evaluate.probe(str(out), str(mnist_subset.parent / "mnist-test-labels.csv"))):
@@ -251,3 +255,33 @@ def test_queries_decode_under_the_published_runs_pixel_limit(manifest, limit):
 
     spec = outputs.Published(None, "out", "r1", manifest).image_spec(Preprocess(28, 1, max_image_pixels=100_000_000))
     assert (spec.max_image_pixels, spec.image_size, spec.channels) == (limit, 28, 1)
+
+
+def test_an_index_or_table_from_another_run_is_one_line_not_wrong_keys(mnist_subset, tmp_path):
+    # before: a table cut short gave pyarrow's IndexError, an index of another dim a bare
+    # AssertionError from FAISS, and a larger index could answer with rows the table lacks
+    import faiss
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from ae_core import query
+
+    out, _, index_path = _published_once(mnist_subset, tmp_path, "index.faiss")
+    table_path = index_path.parent / "embeddings.parquet"
+    good_index, good_table = index_path.read_bytes(), table_path.read_bytes()
+    keys = pq.read_table(table_path, columns=["key"]).column("key").to_pylist()
+    assert len(query.neighbours_of_key(str(out), keys[5], 3)) == 3
+    other = faiss.IndexFlatL2(16)
+    other.add(np.random.default_rng(0).random((len(keys), 16), dtype=np.float32))
+    faiss.write_index(other, str(index_path))
+    for ask in (lambda: query.neighbours_of_key(str(out), keys[5], 3),
+                lambda: query.neighbours_of_image(str(out), str(mnist_subset / keys[5]), 3)):
+        with pytest.raises(AeError, match=rf"index.faiss' holds {len(keys)} vectors of dim 16, but the run's table "
+                                          rf"has {len(keys)} rows and its embeddings dim 32: .* run `ae run`"):
+            ask()
+    index_path.write_bytes(good_index)
+    pq.write_table(pq.read_table(table_path).slice(0, 10), table_path)
+    with pytest.raises(AeError, match=rf"holds {len(keys)} vectors of dim 32, but the run's table has 10 rows"):
+        query.neighbours_of_key(str(out), keys[5], 3)
+    table_path.write_bytes(good_table)
+    assert [h.key for h in query.neighbours_of_key(str(out), keys[5], 3)][0] == keys[5]
