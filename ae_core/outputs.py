@@ -27,8 +27,8 @@ from typing import TypeVar
 from fsspec.spec import AbstractFileSystem
 
 from ae_core.errors import AeError
-from ae_core.storage import (check_store, display_url, join, open_store, read_text, redact_url, remove_tree,
-                             write_bytes_atomic)
+from ae_core.storage import (check_store, display_url, is_read_only, join, open_store, read_text, redact_url,
+                             remove_tree, write_bytes_atomic)
 
 LATEST = "LATEST"
 RUNS = "runs"
@@ -170,13 +170,16 @@ def latest_run_id(fs: AbstractFileSystem, root: str) -> str | None:
         text = read_text(fs, join(root, LATEST)).strip()
     except FileNotFoundError:
         return None
+    except IsADirectoryError:  # a folder made there by hand
+        text = "a folder"
     except UnicodeDecodeError:
         text = "\ufffd"
-    if text and not _RUN_NAME.match(text):
+    if not _RUN_NAME.match(text):  # nothing (emptied by a power loss, say) included
+        held = text[:40] if text == "a folder" else repr(text[:40]) if text else "nothing"
         raise AeError(f"{display_url(fs, join(root, LATEST))!r} is damaged: it should hold the id of a run "
-                      f"in {RUNS}/ and holds {text[:40]!r}; write the newest run's id into it, or run "
+                      f"in {RUNS}/ and holds {held}; write the newest run's id into it, or run "
                       "`ae run` again (it replaces it)")
-    return text or None
+    return text
 
 
 def published_run(fs: AbstractFileSystem, root: str) -> tuple[str | None, dict | None]:
@@ -229,8 +232,13 @@ def resolve(output: str) -> Published:
         raise AeError(f"cannot read {LATEST} at {redact_url(output)!r} ({type(err).__name__}: {err}); "
                       "check the credentials and the endpoint") from err
     if run_id is None:
-        raise AeError(f"no published result at {output!r} (no {LATEST} file); "
-                      f"run `ae run SOURCE {output}` first")
+        parent, _, name = root.rpartition(f"/{RUNS}/")
+        if _RUN_ID.match(name) and fs.exists(join(root, MANIFEST)):  # the folder `ae run` printed
+            raise AeError(f"{redact_url(output)!r} is a run's folder, not an OUTPUT; give the OUTPUT it was "
+                          f"published to, {display_url(fs, parent)!r} (the queries read the run its {LATEST} names)")
+        fix = (f"run `ae run SOURCE {output}` first" if not is_read_only(fs)
+               else "give the OUTPUT a run was published to (an http(s) store is read-only)")
+        raise AeError(f"no published result at {output!r} (no {LATEST} file); {fix}")
     try:
         manifest = json.loads(read_text(fs, join(run_path(root, run_id), MANIFEST)))
     except FileNotFoundError as err:

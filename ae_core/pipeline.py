@@ -138,6 +138,9 @@ def prepare_run(config: RunConfig, storage_options: Mapping[str, dict] | None = 
         raise AeError(f"output {out_url!r} is a file; give a folder or prefix")
     if is_local(out_fs):
         check_local_writable(out_root, "output")
+        if os.path.isdir(join(out_root, outputs.LATEST)):  # where publishing writes the pointer
+            raise AeError(f"output {out_url!r} holds a folder named {outputs.LATEST}, where a run records which "
+                          "run is published; move that folder out of OUTPUT")
         # where the run's folder goes: OUTPUT/runs made by another user passed the check above,
         # and the run failed with a traceback after training
         check_local_writable(join(out_root, outputs.RUNS), "output")
@@ -305,8 +308,9 @@ def load_previous(ctx: RunContext) -> PreviousRun | None:
     DamagedRun when a file it needs is unreadable (truncated, emptied after a power loss, edited)."""
     try:
         run_id = outputs.latest_run_id(ctx.out_fs, ctx.out_root)
-    except AeError:  # damaged LATEST: nothing to diff against; this run starts afresh and replaces it
-        return None
+    except AeError as err:  # damaged LATEST: nothing to diff against; this run starts afresh and replaces it
+        raise DamagedRun(f"{outputs.LATEST} cannot be read ({str(err).split('; ')[0].split(' is damaged: ')[-1]}); "
+                         "starting afresh") from err
     if run_id is None:
         return None
     run_dir = outputs.run_path(ctx.out_root, run_id)

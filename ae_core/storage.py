@@ -380,6 +380,11 @@ def _protocol(fs: AbstractFileSystem) -> str:
     return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
 
 
+def is_read_only(fs: AbstractFileSystem) -> bool:
+    """An http(s) store: fsspec reads it, and nothing can be written there."""
+    return _protocol(fs) in ("http", "https")
+
+
 def is_connection_error(err: BaseException) -> bool:
     names = {cls.__name__ for cls in type(err).__mro__}
     return isinstance(err, (ConnectionError, TimeoutError)) or bool(
@@ -601,8 +606,8 @@ def no_space(err: BaseException, where: str, fix: str) -> AeError:
 def _move(fs: AbstractFileSystem, src: str, dst: str) -> None:
     """A rename on a local disk; elsewhere a copy in the store and a delete, one object (what
     fs.mv does there, but fs.mv expands glob characters: an OUTPUT named `out [1]` failed)."""
-    if is_local(fs):
-        fs.mv(src, dst)
+    if is_local(fs):  # a rename (fs.mv would move the file into `dst` where `dst` is a folder)
+        os.replace(fs._strip_protocol(src), fs._strip_protocol(dst))
     else:
         fs.cp_file(src, dst)
         fs.rm_file(src)
@@ -707,5 +712,5 @@ __all__ = [
     "ObjectInfo", "open_store", "check_store", "listing_tag", "display_url", "join", "key_matches", "list_objects", "read_many",
     "write_bytes_atomic", "put_file_atomic", "read_text", "fetch_to_local", "same_or_inside",
     "iter_batches", "redact_url", "check_local_writable", "check_store_writable", "read_heads",
-    "utf8_key", "key_path", "is_connection_error",
+    "utf8_key", "key_path", "is_connection_error", "is_read_only",
 ]

@@ -82,17 +82,20 @@ def test_the_pixel_cache_is_keyed_by_where_source_and_output_really_are(tmp_path
     assert os.stat(parent).st_uid == os.getuid() and os.stat(parent).st_mode & 0o077 == 0
 
 
-@pytest.mark.parametrize("damage", [bytes(26), b"\x00\xff\xfe", b"../../etc\n"])
+@pytest.mark.parametrize("damage", [bytes(26), b"\x00\xff\xfe", b"../../etc\n", b"", b"\n"])
 def test_a_damaged_latest_is_one_line_and_the_next_run_replaces_it(mnist_subset, tmp_path, damage):
     out = tmp_path / "out"
     out.mkdir()
-    (out / outputs.LATEST).write_bytes(damage)  # zeros after a power loss, stray bytes, a path
+    # zeros after a power loss, stray bytes, a path, emptied (before: "no LATEST file", and the
+    # next run's retrain reason said "no previous run to reuse")
+    (out / outputs.LATEST).write_bytes(damage)
     with pytest.raises(AeError, match="is damaged: it should hold the id of a run"):
         outputs.resolve(str(out))
     config = RunConfig(source=str(mnist_subset), output=str(out), work_dir=str(tmp_path / "work"),
                        ingest=IngestConfig(include=["000*"], workers=1), train=TrainConfig(epochs=1, anomaly_steps=0))
     manifest = _up_to_publish(config, "20260101T000000Z-eeeeee")()
     assert manifest["changes"]["previous_run"] is None
+    assert manifest["changes"]["retrain_reason"].startswith("LATEST cannot be read (it should hold the id of a run")
     assert outputs.resolve(str(out)).run_id == "20260101T000000Z-eeeeee"
 
 
@@ -285,3 +288,21 @@ def test_an_index_or_table_from_another_run_is_one_line_not_wrong_keys(mnist_sub
         query.neighbours_of_key(str(out), keys[5], 3)
     table_path.write_bytes(good_table)
     assert [h.key for h in query.neighbours_of_key(str(out), keys[5], 3)][0] == keys[5]
+
+
+def test_a_run_folder_given_as_output_names_its_output_and_a_folder_as_latest_is_damage(mnist_subset, tmp_path):
+    # before: "no published result ... run `ae run SOURCE <run folder>` first", which would have
+    # published into the run's folder; a folder named LATEST was an IsADirectoryError traceback
+    out, config, manifest_path = _published_once(mnist_subset, tmp_path, outputs.MANIFEST)
+    with pytest.raises(AeError, match=rf"is a run's folder, not an OUTPUT; give the OUTPUT it was published to, "
+                                      rf"'{re.escape(str(out))}'"):
+        outputs.resolve(str(manifest_path.parent))
+    (out / outputs.LATEST).unlink()
+    (out / outputs.LATEST).mkdir()
+    with pytest.raises(AeError, match="LATEST' is damaged: it should hold the id of a run in runs/ and holds a folder"):
+        outputs.resolve(str(out))
+    # a run into it is refused before any work (before: it published, its pointer moved into the folder)
+    with pytest.raises(AeError, match="holds a folder named LATEST, where a run records which run is published"):
+        pipeline.prepare_run(config)
+    with pytest.raises(AeError, match=r"no published result at .* run `ae run SOURCE"):
+        outputs.resolve(str(tmp_path))
