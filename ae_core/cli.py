@@ -26,6 +26,7 @@ import threading
 import time
 import unicodedata
 from collections.abc import Iterator, Sequence
+from typing import NoReturn
 from datetime import datetime, timezone
 
 from pydantic import ValidationError
@@ -546,8 +547,9 @@ def _demo_train(args: argparse.Namespace):
 def _label_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", required=True, help="CSV with a key column and a label column, "
                    "joined to the images by key (or by file name)")
-    p.add_argument("--key-col", default="filename")
-    p.add_argument("--label-col", default="label")
+    p.add_argument("--key-col", default="filename", help="the labels file's column of keys or file names "
+                   "(default filename)")
+    p.add_argument("--label-col", default="label", help="the labels file's column of labels (default label)")
 
 
 def _versions() -> str:
@@ -565,8 +567,16 @@ def _versions() -> str:
     return f"ae {ae_core.__version__} (" + ", ".join(f"{d} {of(d)}" for d in ("torch", "faiss-cpu", "prefect", "pyarrow")) + ")"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as ae's other user errors: one line (before: the usage, then
+    the error), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"ae: error: {message} (`{self.prog} --help` lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ae", description="Autoencoder image embeddings: pretrain, "
+    p = _Parser(prog="ae", description="Autoencoder image embeddings: pretrain, "
                                 "embed to Parquet, search with FAISS.")
     p.add_argument("--version", action="version", version=_versions())
     sub = p.add_subparsers(dest="command", required=True)
@@ -584,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--epochs", type=int, help="training epochs (default: from corpus size, 20 to 500)")
     r.add_argument("--max-minutes", type=float, help="training time budget (default 5)")
     r.add_argument("--batch-size", type=int, help="images per optimizer step (default 128)")
-    r.add_argument("--lr", type=float, help="peak learning rate of AdamW (warmup, then cosine decay)")
+    r.add_argument("--lr", type=float, help="peak learning rate of AdamW, warmup then cosine decay (default 0.002)")
     r.add_argument("--seed", type=int, help="default 0")
     r.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:N, mps")
     r.add_argument("--precision", choices=("auto", "fp32", "bf16"),
@@ -593,15 +603,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps of each of the two fold models behind anomaly_score (default 300; 0 = off)")
     r.add_argument("--include", action="append", metavar="GLOB", help="only keys matching (repeatable)")
     r.add_argument("--exclude", action="append", metavar="GLOB", help="skip keys matching (repeatable)")
-    r.add_argument("--resize", choices=("stretch", "crop", "pad"), help="how images fit the square input")
+    r.add_argument("--resize", choices=("stretch", "crop", "pad"), help="how images fit the square input "
+                   "(default stretch; crop: the centred square; pad: the whole image on black)")
     r.add_argument("--workers", type=int, help="decode processes (default: one per core)")
     r.add_argument("--max-image-pixels", type=int, metavar="N",
                    help="larger images are rejected as decompression bombs (default 100,000,000)")
     r.add_argument("--work-dir", help="local folder for the decoded-pixel cache, kept in a subfolder "
                    "ae-cache-* that a finished run deletes (default: a private folder under the temp dir)")
     r.add_argument("--retrain", choices=("auto", "always", "never"),
-                   help="auto (default): reuse the published model unless the corpus changed by more "
-                   "than --retrain-fraction")
+                   help="auto (default): reuse the published model unless there is none (or it cannot be read), "
+                   "the model or input settings differ, --anomaly-steps turns anomaly scores on, or the "
+                   "corpus changed by more than --retrain-fraction; never: reuse it however the corpus changed (a "
+                   "model that does not fit the settings stops the run)")
     r.add_argument("--retrain-fraction", type=float, help="default 0.2")
     r.add_argument("--index-kind", choices=("auto", "flat", "hnsw", "ivf", "ivfpq"),
                    help="auto (default): exact search up to 200,000 vectors, then HNSW, IVF or IVF-PQ with "
@@ -618,47 +631,47 @@ def build_parser() -> argparse.ArgumentParser:
 
     block_help = "a prefect-aws AwsCredentials block to use for s3:// URLs (as `ae run` takes it)"
     i = sub.add_parser("info", help="what is published in OUTPUT")
-    i.add_argument("output")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("output", help="the OUTPUT a run published to")
+    i.add_argument("--json", action="store_true", help="print it as JSON, with the files' URLs")
     i.add_argument("--aws-credentials-block", metavar="NAME", help=block_help)
     i.set_defaults(func=cmd_info)
 
     n = sub.add_parser("neighbours", aliases=["neighbors"], help="nearest neighbours of a key or a new image")
-    n.add_argument("output")
+    n.add_argument("output", help="the OUTPUT a run published to")
     q = n.add_mutually_exclusive_group(required=True)
     q.add_argument("--key", help="a key of the table (path relative to SOURCE)")
     q.add_argument("--image", help="a new image file or URL, encoded with the published model")
     n.add_argument("-k", type=int, default=10, help="neighbours to return (default 10)")
-    n.add_argument("--json", action="store_true")
+    n.add_argument("--json", action="store_true", help="print the neighbours as JSON")
     n.add_argument("--aws-credentials-block", metavar="NAME", help=block_help)
     n.set_defaults(func=cmd_neighbours)
 
     e = sub.add_parser("evaluate", help="AE vs PCA vs raw pixels on a labelled corpus")
-    e.add_argument("source")
+    e.add_argument("source", help="folder or fsspec URL of the labelled images")
     _label_args(e)
     e.add_argument("--dims", default="10,32,64", help="comma-separated embedding sizes (default 10,32,64)")
-    e.add_argument("--epochs", type=int)
-    e.add_argument("--max-minutes", type=float)
-    e.add_argument("--seed", type=int)
+    e.add_argument("--epochs", type=int, help="training epochs of each model (default: from corpus size)")
+    e.add_argument("--max-minutes", type=float, help="training time budget of each model (default 5)")
+    e.add_argument("--seed", type=int, help="default 0")
     e.add_argument("--markdown", metavar="FILE", help="also write the table to FILE")
     e.add_argument("--aws-credentials-block", metavar="NAME", help=block_help)
     e.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("probe", help="k-NN and logistic-regression accuracy of published embeddings")
-    pr.add_argument("output")
+    pr.add_argument("output", help="the OUTPUT a run published to")
     _label_args(pr)
-    pr.add_argument("--json", action="store_true")
+    pr.add_argument("--json", action="store_true", help="print the accuracies as JSON")
     pr.add_argument("--aws-credentials-block", metavar="NAME", help=block_help)
     pr.set_defaults(func=cmd_probe)
 
     o = sub.add_parser("outliers", help="the worst-reconstructed images (highest anomaly scores)")
-    o.add_argument("output")
-    o.add_argument("-n", type=int, default=20)
+    o.add_argument("output", help="the OUTPUT a run published to")
+    o.add_argument("-n", type=int, default=20, help="how many images (default 20)")
     o.add_argument("--by", choices=("anomaly_score", "recon_error"), default="anomaly_score",
                    help="anomaly_score (default): error under a model that never trained on the image; "
                         "recon_error: the published model's own error")
     o.add_argument("--grid", metavar="PNG", help="write a picture of them above their reconstructions")
-    o.add_argument("--json", action="store_true")
+    o.add_argument("--json", action="store_true", help="print them as JSON")
     o.add_argument("--aws-credentials-block", metavar="NAME", help=block_help)
     o.set_defaults(func=cmd_outliers)
 
@@ -669,10 +682,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# the settings whose flag is not the field's name with dashes
+_FLAG_OF = {"memory_budget_mb": "--index-memory-mb", "kind": "--index-kind"}
+
+
+def _run_flags() -> set[str]:
+    """The options of `ae run`."""
+    parser = build_parser()
+    run = next(a for a in parser._subparsers._group_actions if isinstance(a, argparse._SubParsersAction)).choices["run"]
+    return {opt for action in run._actions for opt in action.option_strings}
+
+
 def _validation_line(err: ValidationError) -> str:
     first = err.errors()[0]
-    where = ".".join(str(x) for x in first.get("loc", ()))
-    return f"invalid setting {where}: {first.get('msg')} (got {first.get('input')!r})"
+    loc = [str(x) for x in first.get("loc", ())]
+    where = ".".join(loc)
+    flag = _FLAG_OF.get(loc[-1], "--" + loc[-1].replace("_", "-")) if loc else None
+    named = f" ({flag})" if flag in _run_flags() else ""
+    return f"invalid setting {where}{named}: {first.get('msg')} (got {first.get('input')!r})"
 
 
 def _use_block_credentials(block: str) -> dict:

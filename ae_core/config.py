@@ -7,9 +7,10 @@ created, and so that every output can store the exact config that made it (`mode
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Frozen(BaseModel):
@@ -56,9 +57,9 @@ class TrainConfig(_Frozen):
     patience: int = Field(10, ge=1, description="epochs without validation gain before stopping")
     augment: bool = Field(False, description="random shifts of up to 1/16 of the side (off: in "
                           "measurements it cost throughput and raised reconstruction error)")
-    device: str = Field("auto", pattern=r"^[a-z_]+(:\d+)?$",
-                        description="'auto' (CUDA when present), or a torch device: 'cpu', 'cuda', "
+    device: str = Field("auto", description="'auto' (CUDA when present), or a torch device: 'cpu', 'cuda', "
                         "'cuda:1', 'mps', 'xpu'...")
+
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bfloat16 mixed precision (autocast, fp32 weights) where the "
         "device computes bf16 natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs), else fp32. "
@@ -69,6 +70,16 @@ class TrainConfig(_Frozen):
         "auto", description="auto: retrain when there is no usable previous model, or when more "
         "than retrain_fraction of the corpus is new, changed or deleted since the published run")
     retrain_fraction: float = Field(0.2, ge=0, le=1)
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device_name(cls, value: object) -> object:
+        """'CUDA' or ' cuda:1 ' as torch spells them; a name torch cannot take, with the fix."""
+        if isinstance(value, str):
+            value = value.strip().lower()
+            if not re.fullmatch(r"[a-z_]+(:\d+)?", value):
+                raise ValueError("give auto, cpu, cuda, cuda:N, or another torch device name (mps, xpu)")
+        return value
 
 
 class EncodeConfig(_Frozen):

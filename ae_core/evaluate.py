@@ -57,7 +57,10 @@ def _folds(y: np.ndarray, folds: int) -> int:
     if len(labels) < 2:
         raise AeError(f"every labelled image has the same label ({str(labels[0])!r}); a classifier needs at least 2 labels")
     if counts.min() < 2:
-        raise AeError("every label needs at least 2 examples for cross-validation")
+        alone = [str(label) for label, n in zip(labels, counts) if n < 2]
+        raise AeError(f"every label needs at least 2 labelled images for cross-validation; {len(alone)} "
+                      f"ha{'s' if len(alone) == 1 else 've'} one ({', '.join(map(repr, alone[:5]))}"
+                      f"{', ...' if len(alone) > 5 else ''}): label more images, or leave those labels out")
     return min(folds, int(counts.min()))
 
 
@@ -70,23 +73,30 @@ def read_labels(url: str, key_col: str, label_col: str) -> dict[str, str]:
         raise AeError(f"labels file {url!r} is not UTF-8 text ({err.reason} at byte {err.start}); "
                       "save it as a UTF-8 CSV") from err
     reader = csv.DictReader(text.splitlines())
-    cols = [c for c in reader.fieldnames or [] if c is not None]
-    if key_col not in cols or label_col not in cols:
-        raise AeError(f"labels file {url!r} needs columns {key_col!r} and {label_col!r} "
-                      f"(it has: {', '.join(cols) or 'none'}); pass --key-col / --label-col")
-    # a blank label is no label: those rows count as without one, not as a class ""
-    labels: dict[str, str] = {}
-    first_line: dict[str, int] = {}
-    for r in reader:
-        label = (r[label_col] or "").strip()
-        if not label:
-            continue
-        key = r[key_col]
-        if key in labels and labels[key] != label:  # which one is right is not ours to guess
-            raise AeError(f"labels file {url!r} gives {key_col} {key!r} two labels: {labels[key]!r} "
-                          f"(line {first_line[key]}) and {label!r} (line {reader.line_num}); keep one")
-        labels[key] = label
-        first_line.setdefault(key, reader.line_num)
+    try:
+        cols = [c for c in reader.fieldnames or [] if c is not None]
+        if key_col not in cols or label_col not in cols:
+            raise AeError(f"labels file {url!r} needs columns {key_col!r} and {label_col!r} "
+                          f"(it has: {', '.join(cols) or 'none'}); pass --key-col / --label-col")
+        # a blank label is no label: those rows count as without one, not as a class ""
+        labels: dict[str, str] = {}
+        first_line: dict[str, int] = {}
+        for r in reader:
+            label = (r[label_col] or "").strip()
+            if not label:
+                continue
+            key = r[key_col]
+            if key in labels and labels[key] != label:  # which one is right is not ours to guess
+                raise AeError(f"labels file {url!r} gives {key_col} {key!r} two labels: {labels[key]!r} "
+                              f"(line {first_line[key]}) and {label!r} (line {reader.line_num}); keep one")
+            labels[key] = label
+            first_line.setdefault(key, reader.line_num)
+    except csv.Error as err:  # a field over the csv module's 128 KiB: not a labels file
+        raise AeError(f"labels file {url!r} is not a CSV of {key_col},{label_col} rows ({err}, line "
+                      f"{reader.line_num}); give the labels CSV") from err
+    if not labels:
+        raise AeError(f"labels file {url!r} has no row with a label in column {label_col!r}; "
+                      "give a CSV with one row per labelled image")
     return labels
 
 

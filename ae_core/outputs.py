@@ -131,6 +131,10 @@ class Published:
         limit = pixel_limit(self.manifest)
         return spec if limit is None else dataclasses.replace(spec, max_image_pixels=limit)
 
+    def missing(self, name: str) -> AeError:
+        return AeError(f"{self.url(name)!r} is missing; its run's folder was altered, or a newer run pruned it "
+                       "meanwhile: run the command again, or `ae run` again")
+
     def load(self, kind: str, read: Callable[..., T], *args: object) -> T:
         """`read(fs, path, *args)` of the run's file `kind` (a key of the manifest's "files").
         Damaged content is one AeError naming the file and the fix (a run replaces a damaged one)."""
@@ -140,6 +144,8 @@ class Published:
             raise AeError(f"{self.url(MANIFEST)!r} names no {kind} file, it is damaged; {RERUN}")
         try:
             return read(self.fs, self.file(name), *args)
+        except FileNotFoundError as err:  # named here as a URL (s3fs's error names bucket/key only)
+            raise self.missing(name) from err
         except (*CONTENT_ERRORS, OSError) as err:
             if not is_damage(err):
                 raise

@@ -108,6 +108,9 @@ def _work_dir_parent(value: str) -> str:
     elif "://" in value:
         raise AeError(f"work dir {redact_url(value)!r} is not a local folder; give a local path (the pixel "
                       "cache is memory-mapped from local disk), e.g. --work-dir /var/tmp/ae-work")
+    if not value.strip():  # before: '' was the default and 'file://' the current directory
+        raise AeError("work dir is empty; give a local folder, or leave --work-dir out for a private one under "
+                      "the temp dir")
     return os.path.abspath(os.path.expanduser(value))
 
 
@@ -146,7 +149,7 @@ def prepare_run(config: RunConfig, storage_options: Mapping[str, dict] | None = 
         check_local_writable(join(out_root, outputs.RUNS), "output")
     else:
         check_store_writable(out_fs, out_root, out_url, "output")
-    parent = _work_dir_parent(config.work_dir) if config.work_dir else _private_work_dir()
+    parent = _work_dir_parent(config.work_dir) if config.work_dir is not None else _private_work_dir()
     if is_local(underlying(src_fs)) and same_or_inside(underlying(src_fs), os.path.realpath(parent), src_fs,
                                                        os.path.realpath(src_root)):
         raise AeError(f"work dir {parent!r} lies inside source {src_url!r}; choose one outside (--work-dir), "

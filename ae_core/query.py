@@ -18,6 +18,11 @@ def info(output: str) -> dict:
     pub = outputs.resolve(output)
     m = pub.manifest
     files = m["files"]
+    # the URLs below are for scripts to open: each must be there (one listing of the run's folder)
+    present = {p.rstrip("/").rsplit("/", 1)[-1] for p in pub.fs.ls(pub.path, detail=False)}
+    for kind in ("embeddings", "rejects", "index", "checkpoint"):
+        if files[kind] not in present:
+            raise pub.missing(files[kind])
     return {
         "output": output, "run_id": pub.run_id, "finished_at": m.get("finished_at"),
         "rows": m["rows"], "rejected": m["rejected"], "rejects_by_reason": m.get("rejects_by_reason", {}),

@@ -632,6 +632,8 @@ def read_named_file(url: str, what: str, fix: str) -> bytes:
     """The bytes of one file a user named on the command line (`what`: "image", "labels file"),
     every failure one AeError: missing, a folder, a pipe or device (reading one would block), an
     unreachable store, missing credentials. `fix` ends the missing / not-a-file messages."""
+    if not url.strip():  # before: open_store's "give a folder", for a file
+        raise AeError(f"the {what} is an empty path; {fix}")
     fs, path = open_store(url)
     shown = redact_url(url)
     try:

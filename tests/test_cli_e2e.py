@@ -499,8 +499,8 @@ def test_exit_status_and_output_survive_the_fast_exit(digits_run):
     """`ae` leaves through os._exit after the exit handlers: the status and every line of output
     must still come through, whether stdout is a pipe or a file."""
     assert ae("--help").stdout.startswith("usage: ae")
-    usage = ae("run", check=False)
-    assert usage.returncode == 2 and "usage: ae run" in usage.stderr
+    usage = ae("run", check=False)  # an argparse error: one line, as ae's other user errors
+    assert_one_line_error(usage, "the following arguments are required: source, output", "`ae run --help`")
     out, _ = digits_run
     piped = json.loads(ae("info", out, "--json").stdout)
     with open(out.parent / "info.json", "w") as f:  # a file: block-buffered, flushed only at exit
@@ -519,9 +519,11 @@ def test_a_published_file_gone_missing_is_one_line(digits_run, tmp_path):
     shutil.copytree(digits_run[0], out)
     run = out / "runs" / (out / "LATEST").read_text().strip()
     (run / "index.faiss").unlink()
-    assert_one_line_error(ae("neighbours", out, "--key", "00000.png", check=False), "index.faiss is missing")
+    assert_one_line_error(ae("neighbours", out, "--key", "00000.png", check=False), "index.faiss' is missing")
+    # before: info exited 0, with the URL of a file that was gone
+    assert_one_line_error(ae("info", out, "--json", check=False), "index.faiss' is missing")
     (run / "embeddings.parquet").unlink()
-    assert_one_line_error(ae("outliers", out, check=False), "embeddings.parquet is missing")
+    assert_one_line_error(ae("outliers", out, check=False), "embeddings.parquet' is missing")
 
 
 def test_a_reused_model_with_nothing_to_embed_writes_no_run_folder(digits_run, mnist_subset, tmp_path):

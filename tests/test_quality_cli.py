@@ -197,11 +197,25 @@ def test_blank_labels_are_no_labels_and_a_header_alone_has_its_columns(tmp_path)
     csv_file = tmp_path / "labels.csv"
     csv_file.write_text("filename,label\na.png,3\nb.png,\nc.png,  \nd.png, 7 \n")
     assert read_labels(str(csv_file), "filename", "label") == {"a.png": "3", "d.png": "7"}
-    csv_file.write_text("filename,label\n")
-    assert read_labels(str(csv_file), "filename", "label") == {}
+    for empty in ("filename,label\n", "filename,label\na.png,\n"):  # before: {}, then "no image key matches"
+        csv_file.write_text(empty)
+        with pytest.raises(AeError, match=rf"labels file '{re.escape(str(csv_file))}' has no row with a label in "
+                                          r"column 'label'"):
+            read_labels(str(csv_file), "filename", "label")
+    csv_file.write_text("filename,label\na.png," + "x" * 200_000 + "\n")  # before: csv's traceback
+    with pytest.raises(AeError, match=r"is not a CSV of filename,label rows \(field larger than field limit"):
+        read_labels(str(csv_file), "filename", "label")
     csv_file.write_text("name,class\n")
     with pytest.raises(AeError, match=r"\(it has: name, class\)"):
         read_labels(str(csv_file), "filename", "label")
+
+
+def test_labels_with_one_image_each_are_named():
+    from ae_core.evaluate import _folds
+
+    with pytest.raises(AeError, match=r"2 have one \('cat', 'dog'\): label more images, or leave those labels out"):
+        _folds(np.array(["bird", "bird", "cat", "dog"]), 5)
+    assert _folds(np.array(["bird", "bird", "bird", "cat", "cat"]), 5) == 2
 
 
 def test_a_file_name_several_keys_share_labels_none_of_them():
@@ -251,3 +265,20 @@ def test_version_names_ae_and_the_engines_its_results_depend_on(capsys):
     line = capsys.readouterr().out.strip()
     assert re.fullmatch(rf"ae {re.escape(ae_core.__version__)} \(torch 2\.13\.0\S*, faiss-cpu \S+, prefect 3\.\S+, "
                         r"pyarrow \S+\)", line), line
+
+
+def test_a_setting_out_of_range_names_its_flag_and_a_device_name_says_what_to_give(tmp_path, capsys):
+    # before: "invalid setting memory_budget_mb" (the flag is --index-memory-mb), and a regex
+    # pattern for a device name torch does not know
+    from ae_core.cli import main
+    from ae_core.config import TrainConfig
+
+    for args, line in ((["--index-memory-mb", "0"], "invalid setting memory_budget_mb (--index-memory-mb): Input "
+                                                    "should be greater than 0 (got 0)"),
+                       (["--dim", "0"], "invalid setting dim (--dim): "),
+                       (["--device", "gpu0"], "invalid setting device (--device): Value error, give auto, cpu, cuda, "
+                                              "cuda:N, or another torch device name (mps, xpu) (got 'gpu0')")):
+        assert main(["run", str(tmp_path), str(tmp_path / "out"), *args]) == 2
+        assert capsys.readouterr().err.startswith(f"ae: error: {line}")
+    assert not (tmp_path / "out").exists()
+    assert TrainConfig(device=" CUDA:1 ").device == "cuda:1"  # as torch spells it

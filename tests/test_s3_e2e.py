@@ -71,6 +71,10 @@ def test_s3_to_s3_then_incremental(corpus_400):
     for key in ("00005.png", "00399.png", "00400.png", "00409.png"):
         hit = json.loads(ae("neighbours", out, "--key", key, "-k", 1, "--json").stdout)["neighbours"][0]
         assert hit["key"] == key
+    # a published file gone: named as its URL (before: bucket/key, without s3://)
+    fs.rm_file(info["index"])
+    proc = ae("neighbours", out, "--key", "00005.png", check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"ae: error: {info['index']!r} is missing"), proc.stderr
 
 
 _KILL_DURING_ENCODING = r"""

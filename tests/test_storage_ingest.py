@@ -595,6 +595,13 @@ def test_a_work_dir_given_as_a_url_is_the_local_folder_or_refused(mnist_subset, 
     assert ctx.work_dir.startswith(f"{tmp_path}/w/ae-cache-")
     with pytest.raises(AeError, match=r"work dir 's3://bkt/w' is not a local folder; give a local path"):
         prepare_run(RunConfig(source=str(mnist_subset), output=str(tmp_path / "o"), work_dir="s3://u:s3cr3t@bkt/w"))
+    for empty in ("", " ", "file://"):  # before: the temp dir, and the current directory
+        with pytest.raises(AeError, match="work dir is empty; give a local folder"):
+            prepare_run(RunConfig(source=str(mnist_subset), output=str(tmp_path / "o"), work_dir=empty))
+    from ae_core.storage import read_named_file
+
+    with pytest.raises(AeError, match="the image is an empty path; give an image"):  # before: "give a folder"
+        read_named_file(" ", "image", "give an image")
     assert not (tmp_path / "o").exists()
 
 
