@@ -277,9 +277,8 @@ def _glob_escape(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
 
 
-def _walk_local(root: str, skip_prefix: str | None, ancestors: frozenset[str] | None = None,
-                skip_real: str | None = None, exclude: Sequence[str] = (), include: Sequence[str] = (),
-                top: str | None = None) -> Iterator[tuple[str, int, str, str]]:
+def _walk_local(root: str, skip_prefix: str | None, exclude: Sequence[str] = (),
+                include: Sequence[str] = ()) -> Iterator[tuple[str, int, str, str]]:
     """(path, size, tag, stat) of every file under a local `root`, folder by folder in sorted order:
     what `fs.walk(detail=True)` gives, from one `os.scandir` and one stat per entry instead of
     fsspec's per-entry `info` (~9 us each, as much as decoding a 28x28 PNG). Same values, but:
@@ -289,11 +288,27 @@ def _walk_local(root: str, skip_prefix: str | None, ancestors: frozenset[str] | 
     it lies in (a loop) or into `skip_prefix` (OUTPUT, through a link); pipes, sockets and
     devices are left out (reading a pipe waits forever). Only small tuples are kept while a
     folder is read, not its DirEntry objects: a folder of 100,000 files held ~70 MB of them,
-    which the allocator kept after the listing."""
-    if ancestors is None:
-        ancestors = frozenset([os.path.realpath(root)])
-        skip_real = os.path.realpath(skip_prefix) if skip_prefix else None
-        top = root.rstrip("/") + "/"
+    which the allocator kept after the listing. Depth-first with a stack of its own: a tree
+    1,000 folders deep is listed (recursion stopped at Python's limit)."""
+    skip_real = os.path.realpath(skip_prefix) if skip_prefix else None
+    top = root.rstrip("/") + "/"
+    stack = [(root, frozenset([os.path.realpath(root)]))]  # (folder, the real paths of it and its parents)
+    while stack:
+        folder, ancestors = stack.pop()
+        scanned = _scan_folder(folder, skip_prefix, skip_real, exclude, include, top)
+        if scanned is None:
+            continue
+        files, subdirs = scanned
+        yield from sorted(files)
+        for sub in sorted(subdirs, reverse=True):  # popped in sorted order
+            real = os.path.realpath(sub)
+            if real not in ancestors and not (skip_real and _under(real, skip_real)):
+                stack.append((sub, ancestors | {real}))
+
+
+def _scan_folder(root: str, skip_prefix: str | None, skip_real: str | None, exclude: Sequence[str],
+                 include: Sequence[str], top: str) -> tuple[list[tuple[str, int, str, str]], list[str]] | None:
+    """One folder of _walk_local: its files and its subfolders, None when it is not to be listed."""
     base = root.rstrip("/")
     files: list[tuple[str, int, str, str]] = []
     subdirs: list[str] = []
@@ -332,22 +347,17 @@ def _walk_local(root: str, skip_prefix: str | None, ancestors: frozenset[str] | 
                 files.append((path, size, listing_tag({"size": size, "mtime": mtime,
                                                        "created": getattr(st, "st_birthtime", st.st_ctime)}), ident))
     except (FileNotFoundError, NotADirectoryError):
-        return  # vanished since its parent was read: nothing of it to list
+        return None  # vanished since its parent was read: nothing of it to list
     except OSError as err:  # fsspec's walk skips it: its images were then counted as deleted, rows lost
         key = base[len(top):] if top and base.startswith(top) else ""
         if key and (not key_matches(f"{key}/-", (), exclude) or not _may_include(key, include)):
-            return  # left out by the user's patterns: its keys would not be listed anyway
+            return None  # left out by the user's patterns: its keys would not be listed anyway
         leave_out = (f"or leave it out with --exclude {shlex.quote(_glob_escape(key) + '/*')}" if key
                      else "or give a folder you may read")
         raise AeError(f"source folder {root!r} cannot be listed ({err.strerror or err}); fix its permissions, "
                       f"{leave_out}. Nothing was published: an unreadable folder is never taken for deleted "
                       "images", transient=err.errno not in (errno.EACCES, errno.EPERM)) from err
-    files.sort()
-    yield from files
-    for sub in sorted(subdirs):
-        real = os.path.realpath(sub)
-        if real not in ancestors and not (skip_real and _under(real, skip_real)):
-            yield from _walk_local(sub, skip_prefix, ancestors | {real}, skip_real, exclude, include, top)
+    return files, subdirs
 
 
 def listing_tag(info: dict) -> str:
@@ -495,6 +505,12 @@ def check_local_writable(path: str, what: str) -> None:
     """A local folder that a run will create or write into: its nearest existing ancestor must
     be a folder where a file can be created (tried with a temporary file, removed at once), so a
     read-only or impossible path fails before the work, not at the first write after training."""
+    try:  # os.path.exists says False for these too, and the parent passed the check
+        os.stat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as err:  # a symbolic link loop, a name over 255 bytes, a file as a parent folder
+        raise AeError(f"{what} {path!r} cannot be used ({err.strerror or err}); give another path") from err
     probe = os.path.abspath(path)
     while not os.path.exists(probe):
         parent = os.path.dirname(probe)

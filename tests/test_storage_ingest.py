@@ -517,6 +517,37 @@ def test_a_folder_that_cannot_be_listed_stops_the_listing_unless_excluded(tmp_pa
         (src / "locked").chmod(0o755)
 
 
+def test_a_tree_deeper_than_python_s_recursion_limit_is_listed(tmp_path):
+    # before: RecursionError from the walk's nested generators, a traceback
+    deep = tmp_path
+    for _ in range(1100):  # one by one: mkdir(parents=True) and os.makedirs recurse themselves
+        deep = deep / "a"
+        deep.mkdir()
+    try:
+        (deep / "x.png").write_bytes((MNIST / "00000.png").read_bytes())
+        (tmp_path / "b.png").write_bytes(b"top")
+        fs, root = open_store(str(tmp_path))
+        assert sorted(o.key for o in list_objects(fs, root)) == ["a/" * 1100 + "x.png", "b.png"]
+    finally:  # bottom up, as pytest's clean-up (shutil.rmtree) recurses too
+        (deep / "x.png").unlink(missing_ok=True)
+        while deep != tmp_path:
+            deep.rmdir()
+            deep = deep.parent
+
+
+def test_an_output_path_that_cannot_be_used_is_one_line(mnist_subset, tmp_path):
+    # before: the check of its parent passed, and the run failed later with a traceback
+    from ae_core.config import RunConfig
+    from ae_core.pipeline import prepare_run
+
+    (tmp_path / "loop-a").symlink_to(tmp_path / "loop-b")
+    (tmp_path / "loop-b").symlink_to(tmp_path / "loop-a")
+    for out, why in ((tmp_path / "loop-a", "Too many levels of symbolic links"),
+                     (tmp_path / ("O" * 300), "File name too long")):
+        with pytest.raises(AeError, match=rf"output '.*' cannot be used \({why}\); give another path"):
+            prepare_run(RunConfig(source=str(mnist_subset), output=str(out)))
+
+
 def test_an_output_whose_runs_folder_is_not_writable_is_refused_before_the_work(mnist_subset, tmp_path):
     # before: OUTPUT itself writable passed the check; the run failed after training, with a
     # traceback, at its own folder in OUTPUT/runs (made by a colleague, say)
