@@ -98,7 +98,9 @@ def might_be_image(head: bytes) -> bool:
 
 def _orientation(img: Image.Image) -> int:
     try:
-        return int(img.getexif().get(0x0112, 1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Corrupt EXIF data": Pillow's warning, printed raw on stderr
+            return int(img.getexif().get(0x0112, 1))
     except Exception:  # noqa: BLE001 - a broken EXIF block should not reject a readable image
         return 1
 
@@ -129,12 +131,21 @@ def _to_8bit(img: Image.Image) -> Image.Image:
         out = arr.astype(np.uint8)
     elif img.mode.startswith("I;16") or (img.mode == "I" and 0 <= lo and hi <= 65535):
         out = (arr.astype(np.uint32) >> 8).astype(np.uint8)
-    elif img.mode == "F" and arr.size and 0.0 <= float(np.nanmin(arr)) and float(np.nanmax(arr)) <= 1.0:
-        out = np.clip(np.nan_to_num(arr) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    else:  # signed or unbounded values: stretch this image's own range to 0..255
-        arr = np.nan_to_num(arr.astype(np.float64))
-        lo, hi = float(arr.min(initial=0)), float(arr.max(initial=0))
-        out = ((arr - lo) * (255.0 / (hi - lo)) + 0.5).astype(np.uint8) if hi > lo else np.zeros(arr.shape, np.uint8)
+    else:
+        # NaN and +-inf ("no reading" in a depth map) are black, and left out of the range: one
+        # inf made the whole image black (its range overflowed); float32 throughout, not float64
+        arr = np.where(np.isfinite(arr), arr, np.float32(np.nan)).astype(np.float32, copy=False)
+        if arr.size and np.isnan(arr).all():
+            raise DecodeError("decode_error", f"every pixel of this {img.mode} image is NaN or infinite: no reading")
+        lo, hi = (float(np.nanmin(arr)), float(np.nanmax(arr))) if arr.size else (0.0, 0.0)
+        if img.mode == "F" and 0.0 <= lo and hi <= 1.0:
+            lo, hi = 0.0, 1.0  # already on the [0, 1] scale: kept, not stretched
+        elif hi <= lo:
+            hi = lo + 1.0  # one value: black (where it is 0 on that scale, as a flat 0..1 image)
+        arr -= lo
+        arr *= 255.0 / (hi - lo)
+        arr += 0.5
+        out = np.clip(np.nan_to_num(arr, copy=False), 0, 255).astype(np.uint8)
     return Image.fromarray(out, mode="L")
 
 

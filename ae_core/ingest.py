@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from fsspec.spec import AbstractFileSystem
 
-from ae_core.decode import Preprocess, decode_image, fingerprint, might_be_image
+from ae_core.decode import DECOMPRESSION_BOMB, Preprocess, decode_image, fingerprint, might_be_image, read_header
 from ae_core.errors import AeError, DecodeError
 from ae_core.hardware import usable_cores
 from ae_core.storage import (ObjectInfo, is_connection_error, is_local, no_space, out_of_space, read_heads,
@@ -40,6 +40,15 @@ BATCH_BYTES = 256 << 20  # a batch of objects in memory at once holds at most th
 
 class Head(bytes):
     """The first bytes of an object that was not read whole, because they are not an image."""
+
+
+@dataclass(frozen=True)
+class Unread:
+    """An image that was not read whole: its header, in its first bytes, already rejects it
+    (more pixels than the limit: a 2 GB file was read into memory only to be refused)."""
+
+    reason: str
+    detail: str
 
 
 @dataclass(frozen=True)
@@ -143,7 +152,7 @@ def plan_shards(objects: Sequence[ObjectInfo], shard_size: int) -> list[ShardPla
             for i, start in enumerate(range(0, len(ordered), shard_size))]
 
 
-def decode_batch(items: list[tuple[str, int, bytes | None, str | None]],
+def decode_batch(items: list[tuple[str, int, bytes | Unread | None, str | None]],
                  spec: Preprocess) -> tuple[list[dict], list[dict], np.ndarray]:
     """Decode (key, size, data, read_error) items; runs in a worker process. Returns the good
     images' metadata, the rejects, and the good images' pixels stacked into one
@@ -160,6 +169,10 @@ def decode_batch(items: list[tuple[str, int, bytes | None, str | None]],
             rejects.append({"key": key, "reason": "not_an_image", "size_bytes": size, "fingerprint": None,
                             "detail": f"its first {len(data)} bytes are no image format Pillow can read "
                                       "(the rest was not read)"})
+            continue
+        if isinstance(data, Unread):
+            rejects.append({"key": key, "reason": data.reason, "size_bytes": size, "fingerprint": None,
+                            "detail": data.detail})
             continue
         digest = fingerprint(data)
         try:
@@ -283,17 +296,37 @@ def _save_shard(result: ShardResult, plan: ShardPlan, spec: Preprocess, work_dir
     return result
 
 
-def read_objects(fs: AbstractFileSystem, objects: Sequence[ObjectInfo]) -> dict[str, bytes | Exception]:
-    """Every object's bytes, by path; but an object over SNIFF_ABOVE bytes that is not an image
-    by its first HEAD_BYTES (a video or an archive in a photo folder) is never read whole: a
-    `Head` of it stands in, which decoding rejects as not an image."""
+def read_objects(fs: AbstractFileSystem, objects: Sequence[ObjectInfo],
+                 max_pixels: int | None = None) -> dict[str, bytes | Unread | Exception]:
+    """Every object's bytes, by path; but an object over SNIFF_ABOVE bytes is never read whole
+    when its first HEAD_BYTES are not an image (a video or an archive in a photo folder: a
+    `Head` of it stands in, which decoding rejects as not an image), or are the header of an
+    image of more than `max_pixels` pixels (an `Unread` stands in, rejected for it)."""
     big = [o.path for o in objects if o.size > SNIFF_ABOVE]
-    got = read_many(fs, [o.path for o in objects if o.size <= SNIFF_ABOVE])
+    got: dict[str, bytes | Unread | Exception] = dict(read_many(fs, [o.path for o in objects if o.size <= SNIFF_ABOVE]))
     heads = read_heads(fs, big, HEAD_BYTES)
-    whole = [p for p in big if isinstance(heads[p], bytes) and might_be_image(heads[p])]
-    got.update({p: Head(h) if isinstance(h, bytes) else h for p, h in heads.items()})
+    whole = []
+    for path, head in heads.items():
+        if not isinstance(head, bytes) or not might_be_image(head):
+            got[path] = Head(head) if isinstance(head, bytes) else head
+        elif (over := _over_the_limit(head, max_pixels)) is not None:
+            got[path] = Unread(DECOMPRESSION_BOMB, f"{over} (the rest of the file was not read)")
+        else:
+            whole.append(path)
     got.update(read_many(fs, whole))
     return got
+
+
+def _over_the_limit(head: bytes, max_pixels: int | None) -> str | None:
+    """Why the image whose header is in `head` has too many pixels, or None (within the limit,
+    or a header that runs past the head: then the whole object is read and decoding decides)."""
+    if max_pixels is None:
+        return None
+    try:
+        read_header(head, max_pixels)
+    except DecodeError as err:
+        return err.detail if err.reason == DECOMPRESSION_BOMB else None
+    return None
 
 
 def byte_batches(objects: Sequence[ObjectInfo], count: int, max_bytes: int = BATCH_BYTES) -> Iterator[list[ObjectInfo]]:
@@ -311,8 +344,9 @@ def byte_batches(objects: Sequence[ObjectInfo], count: int, max_bytes: int = BAT
         yield batch
 
 
-def _fetch(fs: AbstractFileSystem, batch: list[ObjectInfo]) -> list[tuple[str, int, bytes | None, str | None]]:
-    got = read_objects(fs, batch)
+def _fetch(fs: AbstractFileSystem, batch: list[ObjectInfo],
+           max_pixels: int | None = None) -> list[tuple[str, int, bytes | Unread | None, str | None]]:
+    got = read_objects(fs, batch, max_pixels)
     items = []
     for o in batch:
         data = got.get(o.path)
@@ -326,14 +360,14 @@ def _fetch(fs: AbstractFileSystem, batch: list[ObjectInfo]) -> list[tuple[str, i
             err = f"{type(data).__name__}: {data}" if data is not None else "object vanished"
             items.append((o.key, o.size, None, err))
         else:
-            items.append((o.key, o.size, data if isinstance(data, bytes) else bytes(data), None))
+            items.append((o.key, o.size, data if isinstance(data, (bytes, Unread)) else bytes(data), None))
     return items
 
 
 def fetch_and_decode(fs: AbstractFileSystem, batch: list[ObjectInfo], spec: Preprocess) -> tuple[list[dict], list[dict], np.ndarray]:
     """Read and decode a batch in a worker process: for local files, where shipping the bytes
     to the worker would cost as much as reading them there."""
-    return decode_batch(_fetch(fs, batch), spec)
+    return decode_batch(_fetch(fs, batch, spec.max_image_pixels), spec)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -394,7 +428,7 @@ def decode_corpus(objects: Sequence[ObjectInfo], fs: AbstractFileSystem, spec: P
             batches = list(byte_batches(plan.objects, per_task))
             for i, batch in enumerate(batches):
                 future = (pool.submit(fetch_and_decode, fs, list(batch), spec) if workers_read
-                          else pool.submit(decode_batch, _fetch(fs, batch), spec))
+                          else pool.submit(decode_batch, _fetch(fs, batch, spec.max_image_pixels), spec))
                 pending.append((plan, future, i == len(batches) - 1))
                 while len(pending) > 2 * max(n_workers, 1):
                     drain_one()

@@ -44,8 +44,8 @@ def probe_sample(objects: Sequence[ObjectInfo], n: int = PROBE_SAMPLE) -> list[O
     return [ordered[int(i * step)] for i in range(n)]
 
 
-def _is_gray_content(data: bytes) -> bool:
-    thumb = decode_image(data, Preprocess(image_size=16, channels=3)).pixels.astype(np.int16)
+def _is_gray_content(data: bytes, max_pixels: int) -> bool:
+    thumb = decode_image(data, Preprocess(image_size=16, channels=3, max_image_pixels=max_pixels)).pixels.astype(np.int16)
     spread = np.abs(thumb[0] - thumb[1]).mean() + np.abs(thumb[1] - thumb[2]).mean()
     return bool(spread <= _GRAY_TOLERANCE)
 
@@ -54,7 +54,7 @@ def probe_corpus(fs: AbstractFileSystem, objects: Sequence[ObjectInfo], max_pixe
     sample = probe_sample(objects)
     sides, gray = [], []
     for batch in byte_batches(sample, _PROBE_BATCH):
-        _probe_batch(read_objects(fs, batch), batch, max_pixels, sides, gray)
+        _probe_batch(read_objects(fs, batch, max_pixels), batch, max_pixels, sides, gray)
     return CorpusProbe(len(sample), len(sides), tuple(sides), tuple(gray))
 
 
@@ -65,7 +65,11 @@ def _probe_batch(got: dict, batch: list[ObjectInfo], max_pixels: int, sides: lis
             continue
         try:
             head = read_header(bytes(data), max_pixels)
-            is_gray = head.mode in _GRAY_MODES or _is_gray_content(bytes(data))
+            if head.mode in _GRAY_MODES:  # decoded too: a truncated file's header alone set the size
+                decode_image(bytes(data), Preprocess(image_size=16, channels=1, max_image_pixels=max_pixels))
+                is_gray = True
+            else:
+                is_gray = _is_gray_content(bytes(data), max_pixels)
         except DecodeError:
             continue
         sides.append(min(head.width, head.height))

@@ -86,6 +86,26 @@ def test_32_bit_integer_image_is_read_as_8_or_16_bit_by_its_range(scale):
     assert np.array_equal(dec.pixels[0], digit)
 
 
+def _float_tiff(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr.astype(np.float32), "F").save(buf, "TIFF")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_a_non_finite_pixel_of_a_float_image_is_left_out_of_its_range(bad):
+    # before: one +inf (a depth map's "no reading") made the whole image black
+    depth = np.tile(np.linspace(0, 10, 64, dtype=np.float32), (64, 1))
+    expected = decode_image(_float_tiff(depth), Preprocess(image_size=16, channels=1)).pixels
+    assert expected.min() < 20 and expected.max() > 235  # the range stretched to 0..255
+    depth[0, 0] = bad
+    got = decode_image(_float_tiff(depth), Preprocess(image_size=16, channels=1)).pixels
+    assert np.abs(got.astype(int) - expected).max() <= 16 and np.array_equal(got[0, 1:], expected[0, 1:])
+    with pytest.raises(DecodeError, match="every pixel of this F image is NaN or infinite") as err:
+        decode_image(_float_tiff(np.full((8, 8), bad)), Preprocess(image_size=16, channels=1))
+    assert err.value.reason == "decode_error"
+
+
 @pytest.mark.parametrize("key", sorted(broken_files(COIL, MNIST)))
 def test_broken_files_raise_decode_error_with_reason(key):
     data, reason = broken_files(COIL, MNIST)[key]

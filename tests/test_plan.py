@@ -207,3 +207,22 @@ def test_an_object_whose_tag_tells_no_version_is_rechecked_not_churn():
     d = diff_listing(previous, current)
     assert [o.key for o in d.rechecked] == ["old-http", "old-zip", "unknown"]
     assert [o.key for o in d.changed] == ["plain", "etag", "unstatable"] and d.churn == 3
+
+
+def test_the_probe_counts_only_images_that_decode(tmp_path):
+    # before: a truncated gray PNG counted by its header alone: 30 digits and 40 truncated
+    # 128x128 photos made the model's input 64x64, every embedded image upsampled ~2.3x
+    import fsspec
+
+    from ae_core.plan import probe_corpus
+    from ae_core.storage import list_objects
+    from conftest import COIL, MNIST
+
+    for i in range(30):
+        (tmp_path / f"d{i:02}.png").write_bytes((MNIST / f"{i:05}.png").read_bytes())
+    for i in range(40):
+        (tmp_path / f"part{i:02}.png").write_bytes((COIL / f"obj3__{i}.png").read_bytes()[:2000])
+    fs = fsspec.filesystem("file")
+    probe = probe_corpus(fs, list_objects(fs, str(tmp_path)), 100_000_000)
+    assert probe.decodable == 30 and set(probe.sides) == {28}
+    assert resolve_model_config(ModelConfig(), probe).image_size == 28

@@ -94,6 +94,19 @@ def test_a_large_object_that_is_not_an_image_is_never_read_whole(store, monkeypa
     images, rejects, _ = ingest.decode_batch(items, Preprocess(image_size=28, channels=1))
     assert [i["key"] for i in images] == ["big.bmp"]
     assert [(r["key"], r["reason"], r["size_bytes"]) for r in rejects] == [("clip.mp4", "not_an_image", len(video))]
+    # nor an image whose header says it has more pixels than the limit (before: read whole, then refused)
+    noisy = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 200), dtype=np.uint8)).save(noisy, "PNG")
+    fs.pipe_file(f"{root}/bomb.png", noisy.getvalue())
+    objs = {o.key: o for o in list_objects(fs, root)}
+    assert isinstance(ingest.read_objects(fs, [objs["bomb.png"]], 10_000)[objs["bomb.png"].path], ingest.Unread)
+    assert ingest.read_objects(fs, [objs["bomb.png"]], 40_000)[objs["bomb.png"].path] == noisy.getvalue()
+    images, rejects, _ = ingest.decode_batch(ingest._fetch(fs, [objs["bomb.png"]], 10_000),
+                                             Preprocess(image_size=28, channels=1, max_image_pixels=10_000))
+    assert images == [] and [(r["reason"], r["size_bytes"], r["fingerprint"]) for r in rejects] == [
+        ("decompression_bomb", len(noisy.getvalue()), None)]
+    assert rejects[0]["detail"] == ("200x200 pixels exceeds the limit of 10000 (max_image_pixels; ae run "
+                                    "--max-image-pixels) (the rest of the file was not read)")
 
 
 def test_batches_hold_a_bounded_number_of_bytes():
