@@ -473,7 +473,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ae_core.evaluate import evaluate_corpus, evaluation_markdown
 
     try:
-        dims = [int(d) for d in args.dims.split(",") if d.strip()]
+        dims = list(dict.fromkeys(int(d) for d in args.dims.split(",") if d.strip()))  # 4,4: trained once
     except ValueError as err:
         raise AeError(f"--dims {args.dims!r}: give comma-separated integers, e.g. 10,32,64") from err
     top = ModelConfig.model_fields["dim"].metadata  # the limits `ae run --dim` has
@@ -514,6 +514,8 @@ def cmd_outliers(args: argparse.Namespace) -> int:
     if args.n < 0:
         raise AeError(f"-n {args.n}: give a number of images, 0 or more")
     _check_writable("--grid", args.grid)
+    if args.grid and os.path.splitext(args.grid)[1].lower() not in ("", ".png"):
+        raise AeError(f"--grid {args.grid!r}: the picture is written as a PNG; give a file name ending in .png")
     by, worst = ranked_outliers(args.output, args.n, args.by)
     if args.grid:
         png = outlier_grid(args.output, [w["key"] for w in worst])  # before the file is opened:

@@ -260,5 +260,9 @@ def train_fold_results(pixels: np.ndarray, folds: np.ndarray, arch: AEArch, cfg:
         epochs = max(1, math.ceil(cfg.anomaly_steps / math.ceil(len(idx) / cfg.batch_size)))
         sub = cfg.model_copy(update={"epochs": epochs, "val_fraction": 0.0, "seed": cfg.seed + 1 + k,
                                      "max_minutes": cfg.max_minutes / 4})
-        results.append(train_autoencoder(pixels, arch, sub, rows=idx))
+        try:
+            results.append(train_autoencoder(pixels, arch, sub, rows=idx))
+        except AeError as err:  # before: "diverged at epoch 4" on a 3-epoch run, without saying which model
+            raise AeError(f"anomaly-score model {k + 1} of 2 (trained on half of the images, for "
+                          f"--anomaly-steps {cfg.anomaly_steps}, {epochs} epochs): {err}") from err
     return results

@@ -108,6 +108,12 @@ def test_fold_models_train_on_their_own_fold_only():
                                                                            max_minutes=0.01, patience=10**9))
     assert [r.stop_reason for r in cut] == ["max_minutes"] * 2 and all(0 < r.steps < 10**6 for r in cut), \
         [(r.steps, r.stop_reason) for r in cut]
+    from ae_core.errors import AeError
+
+    # a fold model that diverges says it is one (before: "diverged at epoch 4" of a 3-epoch run)
+    with pytest.raises(AeError, match=r"anomaly-score model 1 of 2 \(trained on half of the images, for "
+                                      r"--anomaly-steps 60, \d+ epochs\): training diverged at epoch"):
+        train_fold_results(pixels, folds, AEArch(4, 16, 1), TrainConfig(anomaly_steps=60, batch_size=16, lr=1e30))
 
 
 @pytest.mark.parametrize("arch", [AEArch(32, 28, 1), AEArch(16, 64, 3, width=8), AEArch(8, 16, 1, blocks_per_stage=0)])

@@ -282,3 +282,13 @@ def test_a_setting_out_of_range_names_its_flag_and_a_device_name_says_what_to_gi
         assert capsys.readouterr().err.startswith(f"ae: error: {line}")
     assert not (tmp_path / "out").exists()
     assert TrainConfig(device=" CUDA:1 ").device == "cuda:1"  # as torch spells it
+
+
+def test_a_grid_name_that_is_not_a_png_is_refused_before_anything_is_read(tmp_path, capsys):
+    # before: a PNG was written under the name x.jpg
+    from ae_core.cli import main
+
+    assert main(["outliers", str(tmp_path / "no-output"), "--grid", str(tmp_path / "x.jpg")]) == 2
+    assert capsys.readouterr().err.startswith(f"ae: error: --grid '{tmp_path / 'x.jpg'}': the picture is written as "
+                                              "a PNG; give a file name ending in .png")
+    assert not (tmp_path / "x.jpg").exists()
