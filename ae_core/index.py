@@ -274,7 +274,9 @@ def _breadth(index: faiss.Index, k: int) -> tuple[object, str, int] | None:
 def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Euclidean distances (not squared) and ids, nearest first. The index's tuned setting is
     made for k = 10: when it reaches fewer than k vectors (ids of -1), the search runs again
-    wider, once (the setting is put back after); ids of -1 then mean 'fewer than k'."""
+    wider, once (the setting is put back after). Queries still short of k (HNSW's graph can
+    leave rows unreachable: many identical vectors, say) are answered by exact search over the
+    vectors HNSW stores; ids of -1 then mean 'fewer than k'."""
     k = max(1, min(k, index.ntotal))
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     d2, ids = index.search(queries, k)
@@ -287,7 +289,25 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
             d2, ids = index.search(queries, k)
         finally:
             setattr(holder, name, tuned)
+    short = np.flatnonzero((ids < 0).any(axis=1))
+    stored = _hnsw_vectors(index) if len(short) else None
+    if stored is not None:
+        vectors, row_ids = stored
+        d2[short], positions = faiss.knn(queries[short], vectors, k)
+        ids[short] = row_ids[positions]
     return np.sqrt(np.maximum(d2, 0)), ids
+
+
+def _hnsw_vectors(index: faiss.Index) -> tuple[np.ndarray, np.ndarray] | None:
+    """(the vectors, their ids) stored in an HNSW index over exact vectors; None for other
+    kinds (an IVF's widest search, every list, reaches every row already). Only a flat
+    storage is asked: reconstruct on other indexes can abort the process from C++."""
+    outer, inner = faiss.downcast_index(index), _inner(index)
+    storage = faiss.downcast_index(inner.storage) if isinstance(inner, faiss.IndexHNSW) else None
+    if not isinstance(storage, faiss.IndexFlat):
+        return None
+    row_ids = faiss.vector_to_array(outer.id_map) if isinstance(outer, faiss.IndexIDMap) else np.arange(inner.ntotal)
+    return storage.reconstruct_n(0, storage.ntotal), row_ids
 
 
 def exact_search(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:

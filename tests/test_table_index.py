@@ -345,3 +345,17 @@ def test_reading_a_column_the_table_lacks_is_a_clear_error(tmp_path):
     pq.write_table(pa.table({"key": ["a"]}), tmp_path / "t.parquet")
     with pytest.raises(AeError, match="no column 'anomaly_score'"):
         table.read_table(fsspec.filesystem("file"), str(tmp_path / "t.parquet"), ["key", "anomaly_score"])
+
+
+def test_rows_hnsw_s_graph_cannot_reach_are_found_by_exact_search():
+    # 150 identical vectors: HNSW's graph reached 135 of them however wide the search (before:
+    # `ae neighbours -k 200` listed 138 of 150 without a word)
+    emb = np.tile(np.random.default_rng(0).random((1, 32), dtype=np.float32), (150, 1))
+    graph = faiss.IndexHNSWFlat(32, 32)
+    graph.add(emb)
+    graph.hnsw.efSearch = 5000
+    assert (graph.search(emb[:1], 150)[1] >= 0).sum() < 150  # the premise: unreachable rows
+    index, _ = ae_index.build_index(emb, IndexConfig(kind="hnsw"))
+    dist, ids = ae_index.search(ae_index.from_bytes(ae_index.to_bytes(index)), emb[:2], 200)
+    assert ids.shape == (2, 150) and all(sorted(row) == list(range(150)) for row in ids.tolist())
+    assert np.allclose(dist, 0.0)
