@@ -130,7 +130,7 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     if img.mode == "I" and 0 <= lo and hi <= 255:
         out = arr.astype(np.uint8)
     elif img.mode.startswith("I;16") or (img.mode == "I" and 0 <= lo and hi <= 65535):
-        out = (arr.astype(np.uint32) >> 8).astype(np.uint8)
+        out = (arr >> 8).astype(np.uint8)  # in the array's own type: no 4-byte copy of a large image
     else:
         # NaN and +-inf ("no reading" in a depth map) are black, and left out of the range: one
         # inf made the whole image black (its range overflowed); float32 throughout, not float64
@@ -166,6 +166,26 @@ def _normalise_mode(img: Image.Image, channels: int) -> Image.Image:
         img = Image.alpha_composite(bg, rgba).convert("RGB")
     target = "L" if channels == 1 else "RGB"
     return img if img.mode == target else img.convert(target)
+
+
+_EARLY_GAP = 4  # a large image is reduced first to no less than this many times the input side
+
+
+def _reduce_early(img: Image.Image, size: int) -> Image.Image:
+    """A large integer, float or alpha image averaged down (Pillow's reduce, in its own mode)
+    before the conversions to 8 bits and the compositing onto white, which copy it at full size
+    in wider types: a 10,000 x 10,000 float image took 2.9 GB to decode, an RGBA one 2 GB.
+    Alpha is averaged premultiplied, which commutes with compositing. The resize after it
+    reduces the rest of the way, as it would have."""
+    factor = min(img.size) // (size * _EARLY_GAP)
+    if factor < 2 or "transparency" in img.info:
+        return img
+    if img.mode in ("I", "F"):
+        return img.reduce(factor)
+    if img.mode in ("RGBA", "LA"):
+        premultiplied = {"RGBA": "RGBa", "LA": "La"}[img.mode]
+        return img.convert(premultiplied).reduce(factor).convert(img.mode)
+    return img
 
 
 def _resize(img: Image.Image, size: int, how: str) -> Image.Image:
@@ -325,7 +345,7 @@ def _finish(img: Image.Image, spec: Preprocess, width: int, height: int, mode: s
     """The model's mode and size, as a (channels, size, size) uint8 array."""
     if (img.mode != ("L" if spec.channels == 1 else "RGB") or img.size != (spec.image_size,) * 2
             or "transparency" in img.info):
-        img = _resize(_normalise_mode(img, spec.channels), spec.image_size, spec.resize)
+        img = _resize(_normalise_mode(_reduce_early(img, spec.image_size), spec.channels), spec.image_size, spec.resize)
     return _as_channels_first(np.frombuffer(img.tobytes(), np.uint8), spec, width, height, mode, fmt)
 
 

@@ -288,3 +288,21 @@ def test_crop_takes_the_centred_square_without_scaling_up_the_whole_image():
     grew_kb = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert grew_kb < 100_000
 
+
+
+@pytest.mark.parametrize("image", [Image.fromarray(np.tile(np.linspace(-5, 1000, 6000, dtype=np.float32), (6000, 1)), "F"),
+                                   Image.new("RGBA", (6000, 6000), (10, 20, 30, 128))], ids=["float", "rgba"])
+def test_a_large_float_or_alpha_image_decodes_in_about_its_own_size(image, tmp_path):
+    # before: float64 copies and full-size compositing: a 10,000 x 10,000 float image took 2.9 GB
+    # and an RGBA one 2 GB; these 6,000 x 6,000 (144 MB decoded) took 253-468 and 400-708 MB
+    path = tmp_path / "large.tif"
+    image.save(path, compression="tiff_adobe_deflate")
+    code = ("import resource,sys;from ae_core.decode import Preprocess,decode_image;data=open(sys.argv[1],'rb').read();"
+            "before=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+            "px=decode_image(data,Preprocess(image_size=28,channels=3)).pixels;"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss-before, int(px.mean()))")
+    grew_kb, mean = map(int, subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                                            text=True, check=True).stdout.split())
+    # the decoded image (144 MB; 146 MB measured), and for RGBA its premultiplied copy (286 MB)
+    assert grew_kb < (220_000 if image.mode == "F" else 360_000), grew_kb
+    assert mean == (127 if image.mode == "F" else 137)  # a ramp stretched to 0..255; (10, 20, 30) half over white
