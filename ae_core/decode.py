@@ -172,7 +172,7 @@ _EARLY_GAP = 4  # a large image is reduced first to no less than this many times
 
 
 def _reduce_early(img: Image.Image, size: int) -> Image.Image:
-    """A large integer, float or alpha image averaged down (Pillow's reduce, in its own mode)
+    """A large float (all finite; an integer image's range picks its scale) or alpha image averaged down (Pillow's reduce, in its own mode)
     before the conversions to 8 bits and the compositing onto white, which copy it at full size
     in wider types: a 10,000 x 10,000 float image took 2.9 GB to decode, an RGBA one 2 GB.
     Alpha is averaged premultiplied, which commutes with compositing. The resize after it
@@ -180,7 +180,7 @@ def _reduce_early(img: Image.Image, size: int) -> Image.Image:
     factor = min(img.size) // (size * _EARLY_GAP)
     if factor < 2 or "transparency" in img.info:
         return img
-    if img.mode in ("I", "F"):
+    if img.mode == "F" and np.isfinite(np.asarray(img)).all():  # a NaN or inf would spread over its block
         return img.reduce(factor)
     if img.mode in ("RGBA", "LA"):
         premultiplied = {"RGBA": "RGBa", "LA": "La"}[img.mode]

@@ -85,7 +85,18 @@ _SHORT_IPV6 = re.compile(r"\[[0-9A-Za-z.%:]*::[0-9A-Za-z.%:]*\]")
 def _chain_parts(url: str) -> list[str]:
     """The URLs of a chain (simplecache::s3://...), split on '::' outside [brackets], so that a
     URL with an IPv6 host is read whole (and open_store refuses it with the fix)."""
-    return re.split(r"::(?![^\[]*\])", url)
+    parts, depth, start, i = [], 0, 0, 0
+    while i < len(url):
+        if url[i] == "[":
+            depth += 1
+        elif url[i] == "]":
+            depth = max(0, depth - 1)
+        elif url.startswith("::", i) and depth == 0:
+            parts.append(url[start:i])
+            start, i = i + 2, i + 2
+            continue
+        i += 1
+    return [*parts, url[start:]]
 
 
 def _chain(url: str) -> Iterator[tuple[str, str]]:
@@ -507,9 +518,9 @@ def check_local_writable(path: str, what: str) -> None:
     read-only or impossible path fails before the work, not at the first write after training."""
     try:  # os.path.exists says False for these too, and the parent passed the check
         os.stat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # missing, or under a file: said below
         pass
-    except OSError as err:  # a symbolic link loop, a name over 255 bytes, a file as a parent folder
+    except OSError as err:  # a symbolic link loop, a name over 255 bytes
         raise AeError(f"{what} {path!r} cannot be used ({err.strerror or err}); give another path") from err
     probe = os.path.abspath(path)
     while not os.path.exists(probe):

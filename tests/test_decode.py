@@ -306,3 +306,11 @@ def test_a_large_float_or_alpha_image_decodes_in_about_its_own_size(image, tmp_p
     # the decoded image (144 MB; 146 MB measured), and for RGBA its premultiplied copy (286 MB)
     assert grew_kb < (220_000 if image.mode == "F" else 360_000), grew_kb
     assert mean == (127 if image.mode == "F" else 137)  # a ramp stretched to 0..255; (10, 20, 30) half over white
+
+
+def test_a_large_float_image_with_a_few_nan_pixels_is_not_darkened_by_the_early_reduce():
+    # a NaN averaged into its block made the block NaN, so black: 57% of a 2400x2400 depth map
+    ramp = np.tile(np.linspace(0, 10, 2400, dtype=np.float32), (2400, 1))
+    ramp.ravel()[np.random.default_rng(0).choice(ramp.size, ramp.size // 100, replace=False)] = np.nan
+    px = decode_image(_float_tiff(ramp), Preprocess(image_size=28, channels=1)).pixels
+    assert px.max() > 240 and (px == 0).mean() < 0.1

@@ -263,7 +263,7 @@ def test_version_names_ae_and_the_engines_its_results_depend_on(capsys):
         main(["--version"])
     assert done.value.code == 0
     line = capsys.readouterr().out.strip()
-    assert re.fullmatch(rf"ae {re.escape(ae_core.__version__)} \(torch 2\.13\.0\S*, faiss-cpu \S+, prefect 3\.\S+, "
+    assert re.fullmatch(rf"ae {re.escape(ae_core.__version__)} \(torch \S+, faiss-cpu \S+, prefect 3\.\S+, "
                         r"pyarrow \S+\)", line), line
 
 

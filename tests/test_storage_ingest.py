@@ -626,6 +626,10 @@ def test_an_ipv6_host_written_with_a_double_colon_is_refused_with_the_fix(tmp_pa
     assert "s3cr3t" not in str(err.value) and "'http://[::1]:1/x'" in str(err.value)
     assert redact_url("simplecache::ftp://u:s3cr3t@[::1]:21/a") == "simplecache::ftp://[::1]:21/a"
     assert redact_url("http://u:s3cr3t@[::1/a") == "http://[::1/a"  # malformed: still no secret
+    # a ']' later in the chain does not glue its parts together (the password was kept and passed)
+    assert redact_url("simplecache::https://u:s3cr3t@h.example/set]1/") == "simplecache::https://h.example/set]1/"
+    with pytest.raises(AeError, match="a password in the URL is refused"):
+        prepare_run(RunConfig(source="simplecache::https://u:s3cr3t@h.example/set]1/", output=str(tmp_path / "out")))
     assert type(open_store("http://[0:0:0:0:0:0:0:1]:1/x")[0]).__name__ == "HTTPFileSystem"
     assert not (tmp_path / "out").exists()
 
