@@ -24,7 +24,6 @@ import sys
 import tempfile
 import threading
 import time
-import unicodedata
 from collections.abc import Iterator, Sequence
 from typing import NoReturn
 from datetime import datetime, timezone
@@ -395,8 +394,9 @@ def _print_neighbours(query: str, hits: list, as_json: bool) -> None:
 
 def _shown(key: str) -> str:
     """A key as printed in a table: as is, or quoted and escaped (repr) where it holds a newline,
-    a tab or another control character, so that each hit stays on one line."""
-    return repr(key) if any(unicodedata.category(c) == "Cc" for c in key) else key
+    a tab, another control character or an invisible format one (a right-to-left override would
+    reorder the line on the terminal), so that each hit stays on one line and reads as stored."""
+    return key if key.isprintable() else repr(key)
 
 
 def cmd_neighbours(args: argparse.Namespace) -> int:
@@ -569,6 +569,18 @@ def _versions() -> str:
     return f"ae {ae_core.__version__} (" + ", ".join(f"{d} {of(d)}" for d in ("torch", "faiss-cpu", "prefect", "pyarrow")) + ")"
 
 
+class _VersionAction(argparse.Action):
+    """--version, its versions read only when it is given (reading them takes ~40 ms)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print ae's version and those of its engines, then exit")
+
+    def __call__(self, parser, namespace, values, option_string=None) -> NoReturn:  # noqa: ANN001
+        print(_versions())  # on stdout, as argparse's own version action
+        parser.exit()
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with its errors as ae's other user errors: one line (before: the usage, then
     the error), exit status 2."""
@@ -580,7 +592,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ae", description="Autoencoder image embeddings: pretrain, "
                                 "embed to Parquet, search with FAISS.")
-    p.add_argument("--version", action="version", version=_versions())
+    p.add_argument("--version", action=_VersionAction)
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="pretrain on SOURCE and publish embeddings to OUTPUT")
@@ -737,7 +749,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             fsspec_conf = _use_block_credentials(args.aws_credentials_block)
         return args.func(args)
     except AeError as err:
-        print(f"ae: error: {err}", file=sys.stderr)
+        from ae_core.storage import redact_text
+
+        print(f"ae: error: {redact_text(str(err))}", file=sys.stderr)
     except ValidationError as err:
         print(f"ae: error: {_validation_line(err)}", file=sys.stderr)
     except KeyboardInterrupt:
@@ -745,7 +759,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as err:  # a published run's file gone: altered by hand, or pruned meanwhile
         quoted = re.search(r"'([^']+)'", str(err))  # Arrow's errors name the file only in the text
         what = err.filename or (quoted.group(1) if quoted else str(err))
-        print(f"ae: error: {what} is missing; if it belongs to a published run, its folder "
+        from ae_core.storage import redact_text
+
+        print(f"ae: error: {redact_text(what)} is missing; if it belongs to a published run, its folder "
               "was altered or a newer run pruned it meanwhile: run the command again, or `ae run` again",
               file=sys.stderr)
     except BrokenPipeError:  # `ae info | head -1`: the reader left; say nothing more

@@ -290,24 +290,23 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
         finally:
             setattr(holder, name, tuned)
     short = np.flatnonzero((ids < 0).any(axis=1))
-    stored = _hnsw_vectors(index) if len(short) else None
+    stored = _hnsw_storage(index) if len(short) else None
     if stored is not None:
-        vectors, row_ids = stored
-        d2[short], positions = faiss.knn(queries[short], vectors, k)
-        ids[short] = row_ids[positions]
+        storage, row_ids = stored
+        d2[short], positions = storage.search(queries[short], k)  # in place: the vectors are not copied
+        ids[short] = np.where(positions >= 0, row_ids[np.maximum(positions, 0)], -1)
     return np.sqrt(np.maximum(d2, 0)), ids
 
 
-def _hnsw_vectors(index: faiss.Index) -> tuple[np.ndarray, np.ndarray] | None:
-    """(the vectors, their ids) stored in an HNSW index over exact vectors; None for other
-    kinds (an IVF's widest search, every list, reaches every row already). Only a flat
-    storage is asked: reconstruct on other indexes can abort the process from C++."""
+def _hnsw_storage(index: faiss.Index) -> tuple[faiss.IndexFlat, np.ndarray | None] | None:
+    """(the exact index of vectors under an HNSW index, the row id of each of its positions);
+    None for other kinds (an IVF's widest search, every list, reaches every row already)."""
     outer, inner = faiss.downcast_index(index), _inner(index)
     storage = faiss.downcast_index(inner.storage) if isinstance(inner, faiss.IndexHNSW) else None
     if not isinstance(storage, faiss.IndexFlat):
         return None
     row_ids = faiss.vector_to_array(outer.id_map) if isinstance(outer, faiss.IndexIDMap) else np.arange(inner.ntotal)
-    return storage.reconstruct_n(0, storage.ntotal), row_ids
+    return storage, row_ids
 
 
 def exact_search(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:

@@ -124,6 +124,10 @@ class Published:
     def url(self, name: str) -> str:
         return display_url(self.fs, self.file(name))
 
+    def shown(self, name: str) -> str:
+        """The file's URL for messages: without any user:password@ of an http(s) OUTPUT."""
+        return redact_url(self.url(name))
+
     def image_spec(self, spec):  # noqa: ANN001, ANN201 - a decode.Preprocess, from the run's checkpoint
         """The checkpoint's preprocessing with the pixel limit this run decoded its source under
         (`--max-image-pixels`): a reused model keeps the limit of the run that trained it, and a
@@ -132,7 +136,7 @@ class Published:
         return spec if limit is None else dataclasses.replace(spec, max_image_pixels=limit)
 
     def missing(self, name: str) -> AeError:
-        return AeError(f"{self.url(name)!r} is missing; its run's folder was altered, or a newer run pruned it "
+        return AeError(f"{self.shown(name)!r} is missing; its run's folder was altered, or a newer run pruned it "
                        "meanwhile: run the command again, or `ae run` again")
 
     def load(self, kind: str, read: Callable[..., T], *args: object) -> T:
@@ -141,7 +145,7 @@ class Published:
         files = self.manifest.get("files") if isinstance(self.manifest, dict) else None
         name = files.get(kind) if isinstance(files, dict) else None
         if not isinstance(name, str):
-            raise AeError(f"{self.url(MANIFEST)!r} names no {kind} file, it is damaged; {RERUN}")
+            raise AeError(f"{self.shown(MANIFEST)!r} names no {kind} file, it is damaged; {RERUN}")
         try:
             return read(self.fs, self.file(name), *args)
         except FileNotFoundError as err:  # named here as a URL (s3fs's error names bucket/key only)
@@ -150,7 +154,7 @@ class Published:
             if not is_damage(err):
                 raise
             detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            raise AeError(f"{self.url(name)!r} cannot be read, it is damaged ({type(err).__name__}: {detail}); "
+            raise AeError(f"{self.shown(name)!r} cannot be read, it is damaged ({type(err).__name__}: {detail}); "
                           f"{RERUN}") from err
 
 
@@ -169,6 +173,14 @@ RERUN = "run `ae run` into this output again: a run replaces a published run it 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # what a run folder's name may be
 
 
+class LatestDamaged(AeError):
+    """OUTPUT's LATEST holds no run id; `problem` says what it holds, without the path or the fix."""
+
+    def __init__(self, message: str, problem: str) -> None:
+        super().__init__(message)
+        self.problem = problem
+
+
 def latest_run_id(fs: AbstractFileSystem, root: str) -> str | None:
     """The run LATEST names, None without one; an AeError when its content is not a run id (zeros
     after a power loss, a path, stray text)."""
@@ -181,10 +193,14 @@ def latest_run_id(fs: AbstractFileSystem, root: str) -> str | None:
     except UnicodeDecodeError:
         text = "\ufffd"
     if not _RUN_NAME.match(text):  # nothing (emptied by a power loss, say) included
-        held = text[:40] if text == "a folder" else repr(text[:40]) if text else "nothing"
-        raise AeError(f"{display_url(fs, join(root, LATEST))!r} is damaged: it should hold the id of a run "
-                      f"in {RUNS}/ and holds {held}; write the newest run's id into it, or run "
-                      "`ae run` again (it replaces it)")
+        shown = redact_url(display_url(fs, join(root, LATEST)))
+        if text == "a folder":  # neither a run nor a query can replace a folder: it has to go first
+            raise AeError(f"{shown!r} is a folder: it should be a file holding the id of a run in {RUNS}/; "
+                          f"move the folder out of OUTPUT, then run `ae run` again (it writes {LATEST}) or "
+                          f"write the newest run's id into a file {LATEST}")
+        problem = f"it should hold the id of a run in {RUNS}/ and holds {repr(text[:40]) if text else 'nothing'}"
+        raise LatestDamaged(f"{shown!r} is damaged: {problem}; write the newest run's id into it, or run "
+                            "`ae run` again (it replaces it)", problem)
     return text
 
 
@@ -228,33 +244,34 @@ def prune_runs(fs: AbstractFileSystem, root: str, keep: int, published: str,
 def resolve(output: str) -> Published:
     """Open the run that OUTPUT/LATEST names, or fail with a message naming OUTPUT and the fix."""
     fs, root = open_store(output)
-    check_store(fs, root, redact_url(output), "output")  # unreachable, no bucket, access denied: one line
+    shown = redact_url(output)  # a query may read an http(s) OUTPUT with user:password@: never in a message
+    check_store(fs, root, shown, "output")  # unreachable, no bucket, access denied: one line
     try:
         run_id = latest_run_id(fs, root)
     except NotADirectoryError as err:  # a local file given as OUTPUT
-        raise AeError(f"output {redact_url(output)!r} is a file, not an output folder; give the folder "
+        raise AeError(f"output {shown!r} is a file, not an output folder; give the folder "
                       "`ae run` wrote (it holds LATEST and runs/)") from err
     except OSError as err:  # access denied on the object, a dropped connection
-        raise AeError(f"cannot read {LATEST} at {redact_url(output)!r} ({type(err).__name__}: {err}); "
+        raise AeError(f"cannot read {LATEST} at {shown!r} ({type(err).__name__}: {err}); "
                       "check the credentials and the endpoint") from err
     if run_id is None:
         parent, _, name = root.rpartition(f"/{RUNS}/")
         if _RUN_ID.match(name) and fs.exists(join(root, MANIFEST)):  # the folder `ae run` printed
-            raise AeError(f"{redact_url(output)!r} is a run's folder, not an OUTPUT; give the OUTPUT it was "
-                          f"published to, {display_url(fs, parent)!r} (the queries read the run its {LATEST} names)")
-        fix = (f"run `ae run SOURCE {output}` first" if not is_read_only(fs)
+            raise AeError(f"{shown!r} is a run's folder, not an OUTPUT; give the OUTPUT it was "
+                          f"published to, {redact_url(display_url(fs, parent))!r} (the queries read the run its {LATEST} names)")
+        fix = (f"run `ae run SOURCE {shown}` first" if not is_read_only(fs)
                else "give the OUTPUT a run was published to (an http(s) store is read-only)")
-        raise AeError(f"no published result at {output!r} (no {LATEST} file); {fix}")
+        raise AeError(f"no published result at {shown!r} (no {LATEST} file); {fix}")
     try:
         manifest = json.loads(read_text(fs, join(run_path(root, run_id), MANIFEST)))
     except FileNotFoundError as err:
-        raise AeError(f"{output!r}: {LATEST} names run {run_id!r} but its manifest is missing; "
+        raise AeError(f"{shown!r}: {LATEST} names run {run_id!r} but its manifest is missing; "
                       "the folder was altered by hand, rerun `ae run`") from err
     except ValueError as err:  # not JSON, not UTF-8: damaged
-        raise AeError(f"{output!r}: the manifest of run {run_id!r} is damaged ({err}); rerun `ae run`") from err
+        raise AeError(f"{shown!r}: the manifest of run {run_id!r} is damaged ({err}); rerun `ae run`") from err
     problem = manifest_problem(manifest)
     if problem:
-        raise AeError(f"{output!r}: the manifest of run {run_id!r} is damaged ({problem}); {RERUN}")
+        raise AeError(f"{shown!r}: the manifest of run {run_id!r} is damaged ({problem}); {RERUN}")
     return Published(fs, root, run_id, manifest)
 
 

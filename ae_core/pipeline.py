@@ -311,9 +311,8 @@ def load_previous(ctx: RunContext) -> PreviousRun | None:
     DamagedRun when a file it needs is unreadable (truncated, emptied after a power loss, edited)."""
     try:
         run_id = outputs.latest_run_id(ctx.out_fs, ctx.out_root)
-    except AeError as err:  # damaged LATEST: nothing to diff against; this run starts afresh and replaces it
-        raise DamagedRun(f"{outputs.LATEST} cannot be read ({str(err).split('; ')[0].split(' is damaged: ')[-1]}); "
-                         "starting afresh") from err
+    except outputs.LatestDamaged as err:  # nothing to diff against; this run starts afresh and replaces it
+        raise DamagedRun(f"{outputs.LATEST} cannot be read ({err.problem}); starting afresh") from err
     if run_id is None:
         return None
     run_dir = outputs.run_path(ctx.out_root, run_id)

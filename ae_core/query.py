@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 
 from ae_core import index as ae_index, outputs, table
 from ae_core.errors import AeError, DecodeError
-from ae_core.storage import read_named_file, redact_url, utf8_key
+from ae_core.storage import is_read_only, read_named_file, redact_url, utf8_key
 
 
 def info(output: str) -> dict:
@@ -18,9 +18,14 @@ def info(output: str) -> dict:
     pub = outputs.resolve(output)
     m = pub.manifest
     files = m["files"]
-    # the URLs below are for scripts to open: each must be there (one listing of the run's folder)
-    present = {p.rstrip("/").rsplit("/", 1)[-1] for p in pub.fs.ls(pub.path, detail=False)}
-    for kind in ("embeddings", "rejects", "index", "checkpoint"):
+    # the URLs below are for scripts to open: each must be there (one listing of the run's
+    # folder; on an http(s) store one HEAD each, as a server need not list its folders)
+    kinds = ("embeddings", "rejects", "index", "checkpoint")
+    if is_read_only(pub.fs):
+        present = {files[kind] for kind in kinds if pub.fs.exists(pub.file(files[kind]))}
+    else:
+        present = {p.rstrip("/").rsplit("/", 1)[-1] for p in pub.fs.ls(pub.path, detail=False)}
+    for kind in kinds:
         if files[kind] not in present:
             raise pub.missing(files[kind])
     return {
@@ -53,7 +58,7 @@ def _load_index(pub: outputs.Published, rows: int, dim: int):
     stop FAISS with a bare assertion)."""
     index = pub.load("index", ae_index.load)
     if (index.ntotal, index.d) != (rows, dim):
-        raise AeError(f"{pub.url(pub.manifest['files']['index'])!r} holds {index.ntotal} vectors of dim {index.d}, "
+        raise AeError(f"{pub.shown(pub.manifest['files']['index'])!r} holds {index.ntotal} vectors of dim {index.d}, "
                       f"but the run's table has {rows} rows and its embeddings dim {dim}: the run's files are "
                       f"not all its own; {outputs.RERUN}")
     return index

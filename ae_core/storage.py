@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
+import fsspec
 from fsspec.core import url_to_fs
 from fsspec.spec import AbstractFileSystem
 
@@ -48,10 +49,7 @@ def open_store(url: str, options: Mapping[str, dict] | None = None) -> tuple[Abs
     """
     if not url.strip():  # fsspec would take it for the working directory
         raise AeError("an empty path or URL; give a folder or an fsspec URL such as s3://bucket/prefix")
-    if _SHORT_IPV6.search(url):
-        raise AeError(f"{redact_url(url)!r}: an IPv6 address written with '::' cannot be used, as fsspec reads "
-                      "'::' as the separator of a chained URL; write the address in full (e.g. "
-                      "[0:0:0:0:0:0:0:1] for [::1]) or use a host name")
+    _refuse_double_colon(url)
     protocol = url.split("://", 1)[0] if "://" in url else "file"
     for scheme, rest in _chain(url):
         if scheme in _USERINFO_IS_BUCKET and "@" in rest.split("/", 1)[0]:
@@ -78,8 +76,26 @@ def open_store(url: str, options: Mapping[str, dict] | None = None) -> tuple[Abs
     return fs, root.rstrip("/") or root
 
 
-# an IPv6 host in brackets with a '::' in it: fsspec would cut the URL there
-_SHORT_IPV6 = re.compile(r"\[[0-9A-Za-z.%:]*::[0-9A-Za-z.%:]*\]")
+# an IPv6 host in brackets with a '::' in it (the host part of a URL): fsspec would cut the URL there
+_SHORT_IPV6 = re.compile(r"(?:^|::)[A-Za-z][A-Za-z0-9+.-]*://(?:[^/?#@\[]*@)?\[[0-9A-Za-z.%:]*::[0-9A-Za-z.%:]*\]")
+
+
+def _refuse_double_colon(url: str) -> None:
+    """fsspec cuts every URL at '::', the separator of a chain (simplecache::s3://...). A '::'
+    that is not one, in an IPv6 host or in a folder's name, would open another place than the
+    one named ('/data/a::b' opened '/data/a'): refused with the fix."""
+    if "::" not in url:
+        return
+    if _SHORT_IPV6.search(url):
+        raise AeError(f"{redact_url(url)!r}: an IPv6 address written with '::' cannot be used, as fsspec reads "
+                      "'::' as the separator of a chained URL; write the address in full (e.g. "
+                      "[0:0:0:0:0:0:0:1] for [::1]) or use a host name")
+    parts = _chain_parts(url)
+    heads = [part.split("://", 1)[0] for part in parts[:-1]]  # each link before the last names a protocol
+    if len(parts) == 1 or not all(heads) or not all(h in fsspec.available_protocols() for h in heads):
+        raise AeError(f"{redact_url(url)!r}: '::' separates the URLs of an fsspec chain (as in "
+                      "simplecache::s3://bucket/prefix), and what stands before it here is not a protocol; a path "
+                      "with '::' in a name cannot be used: rename that folder or file, or link it under another name")
 
 
 def _chain_parts(url: str) -> list[str]:
@@ -737,8 +753,17 @@ def redact_url(url: str) -> str:
     return url
 
 
+_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@'\"?#]*@")
+
+
+def redact_text(text: str) -> str:
+    """A message with every URL's user:password@ dropped: the last guard before an error is
+    printed, for the URLs a library's own error text quotes."""
+    return _USERINFO.sub(r"\1", text)
+
+
 __all__ = [
-    "ObjectInfo", "open_store", "check_store", "listing_tag", "display_url", "join", "key_matches", "list_objects", "read_many",
+    "ObjectInfo", "redact_text", "open_store", "check_store", "listing_tag", "display_url", "join", "key_matches", "list_objects", "read_many",
     "write_bytes_atomic", "put_file_atomic", "read_text", "fetch_to_local", "same_or_inside",
     "iter_batches", "redact_url", "check_local_writable", "check_store_writable", "read_heads",
     "utf8_key", "key_path", "is_connection_error", "is_read_only",

@@ -16,10 +16,17 @@ class _Server(ThreadingHTTPServer):
 
 
 @contextmanager
-def serve_folder(folder: Path, heads: list[str] | None = None) -> Iterator[str]:
-    """Serve `folder`; yields the base URL. HEAD requests' paths are appended to `heads`."""
+def serve_folder(folder: Path, heads: list[str] | None = None, listings: bool = True) -> Iterator[str]:
+    """Serve `folder`; yields the base URL. HEAD requests' paths are appended to `heads`.
+    `listings=False`: a folder's URL answers 404, as on a server without an index page."""
 
     class Handler(SimpleHTTPRequestHandler):
+        def list_directory(self, path):
+            if listings:
+                return super().list_directory(path)
+            self.send_error(404, "No listing here")
+            return None
+
         def do_HEAD(self):
             if heads is not None:
                 heads.append(self.path)

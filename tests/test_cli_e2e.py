@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -269,6 +270,27 @@ def test_an_http_source_is_read_and_an_http_store_that_fails_is_one_line(http_fo
     now = pd.read_parquet(out / "runs" / again["run_id"] / "embeddings.parquet").set_index("key")
     before = table.set_index("key")
     assert not np.array_equal(now.loc[changed, "embedding"], before.loc[changed, "embedding"])
+
+    # the published OUTPUT read back over HTTP from a server that lists no folder (before: `ae
+    # info` listed the run's folder and failed there); a password in a query's URL is never shown
+    from http_server import serve_folder
+
+    with serve_folder(tmp_path, listings=False) as base:
+        with pytest.raises(urllib.error.HTTPError, match="404"):  # the server really lists nothing
+            urllib.request.urlopen(f"{base}/out/", timeout=10)
+        shown = json.loads(ae("info", f"{base}/out", "--json").stdout)
+        assert shown["run_id"] == again["run_id"] and shown["rows"] == len(table)
+        assert shown["embeddings"] == f"{base}/out/runs/{again['run_id']}/embeddings.parquet"
+        found = json.loads(ae("neighbours", f"{base}/out", "--key", changed, "-k", 3, "--json").stdout)
+        assert found["neighbours"][0]["key"] == changed, found
+        (out / "runs" / again["run_id"] / "rejects.parquet").unlink()
+        assert_one_line_error(ae("info", f"{base}/out", check=False), "rejects.parquet", "is missing")
+        secret = base.replace("http://", "http://reader:s3cr3t@")
+        for args in (("info", f"{secret}/out"), ("info", f"{secret}/nothing"),
+                     ("neighbours", f"{secret}/nothing", "--key", changed)):
+            proc = ae(*args, check=False)
+            assert_one_line_error(proc, base.removeprefix("http://"))
+            assert "s3cr3t" not in proc.stderr + proc.stdout, proc.stderr
 
 
 @pytest.fixture()

@@ -84,7 +84,7 @@ def test_the_pixel_cache_is_keyed_by_where_source_and_output_really_are(tmp_path
 
 @pytest.mark.parametrize("damage", [bytes(26), b"\x00\xff\xfe", b"../../etc\n", b"", b"\n"])
 def test_a_damaged_latest_is_one_line_and_the_next_run_replaces_it(mnist_subset, tmp_path, damage):
-    out = tmp_path / "out"
+    out = tmp_path / "out; a folder"  # before: a '; ' in OUTPUT cut the retrain reason out of the message
     out.mkdir()
     # zeros after a power loss, stray bytes, a path, emptied (before: "no LATEST file", and the
     # next run's retrain reason said "no previous run to reuse")
@@ -299,7 +299,9 @@ def test_a_run_folder_given_as_output_names_its_output_and_a_folder_as_latest_is
         outputs.resolve(str(manifest_path.parent))
     (out / outputs.LATEST).unlink()
     (out / outputs.LATEST).mkdir()
-    with pytest.raises(AeError, match="LATEST' is damaged: it should hold the id of a run in runs/ and holds a folder"):
+    # its fix is to move the folder away (before: "write the newest run's id into it", a folder)
+    with pytest.raises(AeError, match="LATEST' is a folder: it should be a file holding the id of a run in runs/; "
+                                      "move the folder out of OUTPUT"):
         outputs.resolve(str(out))
     # a run into it is refused before any work (before: it published, its pointer moved into the folder)
     with pytest.raises(AeError, match="holds a folder named LATEST, where a run records which run is published"):

@@ -246,11 +246,14 @@ def test_a_key_with_a_newline_is_printed_on_its_hit_s_own_line(capsys):
     from ae_core.cli import _print_neighbours
     from ae_core.query import Neighbour
 
-    hits = [Neighbour(1, "odd\nname\t.png", 0.0, 0), Neighbour(2, "plain name é.png", 0.5, 1)]
+    # nor does a line separator, and a right-to-left override does not reorder the line
+    hits = [Neighbour(1, "odd\nname\t.png", 0.0, 0), Neighbour(2, "plain name é 日本.png", 0.5, 1),
+            Neighbour(3, "line\u2028sep.png", 0.6, 2), Neighbour(4, "evil\u202egnp.exe", 0.7, 3)]
     _print_neighbours("odd\nname\t.png", hits, as_json=False)
     lines = capsys.readouterr().out.splitlines()
     assert lines == ["nearest neighbours of 'odd\\nname\\t.png':", "    1      0.0000  'odd\\nname\\t.png'",
-                     "    2      0.5000  plain name é.png"]
+                     "    2      0.5000  plain name é 日本.png", "    3      0.6000  'line\\u2028sep.png'",
+                     "    4      0.7000  'evil\\u202egnp.exe'"]
     _print_neighbours("q", hits, as_json=True)  # JSON carries the key as it is
     assert json.loads(capsys.readouterr().out)["neighbours"][0]["key"] == "odd\nname\t.png"
 

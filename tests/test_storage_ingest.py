@@ -626,6 +626,14 @@ def test_an_ipv6_host_written_with_a_double_colon_is_refused_with_the_fix(tmp_pa
     assert "s3cr3t" not in str(err.value) and "'http://[::1]:1/x'" in str(err.value)
     assert redact_url("simplecache::ftp://u:s3cr3t@[::1]:21/a") == "simplecache::ftp://[::1]:21/a"
     assert redact_url("http://u:s3cr3t@[::1/a") == "http://[::1/a"  # malformed: still no secret
+    # a '::' in a folder's name (before: '/data/a::b' opened '/data/a' without a word) or a key,
+    # or before something that is not a protocol: refused, naming the fix
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a::b").mkdir()
+    for url in (f"{tmp_path}/a::b", f"{tmp_path}/[c::d]", "s3://b/[x::y]", f"SIMPLECACHE::{tmp_path}", f"::{tmp_path}"):
+        with pytest.raises(AeError, match=r"'::' separates the URLs of an fsspec chain .* rename that folder"):
+            open_store(url)
+    assert open_store(f"simplecache::{tmp_path}/a")[1] == f"{tmp_path}/a"  # a chain stays a chain
     # a ']' later in the chain does not glue its parts together (the password was kept and passed)
     assert redact_url("simplecache::https://u:s3cr3t@h.example/set]1/") == "simplecache::https://h.example/set]1/"
     with pytest.raises(AeError, match="a password in the URL is refused"):

@@ -347,15 +347,27 @@ def test_reading_a_column_the_table_lacks_is_a_clear_error(tmp_path):
         table.read_table(fsspec.filesystem("file"), str(tmp_path / "t.parquet"), ["key", "anomaly_score"])
 
 
-def test_rows_hnsw_s_graph_cannot_reach_are_found_by_exact_search():
-    # 150 identical vectors: HNSW's graph reached 135 of them however wide the search (before:
-    # `ae neighbours -k 200` listed 138 of 150 without a word)
-    emb = np.tile(np.random.default_rng(0).random((1, 32), dtype=np.float32), (150, 1))
-    graph = faiss.IndexHNSWFlat(32, 32)
-    graph.add(emb)
-    graph.hnsw.efSearch = 5000
-    assert (graph.search(emb[:1], 150)[1] >= 0).sum() < 150  # the premise: unreachable rows
-    index, _ = ae_index.build_index(emb, IndexConfig(kind="hnsw"))
-    dist, ids = ae_index.search(ae_index.from_bytes(ae_index.to_bytes(index)), emb[:2], 200)
-    assert ids.shape == (2, 150) and all(sorted(row) == list(range(150)) for row in ids.tolist())
-    assert np.allclose(dist, 0.0)
+def test_rows_hnsw_s_graph_cannot_reach_are_found_by_exact_search(tmp_path):
+    # 300 identical vectors among 20 others: HNSW's graph leaves some copies unreachable however
+    # wide the search (before: `ae neighbours -k 200` listed 138 of 150 copies without a word).
+    # The rows it misses are found by exact search over the vectors HNSW stores, in place, under
+    # their row ids (the index adds its held-out rows last: storage positions are not row ids)
+    rng = np.random.default_rng(0)
+    others = rng.random((20, 32), dtype=np.float32)
+    emb = np.vstack([others[:10], np.tile(rng.random((1, 32), dtype=np.float32), (300, 1)), others[10:]])
+    index, info = ae_index.build_index(emb, IndexConfig(kind="hnsw"))
+    (tmp_path / "index.faiss").write_bytes(ae_index.to_bytes(index))
+    loaded = ae_index.load(fsspec.filesystem("file"), str(tmp_path / "index.faiss"))  # memory-mapped, as ae reads it
+    queries, k = emb[[10, 309]], 310
+    graph = faiss.downcast_index(faiss.downcast_index(loaded).index).hnsw
+    graph.efSearch = 5000
+    assert (loaded.search(queries, k)[1] < 0).any()  # the premise: rows the graph cannot reach
+    graph.efSearch = info["search_params"]["efSearch"]
+    dist, ids = ae_index.search(loaded, queries, k)
+    exact = ae_index.exact_search(emb, queries, k)
+    assert ids.shape == (2, k) and (ids >= 0).all()
+    for row in range(2):
+        assert set(ids[row, :300].tolist()) == set(range(10, 310))  # every copy, at distance 0
+        assert set(ids[row].tolist()) == set(exact[row].tolist())  # and the 10 nearest others, by their ids
+        assert np.allclose(dist[row], np.linalg.norm(emb[exact[row]] - queries[row], axis=1), atol=1e-5)
+        assert np.allclose(dist[row], np.linalg.norm(emb[ids[row]] - queries[row], axis=1), atol=1e-5)
