@@ -18,7 +18,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -183,9 +183,13 @@ def list_objects(fs: AbstractFileSystem, root: str, include: Sequence[str] = (),
     local = is_local(underlying(fs))  # simplecache::file:// too: fsspec's walk omits unreadable folders
     prefix = root.rstrip("/") + "/"
 
+    web = is_read_only(fs)
+
     def key_of(path: str) -> str:
         if path.startswith(prefix):
-            return path[len(prefix):]
+            # an http(s) listing links to names percent-encoded: the key is the name ("a b.png",
+            # as from a local folder), unless the escapes are not UTF-8 (kept as they are)
+            return _unquoted(path[len(prefix):]) if web else path[len(prefix):]
         # a zip's or tar's root ("" as root): the whole member path, or a/x.png and b/x.png shared a key
         return path.lstrip("/") if not root.strip("/") else posixpath.basename(path)
 
@@ -218,9 +222,22 @@ def utf8_key(name: str) -> str:
         return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def _unquoted(name: str) -> str:
+    try:
+        return unquote(name, errors="strict")
+    except UnicodeDecodeError:
+        return name
+
+
 def key_path(fs: AbstractFileSystem, root: str, key: str) -> str:
     """Where an object with this key is: `root/key`, or for a local key with escapes (utf8_key),
-    the file under its real name."""
+    the file under its real name; on an http(s) store the key percent-encoded again."""
+    if is_read_only(fs):
+        try:  # a key kept encoded (its escapes are not UTF-8) is the link itself
+            unquote(key, errors="strict")
+        except UnicodeDecodeError:
+            return join(root, key)
+        return join(root, quote(key, safe="/"))
     if is_local(fs) and _KEY_ESCAPE.search(key):
         raw = join(root, _KEY_ESCAPE.sub(lambda m: "\\" if m.group(1) == "5c" else chr(0xDC00 + int(m.group(1), 16)), key))
         # a table written before backslashes were escaped keys a real `a\xe9.png` as itself

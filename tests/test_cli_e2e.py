@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from ae_core import checkpoint, query
 from ae_core.encode import anomaly_scores, encode_pixels, folds_of
@@ -260,9 +261,16 @@ def test_an_http_source_is_read_and_an_http_store_that_fails_is_one_line(http_fo
                           "could not write a test object", "501")
     assert_one_line_error(ae("run", f"{http_folder}/nothing-here", out, check=False), "missing")
     assert not out.exists()
+    # a name the server's links percent-encode: its key is the name, as from a local folder
+    # (before: "odd%20name%20%23%C3%A9.png"), and `--grid` finds it again on the server
+    odd = "odd name #é.png"
+    (served / "digits" / odd).write_bytes((COIL / sorted(os.listdir(COIL))[3]).read_bytes())
     ae("run", f"{http_folder}/digits/", out, "--epochs", 1, "--anomaly-steps", 0)
     table = pd.read_parquet(out / "runs" / (out / "LATEST").read_text().strip() / "embeddings.parquet")
-    assert sorted(table.key) == sorted(os.listdir(mnist_subset))
+    assert sorted(table.key) == sorted(os.listdir(served / "digits")) and odd in set(table.key)
+    ranked = json.loads(ae("outliers", out, "--by", "recon_error", "-n", len(table), "--grid", tmp_path / "grid.png",
+                           "--json").stdout)  # every image, read again from the server (before: 404 for the odd one)
+    assert len(ranked["outliers"]) == len(table) and Image.open(tmp_path / "grid.png").size[0] > 0
     changed = sorted(os.listdir(mnist_subset))[7]
     (served / "digits" / changed).write_bytes((COIL / sorted(os.listdir(COIL))[0]).read_bytes())
     again = json.loads(ae("run", f"{http_folder}/digits/", out, "--epochs", 1, "--anomaly-steps", 0, "--json").stdout)
@@ -281,8 +289,9 @@ def test_an_http_source_is_read_and_an_http_store_that_fails_is_one_line(http_fo
         shown = json.loads(ae("info", f"{base}/out", "--json").stdout)
         assert shown["run_id"] == again["run_id"] and shown["rows"] == len(table)
         assert shown["embeddings"] == f"{base}/out/runs/{again['run_id']}/embeddings.parquet"
-        found = json.loads(ae("neighbours", f"{base}/out", "--key", changed, "-k", 3, "--json").stdout)
-        assert found["neighbours"][0]["key"] == changed, found
+        for key in (changed, odd):
+            found = json.loads(ae("neighbours", f"{base}/out", "--key", key, "-k", 3, "--json").stdout)
+            assert found["neighbours"][0]["key"] == key, found
         (out / "runs" / again["run_id"] / "rejects.parquet").unlink()
         assert_one_line_error(ae("info", f"{base}/out", check=False), "rejects.parquet", "is missing")
         secret = base.replace("http://", "http://reader:s3cr3t@")
