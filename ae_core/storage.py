@@ -194,7 +194,8 @@ def list_objects(fs: AbstractFileSystem, root: str, include: Sequence[str] = (),
         return path.lstrip("/") if not root.strip("/") else posixpath.basename(path)
 
     walk = (_walk_local(root, skip_prefix, exclude=exclude, include=include) if local
-            else _walk_fsspec(fs, root, skip_prefix, lambda p: key_matches(key_of(p), include, exclude)))
+            else _walk_fsspec(fs, root, skip_prefix, lambda p: key_matches(key_of(p), include, exclude),
+                              lambda folder: _left_out(_unquoted(folder) if web else folder, include, exclude)))
     for path, size, tag, ident in walk:
         key = key_of(path)
         if local and (not key.isascii() or "\\x" in key):  # S3 keys are UTF-8 by definition
@@ -249,17 +250,17 @@ def key_path(fs: AbstractFileSystem, root: str, key: str) -> str:
 
 
 def _walk_fsspec(fs: AbstractFileSystem, root: str, skip_prefix: str | None,
-                 wanted: Callable[[str], bool] = lambda path: True) -> Iterator[tuple[str, int, str, str]]:
-    """(path, size, tag, "") of every non-folder under `root`, sorted by path. One flat listing
-    (`find`), not a walk folder by folder: a walk splits keys at "/" and on S3 lost a key with an
-    empty segment (`a//b.png`, from joining `prefix/` and `/name`), neither a row nor a reject."""
+                 wanted: Callable[[str], bool] = lambda path: True,
+                 pruned: Callable[[str], bool] = lambda folder: False) -> Iterator[tuple[str, int, str, str]]:
+    """(path, size, tag, "") of every non-folder under `root`, sorted by path. On an object store,
+    one flat listing (`find`): a walk splits keys at "/" and on S3 lost a key with an empty
+    segment (`a//b.png`, from joining `prefix/` and `/name`), neither a row nor a reject.
+    Elsewhere (http(s), ftp, sftp, zip...) folder by folder (`_find_tree`). `pruned(folder)`:
+    a folder the user's patterns leave out, not listed."""
     fs.invalidate_cache(root)  # every run sees the store as it is now, not a cached listing
     marker = root.rstrip("/")
-    try:
-        found = fs.find(root, withdirs=False, detail=True)
-    except RecursionError as err:  # an HTTP listing page that links to itself or to its parent
-        raise AeError(f"source {display_url(fs, root)!r}: its listing never ends (a page links back to itself "
-                      "or to a folder above it); give a folder whose listing links only to what lies below it") from err
+    found = (fs.find(root, withdirs=False, detail=True) if _protocol(fs) in _BUCKETED
+             else _find_tree(fs, root, pruned))
     entries = []
     for name in sorted(found):
         info = found[name]
@@ -277,6 +278,61 @@ def _walk_fsspec(fs: AbstractFileSystem, root: str, skip_prefix: str | None,
         if unversioned(tag):
             tag = f"unknown:{uuid.uuid4().hex}"
         yield path, int(info.get("size") or 0), tag, ""
+
+
+def _find_tree(fs: AbstractFileSystem, root: str, pruned: Callable[[str], bool]) -> dict[str, dict]:
+    """What `fs.find(root, detail=True)` gives, from a walk of our own: fsspec's walk leaves out a
+    folder it cannot list (ftp, sftp: its images then counted as deleted, their rows dropped) or
+    ends the listing with the store's own error (an http folder that answers 403: a traceback,
+    and --exclude could not help, as the walk entered it before any pattern applied). Here such a
+    folder stops the run in one line naming it and the --exclude that leaves it out, and a
+    folder the patterns leave out is not entered. Only a folder's own subfolders are followed:
+    an http page linking to itself or to a folder above it is listed once (before, a
+    RecursionError)."""
+    found: dict[str, dict] = {}
+    top = root.rstrip("/")
+    seen = {top}
+    tidy = _without_dot_segments if is_read_only(fs) else (lambda name: name)
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        base = folder.rstrip("/")
+        try:
+            listing = fs.ls(folder, detail=True)
+        except FileNotFoundError:
+            if base == top:
+                raise
+            continue  # vanished since its parent was read, or a dead link on a listing page
+        except Exception as err:  # noqa: BLE001 - each store has its own errors; connections are the run's
+            if base == top or is_connection_error(err):
+                raise
+            key = base[len(top):].lstrip("/")
+            status = _status(err)
+            raise AeError(f"source folder {display_url(fs, folder)!r} cannot be listed ({type(err).__name__}: "
+                          f"{_first_line(err)}); fix its permissions, or leave it out with --exclude "
+                          f"{shlex.quote(_glob_escape(key) + '/*')}. Nothing was published: an unreadable folder "
+                          "is never taken for deleted images",
+                          transient=status is not None and (status == 429 or status >= 500)) from err
+        under = base + "/" if base else ""
+        for info in listing:
+            info = {**info, "name": tidy(info["name"])}  # a page's "./" or "../loop/" is a folder already seen
+            name = info["name"].rstrip("/")
+            if info.get("type") != "directory":
+                found[info["name"]] = info
+            elif name.startswith(under) and name not in seen and not pruned(name[len(top):].lstrip("/")):
+                seen.add(name)
+                stack.append(info["name"])
+    return found
+
+
+def _without_dot_segments(url: str) -> str:
+    """`url` with its path's "." and ".." segments resolved (a listing page's links "./",
+    "../here/" name the folder itself); a trailing "/" kept."""
+    parts = urlsplit(url)
+    if not re.search(r"(^|/)\.\.?(/|$)", parts.path):
+        return url
+    path = posixpath.normpath(parts.path) + ("/" if parts.path.endswith("/") else "")
+    return urlunsplit(parts._replace(path=path.replace("//", "/") if path.startswith("//") else path))
 
 
 def _versions_of_unversioned(fs: AbstractFileSystem, paths: list[str]) -> dict[str, dict]:
@@ -314,6 +370,11 @@ def _may_include(folder: str, include: Sequence[str]) -> bool:
         if literal.startswith(under) or under.startswith(literal):
             return True
     return False
+
+
+def _left_out(folder: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+    """Whether the patterns leave out every key under `folder` (a key relative to SOURCE)."""
+    return not key_matches(f"{folder}/-", (), exclude) or not _may_include(folder, include)
 
 
 def _glob_escape(name: str) -> str:
@@ -394,7 +455,7 @@ def _scan_folder(root: str, skip_prefix: str | None, skip_real: str | None, excl
         return None  # vanished since its parent was read: nothing of it to list
     except OSError as err:  # fsspec's walk skips it: its images were then counted as deleted, rows lost
         key = base[len(top):] if top and base.startswith(top) else ""
-        if key and (not key_matches(f"{key}/-", (), exclude) or not _may_include(key, include)):
+        if key and _left_out(key, include, exclude):
             return None  # left out by the user's patterns: its keys would not be listed anyway
         leave_out = (f"or leave it out with --exclude {shlex.quote(_glob_escape(key) + '/*')}" if key
                      else "or give a folder you may read")

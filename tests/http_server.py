@@ -16,11 +16,19 @@ class _Server(ThreadingHTTPServer):
 
 
 @contextmanager
-def serve_folder(folder: Path, heads: list[str] | None = None, listings: bool = True) -> Iterator[str]:
+def serve_folder(folder: Path, heads: list[str] | None = None, listings: bool = True,
+                 forbidden: tuple[str, ...] = ()) -> Iterator[str]:
     """Serve `folder`; yields the base URL. HEAD requests' paths are appended to `heads`.
-    `listings=False`: a folder's URL answers 404, as on a server without an index page."""
+    `listings=False`: a folder's URL answers 404, as on a server without an index page.
+    A request whose path starts with one of `forbidden` answers 403."""
 
     class Handler(SimpleHTTPRequestHandler):
+        def send_head(self):
+            if self.path.startswith(forbidden) and forbidden:
+                self.send_error(403, "Forbidden")
+                return None
+            return super().send_head()
+
         def list_directory(self, path):
             if listings:
                 return super().list_directory(path)

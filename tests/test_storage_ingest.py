@@ -702,15 +702,35 @@ def test_an_http_listing_asks_for_the_versions_of_the_included_files_only(tmp_pa
     assert sorted(heads) == [f"/a/{i}.png" for i in range(4)]
 
 
-def test_an_http_listing_that_links_back_to_itself_is_one_line(tmp_path):
+def test_an_http_listing_that_links_back_to_itself_is_listed_once(tmp_path):
+    # before: a RecursionError (session 13 made it a one-line refusal); only a folder's own
+    # subfolders are followed now, so the page's one image is listed, once
     from http_server import serve_folder
 
     (tmp_path / "loop").mkdir()
-    (tmp_path / "loop" / "index.html").write_text('<a href="./">here</a> <a href="../loop/">again</a> <a href="a.png">a</a>')
+    (tmp_path / "loop" / "index.html").write_text('<a href="./">here</a> <a href="../loop/">again</a> '
+                                                  '<a href="../">up</a> <a href="a.png">a</a>')
     with serve_folder(tmp_path) as base:
         fs, root = open_store(f"{base}/loop/")
-        with pytest.raises(AeError, match="its listing never ends"):
+        assert [o.key for o in list_objects(fs, root)] == ["a.png"]
+
+
+def test_an_http_folder_that_cannot_be_listed_stops_the_run_and_exclude_leaves_it_out(tmp_path):
+    # before: aiohttp's 403 as a traceback, and --exclude 'private/*' did not help (fsspec's walk
+    # entered the folder before any pattern applied)
+    from http_server import serve_folder
+
+    for folder in ("public", "private", "public/deeper"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x.png").write_bytes(b"x")
+    with serve_folder(tmp_path, forbidden=("/private",)) as base:
+        fs, root = open_store(f"{base}/")
+        with pytest.raises(AeError, match=r"source folder '.*/private/' cannot be listed \(ClientResponseError: 403.*"
+                                          r"--exclude 'private/\*'. Nothing was published") as err:
             list(list_objects(fs, root))
+        assert not err.value.transient  # a refusal: not retried
+        for exclude, include in ((["private/*"], []), ([], ["public/*"])):
+            assert [o.key for o in list_objects(fs, root, include, exclude)] == ["public/deeper/x.png", "public/x.png"]
 
 
 def test_an_output_inside_the_source_is_caught_through_a_caching_chain(tmp_path):
