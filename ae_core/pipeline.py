@@ -18,7 +18,7 @@ import stat
 import tempfile
 import time
 from collections.abc import Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -109,8 +109,8 @@ def _work_dir_parent(value: str) -> str:
         raise AeError(f"work dir {redact_url(value)!r} is not a local folder; give a local path (the pixel "
                       "cache is memory-mapped from local disk), e.g. --work-dir /var/tmp/ae-work")
     if not value.strip():  # before: '' was the default and 'file://' the current directory
-        raise AeError("work dir is empty; give a local folder, or leave --work-dir out for a private one under "
-                      "the temp dir")
+        raise AeError("work dir is empty; give a local folder, or leave --work-dir (the flow's work_dir) out "
+                      "for a private one under the temp dir")
     return os.path.abspath(os.path.expanduser(value))
 
 
@@ -490,6 +490,14 @@ def stage_pixels(ctx: RunContext, corpus: DecodedCorpus, plan: RunPlan) -> str:
                 "keys": [img["key"] for img in corpus.images]}
         write_bytes_atomic(ctx.out_fs, join(stage, "stage.json"), json.dumps(meta).encode())
     return display_url(ctx.out_fs, stage)
+
+
+def remove_stage(ctx: RunContext) -> None:
+    """Delete the pixels staged for a pretrain stage that refused them (best effort: the
+    clean-up after the next published run deletes them too)."""
+    with suppress(OSError):
+        if ctx.out_fs.exists(ctx.out(STAGE_DIR)):
+            remove_tree(ctx.out_fs, ctx.out(STAGE_DIR))
 
 
 def pretrain_from_stage(run_url: str, run_id: str,

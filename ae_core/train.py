@@ -51,14 +51,22 @@ class TrainResult:
                 "history": self.history}
 
 
+def parse_device(name: str) -> torch.device | None:
+    """The device `name` names (None for 'auto'), without asking whether this machine has it:
+    for a stage that trains on another machine (a GPU work pool)."""
+    if name == "auto":
+        return None
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise AeError(f"device {name!r} is not a torch device ({err}); use auto, cpu, cuda or cuda:N") from err
+
+
 def pick_device(name: str = "auto") -> torch.device:
     """'auto' = CUDA when present, else CPU. A device torch cannot use here is an AeError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise AeError(f"device {name!r} is not a torch device ({err}); use auto, cpu, cuda or cuda:N") from err
+    device = parse_device(name)
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
         raise AeError(f"device {name!r}: torch sees {torch.cuda.device_count()} CUDA device(s) on this machine; "
                       "use device auto or cpu")

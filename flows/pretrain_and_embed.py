@@ -27,7 +27,7 @@ from ae_core.config import (EncodeConfig, IndexConfig, IngestConfig, ModelConfig
                             RunConfig, TrainConfig)
 from ae_core.errors import AeError
 from ae_core.storage import display_url
-from ae_core.train import pick_device
+from ae_core.train import parse_device, pick_device
 from flows.credentials import s3_options_from_block
 
 def _unless_ae_error(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's retry_condition_fn
@@ -71,6 +71,7 @@ REJECTS_IN_ARTIFACT = 500
 
 
 STAGE_FLOW = "pretrain-stage"  # flows/pretrain_stage.py
+STAGE_REFUSAL = "AeError"  # how a failed stage's message names an AeError that a retry would repeat
 
 
 def check_pretrain_deployment(name: str) -> None:
@@ -105,9 +106,18 @@ def pretrain_on_pool(ctx: pipeline.RunContext, corpus, plan: pipeline.RunPlan, d
     child = run_deployment(deployment, timeout=None, parameters={
         "run_url": display_url(ctx.out_fs, ctx.run_dir), "run_id": ctx.run_id,
         "aws_credentials_block": aws_credentials_block})
-    if child.state is None or not child.state.is_completed():
-        raise RuntimeError(f"pretrain stage {deployment!r} ended {child.state.name if child.state else 'unknown'}"
-                           f" (flow run {child.id})")
+    if child.state is not None and child.state.is_completed():
+        return
+    state = child.state.name if child.state else "unknown"
+    why = (child.state.message or "") if child.state else ""
+    if child.state is not None and child.state.is_failed() and f"{STAGE_REFUSAL}: " in why:
+        # the stage refused its inputs (a device its worker lacks, a bad setting): the same inputs
+        # give the same refusal, so this run stops here, not retried, and its staged pixels go
+        pipeline.remove_stage(ctx)
+        raise AeError(f"pretrain stage {deployment!r} (flow run {child.id}) refused: "
+                      f"{why.split(f'{STAGE_REFUSAL}: ', 1)[1]}")
+    raise RuntimeError(f"pretrain stage {deployment!r} ended {state} (flow run {child.id})"
+                       + (f": {why}" if why else ""))
 
 
 @task(name="artifacts", cache_policy=NO_CACHE)
@@ -187,8 +197,11 @@ def _run(config: RunConfig, aws_credentials_block: str | None, pretrain_deployme
     objects = opaque(list_task(ctx))
     plan = opaque(plan_task(ctx, objects))
     logger.info("plan: %s", plan.unwrap().counts())
-    if plan.unwrap().retrain and not pretrain_deployment:  # trained here: a device this machine lacks
-        pick_device(config.train.device)  # stops the run now, not after decoding (a reused model needs none)
+    if plan.unwrap().retrain:  # stops the run now, not after decoding (a reused model needs no device)
+        if pretrain_deployment:  # trained on the pool's worker: only the name can be checked here
+            parse_device(config.train.device)
+        else:  # trained here: a device this machine lacks
+            pick_device(config.train.device)
     # the pixel cache is held from here: a run refused while it listed or planned leaves none
     ctx = pipeline.claim_work_dir(ctx)
     corpus = opaque(decode_task(ctx, plan))

@@ -81,6 +81,22 @@ print(json.dumps([r.state_type.value for r in runs]))
 """
 
 
+_LAST_RUNS = """
+import json
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+from prefect.client.schemas.sorting import FlowRunSort
+with get_client(sync_client=True) as client:
+    seen = {}
+    for flow in ("pretrain-and-embed", "pretrain-stage"):
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow])),
+                                     sort=FlowRunSort.START_TIME_DESC)
+        seen[flow] = [{"state": r.state_type.value, "runs": r.run_count, "message": r.state.message or "",
+                       "output": r.parameters.get("output")} for r in runs if r.state_type.value != "SCHEDULED"]
+print(json.dumps(seen))
+"""
+
+
 _OVERLAP = """
 import json, sys, time
 from prefect.client.orchestration import get_client
@@ -139,6 +155,32 @@ def test_gpu_pool_path_runs_pretrain_as_its_own_flow_run(local_prefect, small_co
     assert m["rows"] == 120 and m["train"].get("resumed_from_stage") is True
     assert "pretrain" not in m["timings_s"]  # the parent did not train; the stage did
     assert not (out / "runs" / m["run_id"] / "stage").exists()  # staged pixels are cleaned up
+
+
+def test_a_stage_that_refuses_its_device_fails_the_gpu_run_once_with_its_reason(local_prefect, small_corpus,
+                                                                                tmp_path):
+    # The stage's worker has no CUDA: the stage refuses, and the parent ends on that reason, not
+    # retried (before: "pretrain stage ... ended Failed", the flow run retried, decoded and
+    # staged again, the stage refused again), its staged pixels deleted, nothing published
+    sh, env, prefect = local_prefect
+
+    def last_runs() -> dict:
+        return json.loads(subprocess.run([os.sys.executable, "-c", _LAST_RUNS], env=env, capture_output=True,
+                                         text=True, timeout=120, check=True).stdout)
+
+    stages_before = len(last_runs()["pretrain-stage"])
+    out = tmp_path / "out"
+    proc = sh("run", "pretrain-and-embed/nightly-gpu", "--param", f"source={small_corpus}", "--param",
+              f"output={out}", "--param", 'train={"epochs": 2, "device": "cuda"}', check=False)
+    assert proc.returncode != 0 and "Failed" in proc.stdout
+    seen = last_runs()
+    [parent] = [r for r in seen["pretrain-and-embed"] if r["output"] == str(out)]
+    stages = seen["pretrain-stage"]
+    assert len(stages) == stages_before + 1 and stages[0]["state"] == "FAILED"
+    assert parent["state"] == "FAILED" and parent["runs"] == 1, parent
+    assert "refused: device 'cuda': torch sees 0 CUDA device(s)" in parent["message"], parent
+    assert not (out / "LATEST").exists()
+    assert [p.name for p in (out / "runs").iterdir()] and not list((out / "runs").glob("*/stage"))
 
 
 def test_a_nightly_run_due_while_one_is_going_waits_for_it(local_prefect, small_corpus, tmp_path):

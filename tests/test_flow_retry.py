@@ -143,6 +143,16 @@ def test_wrong_arguments_the_flow_alone_sees_stop_it_before_anything_is_read(pre
     with pytest.raises(AeError, match=re.escape("device 'cuda:99'")):
         flow(source=str(mnist_subset), output=str(out), train=TrainConfig(device="cuda:99"))
     assert decodes == [] and not out.exists()
+    # trained on a GPU pool: whether its worker has the device is the stage's to say, but a name
+    # that is no torch device stops the run here, before decoding (before: after decoding and
+    # staging the pixels, and the flow run retried)
+    from flows.pretrain_stage import pretrain_stage
+
+    pretrain_stage.to_deployment(name="gpu").apply()
+    with pytest.raises(AeError, match=re.escape("device 'gpu' is not a torch device")):
+        flow(source=str(mnist_subset), output=str(out), train=TrainConfig(device="gpu"),
+             pretrain_deployment="pretrain-stage/gpu")
+    assert decodes == [] and not out.exists()
 
 
 def test_a_retry_after_publishing_leaves_the_published_run_as_it_is(prefect_harness, mnist_subset, tmp_path,
