@@ -134,7 +134,7 @@ def prepare_run(config: RunConfig, storage_options: Mapping[str, dict] | None = 
     if same_or_inside(out_fs, out_root, src_fs, src_root):
         raise AeError(f"output {out_url!r} lies inside source {src_url!r}; choose an output "
                       "outside the source so results are never read back as images")
-    if not src_fs.isdir(src_root):
+    if not underlying(src_fs).isdir(src_root):  # simplecache:: answers False for an http folder
         what = "a file, not a folder" if src_fs.exists(src_root) else "missing"
         raise AeError(f"source {src_url!r} is {what}; give the folder or prefix that holds the images")
     if out_fs.exists(out_root) and not out_fs.isdir(out_root):

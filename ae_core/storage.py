@@ -176,7 +176,7 @@ def list_objects(fs: AbstractFileSystem, root: str, include: Sequence[str] = (),
 
     `skip_prefix` (a path) is left out: an OUTPUT inside SOURCE must never be read back as input.
     """
-    if not fs.isdir(root):
+    if not underlying(fs).isdir(root):  # simplecache:: answers False for an http folder
         what = "a file, not a folder" if fs.exists(root) else "missing"
         raise AeError(f"source {display_url(fs, root)!r} is {what}; give the folder or prefix "
                       "that holds the images")
@@ -259,7 +259,7 @@ def _walk_fsspec(fs: AbstractFileSystem, root: str, skip_prefix: str | None,
     a folder the user's patterns leave out, not listed."""
     fs.invalidate_cache(root)  # every run sees the store as it is now, not a cached listing
     marker = root.rstrip("/")
-    found = (fs.find(root, withdirs=False, detail=True) if _protocol(fs) in _BUCKETED
+    found = (fs.find(root, withdirs=False, detail=True) if _protocol(underlying(fs)) in _BUCKETED
              else _find_tree(fs, root, pruned))
     entries = []
     for name in sorted(found):
@@ -496,8 +496,8 @@ def _protocol(fs: AbstractFileSystem) -> str:
 
 
 def is_read_only(fs: AbstractFileSystem) -> bool:
-    """An http(s) store: fsspec reads it, and nothing can be written there."""
-    return _protocol(fs) in ("http", "https")
+    """An http(s) store (under any caching layer): fsspec reads it, and nothing can be written there."""
+    return _protocol(underlying(fs)) in ("http", "https")
 
 
 def is_connection_error(err: BaseException) -> bool:

@@ -148,6 +148,10 @@ def test_an_s3_key_with_an_empty_segment_is_listed_and_read(s3_bucket):
     assert [o.key for o in objects] == ["/lead.png", "a//b.png", "a/c.png", "d.png", "m/"]
     assert all(v == data for v in read_many(fs, [o.path for o in objects if o.key != "m/"]).values())
     assert fs.cat_file(key_path(fs, root, "/lead.png")) == data
+    # through a caching layer, the same one flat listing (before: walked folder by folder as if
+    # the store had no buckets, and a//b.png was lost again)
+    fs, root = open_store(f"simplecache::s3://{s3_bucket}/slashes")
+    assert sorted(o.key for o in list_objects(fs, root)) == ["/lead.png", "a//b.png", "a/c.png", "d.png", "m/"]
 
 
 def test_atomic_write_leaves_no_temporary(store):
@@ -709,10 +713,12 @@ def test_an_http_listing_that_links_back_to_itself_is_listed_once(tmp_path):
 
     (tmp_path / "loop").mkdir()
     (tmp_path / "loop" / "index.html").write_text('<a href="./">here</a> <a href="../loop/">again</a> '
-                                                  '<a href="../">up</a> <a href="a.png">a</a>')
+                                                  '<a href="../">up</a> <a href="a.png">a</a> '
+                                                  '<a href="a%20b.png">a b</a>')
     with serve_folder(tmp_path) as base:
-        fs, root = open_store(f"{base}/loop/")
-        assert [o.key for o in list_objects(fs, root)] == ["a.png"]
+        for url in (f"{base}/loop/", f"simplecache::{base}/loop/"):  # the same under a caching layer
+            fs, root = open_store(url)
+            assert [o.key for o in list_objects(fs, root)] == ["a b.png", "a.png"], url
 
 
 def test_an_http_folder_that_cannot_be_listed_stops_the_run_and_exclude_leaves_it_out(tmp_path):
