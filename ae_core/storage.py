@@ -254,13 +254,14 @@ def _walk_fsspec(fs: AbstractFileSystem, root: str, skip_prefix: str | None,
                  pruned: Callable[[str], bool] = lambda folder: False) -> Iterator[tuple[str, int, str, str]]:
     """(path, size, tag, "") of every non-folder under `root`, sorted by path. On an object store,
     one flat listing (`find`): a walk splits keys at "/" and on S3 lost a key with an empty
-    segment (`a//b.png`, from joining `prefix/` and `/name`), neither a row nor a reject.
-    Elsewhere (http(s), ftp, sftp, zip...) folder by folder (`_find_tree`). `pruned(folder)`:
+    segment (`a//b.png`, from joining `prefix/` and `/name`), neither a row nor a reject; in an
+    archive (zip, tar), where `ls` reads every member each time, `find` too. On a server
+    (http(s), ftp, sftp...), folder by folder (`_find_tree`). `pruned(folder)`:
     a folder the user's patterns leave out, not listed."""
     fs.invalidate_cache(root)  # every run sees the store as it is now, not a cached listing
     marker = root.rstrip("/")
-    found = (fs.find(root, withdirs=False, detail=True) if _protocol(underlying(fs)) in _BUCKETED
-             else _find_tree(fs, root, pruned))
+    found = (_find_tree(fs, root, pruned) if _protocol(underlying(fs)) in _HOSTED
+             else fs.find(root, withdirs=False, detail=True))
     entries = []
     for name in sorted(found):
         info = found[name]
@@ -282,13 +283,14 @@ def _walk_fsspec(fs: AbstractFileSystem, root: str, skip_prefix: str | None,
 
 def _find_tree(fs: AbstractFileSystem, root: str, pruned: Callable[[str], bool]) -> dict[str, dict]:
     """What `fs.find(root, detail=True)` gives, from a walk of our own: fsspec's walk leaves out a
-    folder it cannot list (ftp, sftp: its images then counted as deleted, their rows dropped) or
+    folder it cannot list (sftp: its images then counted as deleted, their rows dropped) or
     ends the listing with the store's own error (an http folder that answers 403: a traceback,
     and --exclude could not help, as the walk entered it before any pattern applied). Here such a
     folder stops the run in one line naming it and the --exclude that leaves it out, and a
-    folder the patterns leave out is not entered. Only a folder's own subfolders are followed:
-    an http page linking to itself or to a folder above it is listed once (before, a
-    RecursionError)."""
+    folder the patterns leave out is not entered. (fsspec's ftp lists a folder it may not read
+    as empty, which nothing here can tell from an empty folder.) Only what lies under a folder
+    is followed: an http page linking to itself, or to a file or folder above it, is listed
+    once (before, a RecursionError)."""
     found: dict[str, dict] = {}
     top = root.rstrip("/")
     seen = {top}
@@ -299,17 +301,16 @@ def _find_tree(fs: AbstractFileSystem, root: str, pruned: Callable[[str], bool])
         base = folder.rstrip("/")
         try:
             listing = fs.ls(folder, detail=True)
-        except FileNotFoundError:
-            if base == top:
-                raise
-            continue  # vanished since its parent was read, or a dead link on a listing page
         except Exception as err:  # noqa: BLE001 - each store has its own errors; connections are the run's
             if base == top or is_connection_error(err):
                 raise
+            if isinstance(err, FileNotFoundError) and not is_read_only(fs):
+                continue  # vanished since its parent was read; on http, a 404 may hide a forbidden folder
             key = base[len(top):].lstrip("/")
+            key = _unquoted(key) if is_read_only(fs) else key  # as the patterns see it
             status = _status(err)
             raise AeError(f"source folder {display_url(fs, folder)!r} cannot be listed ({type(err).__name__}: "
-                          f"{_first_line(err)}); fix its permissions, or leave it out with --exclude "
+                          f"{_first_line(err)}); fix its permissions (or the link to it), or leave it out with --exclude "
                           f"{shlex.quote(_glob_escape(key) + '/*')}. Nothing was published: an unreadable folder "
                           "is never taken for deleted images",
                           transient=status is not None and (status == 429 or status >= 500)) from err
@@ -317,9 +318,11 @@ def _find_tree(fs: AbstractFileSystem, root: str, pruned: Callable[[str], bool])
         for info in listing:
             info = {**info, "name": tidy(info["name"])}  # a page's "./" or "../loop/" is a folder already seen
             name = info["name"].rstrip("/")
+            if not name.startswith(under):  # an http page's link to a file or folder elsewhere
+                continue
             if info.get("type") != "directory":
                 found[info["name"]] = info
-            elif name.startswith(under) and name not in seen and not pruned(name[len(top):].lstrip("/")):
+            elif name not in seen and not pruned(name[len(top):].lstrip("/")):
                 seen.add(name)
                 stack.append(info["name"])
     return found
@@ -373,8 +376,13 @@ def _may_include(folder: str, include: Sequence[str]) -> bool:
 
 
 def _left_out(folder: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
-    """Whether the patterns leave out every key under `folder` (a key relative to SOURCE)."""
-    return not key_matches(f"{folder}/-", (), exclude) or not _may_include(folder, include)
+    """Whether the patterns surely leave out every key under `folder` (a key relative to SOURCE):
+    an exclude pattern ending in `*` whose rest matches `folder/` (then it matches every key
+    there), or include patterns none of which can reach it. Before, one made-up key stood for
+    them all, and `--exclude '*-*'` left out whole folders (that key was 'folder/-')."""
+    under = folder + "/"
+    return (any(pat.endswith("*") and _glob(under, pat[:-1]) for pat in exclude)
+            or not _may_include(folder, include))
 
 
 def _glob_escape(name: str) -> str:
