@@ -328,18 +328,21 @@ def _print_summary(m: dict) -> None:
     print(f"           {m['model_version']}: dim {m['dim']}, input {m['image_size']}x{m['image_size']}"
           f"x{m['channels']}, {t.get('epochs_run')} epoch{'' if t.get('epochs_run') == 1 else 's'} in {t.get('seconds')} s on {t.get('device')}"
           f" ({t.get('stop_reason')})")
-    from ae_core.quality import ratio_text, run_notes
+    from ae_core.quality import heldout_text, ratio_text, run_notes
 
     if q.get("sample"):
         ratio = q.get("ae_over_pca")
         versus = f" = {ratio:.2f}x PCA's error" if ratio is not None else f" ({ratio_text(None)})"
         print(f"  quality  reconstruction MSE {q['ae_mse']:.5f} vs PCA-{m['dim']} {q['pca_mse']:.5f}{versus},"
-              f" on {q['sample']} image{'' if q['sample'] == 1 else 's'}" + _measured_in(q))
+              f" on {q['sample']} image{'' if q['sample'] == 1 else 's'} (mostly trained on)" + _measured_in(q))
+        if heldout_text(q):
+            print(f"           held out: {heldout_text(q)}")
     for note in run_notes(q, t):
         print(f"  note     {note}")
     ix = m["index"]
-    print(f"  index    {ix['kind']} {ix['metric']}, {ix['ntotal']} vector{'' if ix['ntotal'] == 1 else 's'}, recall@10 "
-          f"{ix.get('recall_at_10', 1.0):.3f}, self-hit rate {ix['self_hit_rate']:.3f}")
+    measured = (f"recall@10 {ix.get('recall_at_10', 1.0):.3f} on {ix.get('recall_queries')} held-out queries, "
+                f"self-hit rate {ix['self_hit_rate']:.3f}") if ix.get("recall_queries") else "exact search (recall 1)"
+    print(f"  index    {ix['kind']} {ix['metric']}, {ix['ntotal']} vector{'' if ix['ntotal'] == 1 else 's'}, {measured}")
     print("  stages   " + ", ".join(f"{k} {v:.1f}s" for k, v in m["timings_s"].items()))
 
 
@@ -374,10 +377,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     numbers = (all(isinstance(q.get(k), (int, float)) for k in ("ae_mse", "pca_mse"))  # a hand-edited manifest
                and isinstance(q.get("ae_over_pca"), (int, float, type(None))))
     if q.get("sample") and numbers:
-        from ae_core.quality import ratio_text
+        from ae_core.quality import heldout_text, ratio_text
 
         print(f"  reconstruction MSE {q['ae_mse']:.5f} vs PCA {q['pca_mse']:.5f} ({ratio_text(q.get('ae_over_pca'))})"
-              + _measured_in(q))
+              + " on images mostly trained on" + _measured_in(q))
+        if heldout_text(q):
+            print(f"  held out: {heldout_text(q)}")
     for name in ("embeddings", "rejects", "index", "checkpoint"):
         print(f"  {name:<11}{out[name]}")
     return 0

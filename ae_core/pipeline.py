@@ -44,7 +44,7 @@ from ae_core.quality import pca_comparison
 from ae_core.storage import (ObjectInfo, check_local_writable, check_store, check_store_writable, display_url,
                              is_local, join, list_objects, open_store, put_file_atomic, redact_url, refuse_password,
                              remove_tree, same_or_inside, underlying, write_bytes_atomic)
-from ae_core.train import train_autoencoder, train_fold_results
+from ae_core.train import split_indices, train_autoencoder, train_fold_results
 
 
 @dataclass
@@ -575,7 +575,9 @@ def encode_corpus(ctx: RunContext, corpus: DecodedCorpus, ckpt: checkpoint.Check
         table.write_table(ctx.out_fs, ctx.out(outputs.SOURCE), source_table(plan.objects))
     with ctx.timed("quality"):
         if plan.retrain or plan.previous is None:
-            quality = pca_comparison(pixels, err, ckpt.model.arch.dim, seed=ctx.config.train.seed)
+            # the model trained on these pixels, in this order: its held-out rows are these
+            split = split_indices(len(pixels), ctx.config.train.val_fraction, ctx.config.train.seed)
+            quality = pca_comparison(pixels, err, ckpt.model.arch.dim, seed=ctx.config.train.seed, split=split)
         else:  # the model is unchanged: its comparison with PCA stands, measured when it was trained
             before = plan.previous.manifest.get("quality")
             before = before if isinstance(before, dict) else {}

@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ae_core.model import ConvAutoencoder
-from ae_core.quality import run_notes
+from ae_core.quality import heldout_text, run_notes
 
 TILE = 64  # pixels per image in the grids: small inputs (28x28) are scaled up to be seen
 _PAD = 2
@@ -131,16 +131,22 @@ def summary_markdown(m: dict, pictures: dict[str, str]) -> str:
     if q.get("sample"):
         lines += ["| model | reconstruction MSE per pixel |", "|---|---|",
                   f"| autoencoder | {q['ae_mse']:.5f} |", f"| PCA, {m['dim']} components | {q['pca_mse']:.5f} |",
-                  "", (f"The autoencoder's error is **{q['ae_over_pca']:.2f}x** PCA's on the same {q['sample']} images"
+                  "", (f"The autoencoder's error is {q['ae_over_pca']:.2f}x PCA's on the same {q['sample']} images, "
+                       "mostly images it trained on"
                        if q.get("ae_over_pca") is not None else
                        f"PCA with {m['dim']} components reproduces these {q['sample']} images exactly (as it does "
                        f"any {m['dim'] + 1} images or fewer), so there is no ratio to it")
                   + (f" (measured in run {q['measured_in_run']})" if q.get("measured_in_run") else "") + "."]
+        if heldout_text(q):  # the figure to judge the model by: neither model saw these images
+            lines += ["", f"**Held out** (neither model fitted them): {heldout_text(q)}."]
     for note in run_notes(q, t):
         lines += ["", f"**Note:** {note[0].upper()}{note[1:]}."]
+    exact = ix.get("recall_queries") == 0  # exact search: its recall is 1 by construction, not measured
     lines += ["", f"Index: {ix.get('kind')} ({ix.get('metric')}, {ix.get('reason')}), {ix.get('ntotal')} vectors; "
-              f"recall@10 against exact search {ix.get('recall_at_10', 0):.3f} (floor {ix.get('recall_floor')}), "
-              f"rows finding themselves first {ix.get('self_hit_rate', 0):.3f}."]
+              + ("exact search, so recall@10 is 1 by construction (not measured)." if exact else
+                 f"recall@10 against exact search {ix.get('recall_at_10', 0):.3f} on {ix.get('recall_queries')} "
+                 f"held-out queries (floor {ix.get('recall_floor')}), rows finding themselves first "
+                 f"{ix.get('self_hit_rate', 0):.3f}.")]
     if t.get("epochs_run") is not None:
         best = t.get("best_val_mse")
         best = f"{best:.5f}" if isinstance(best, float) else best  # None when nothing was held out

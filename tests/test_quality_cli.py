@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from ae_core.errors import AeError
-from ae_core.quality import PCA_EXACT_MSE, anomaly_hint, pca_comparison, ratio_text, weak_model_hint
+from ae_core.quality import (PCA_EXACT_MSE, anomaly_hint, heldout_text, pca_comparison, ratio_text,
+                             weak_model_hint)
 from conftest import COIL, MNIST, ROOT
 from test_cli_e2e import ae, assert_one_line_error
 
@@ -132,6 +133,40 @@ def test_no_ratio_to_pca_where_pca_reproduces_the_sample_exactly():
     assert ratio_text(None).startswith("no ratio") and ratio_text(0.2812) == "0.28x"
 
 
+def test_the_comparison_with_pca_on_held_out_images_is_on_the_same_footing():
+    # before: only the whole corpus's figure, on images the autoencoder had mostly trained on: a
+    # small corpus trained long read as 0.26x PCA's error where held out it was 0.85x (helper)
+    from ae_core.train import split_indices
+    from PIL import Image
+
+    names = sorted(os.listdir(MNIST))[:300]
+    px = np.stack([np.asarray(Image.open(MNIST / n))[None] for n in names])
+    train_rows, val_rows = split_indices(len(px), 0.1, 7)
+    err = np.zeros(len(px), np.float32)  # a model that memorised its training images...
+    err[val_rows] = 0.02  # ...and does worse on the others
+    q = pca_comparison(px, err, dim=8, seed=7, split=(train_rows, val_rows))
+    assert q["ae_over_pca"] < 0.2  # the whole corpus flatters it
+    held = q["heldout"]
+    # reference: PCA from the covariance's eigenvectors (not an SVD) of the training images
+    x = px.reshape(len(px), -1).astype(np.float64) / 255
+    mean = x[train_rows].mean(axis=0)
+    cov = np.cov(x[train_rows] - mean, rowvar=False)
+    basis = np.linalg.eigh(cov)[1][:, ::-1][:, :8]
+    v = x[val_rows] - mean
+    pca = ((v - v @ basis @ basis.T) ** 2).mean()
+    assert held["images"] == len(val_rows) == 30 and held["ae_mse"] == pytest.approx(0.02)
+    assert held["pca_mse"] == pytest.approx(pca, rel=1e-6) and held["ae_over_pca"] == pytest.approx(0.02 / pca)
+    assert held["ae_over_pca"] > 3 * q["ae_over_pca"]
+    assert heldout_text(q).endswith("on 30 images held out of training") and "x PCA's error" in heldout_text(q)
+    # the hint judges by the held-out figure: here the model is worse than PCA on unseen images
+    assert "held out of training" in weak_model_hint({**q, "heldout": {**held, "ae_over_pca": 1.3}},
+                                                     {"stop_reason": "epochs"})
+    assert weak_model_hint({"ae_over_pca": 1.3, "heldout": {**held, "ae_over_pca": 0.9}}, {}) is None
+    # too few held out: no held-out figure
+    few = pca_comparison(px[:100], err[:100], dim=8, split=split_indices(100, 0.05, 7))  # 5 held out
+    assert "heldout" not in few and heldout_text(few) is None
+
+
 def test_a_model_worse_than_pca_gets_a_hint_naming_what_to_change():
     assert weak_model_hint({"ae_over_pca": 0.62}, {"stop_reason": "epochs"}) is None
     assert weak_model_hint({"ae_over_pca": None}, {"stop_reason": "epochs"}) is None  # PCA exact: no ratio
@@ -172,7 +207,9 @@ def test_evaluate_prints_ae_pca_and_raw_side_by_side(mnist_subset, tmp_path):
     assert cells[1] == "300" and cells[2] == "28x28x1"
     ae_mse, pca_mse, ratio = map(float, cells[3:6])
     assert ratio == pytest.approx(ae_mse / pca_mse, rel=1e-2)
-    assert all(0.0 < float(c) <= 1.0 for c in cells[6:11])
+    held, images = re.fullmatch(r"(\d+\.\d{3}) \((\d+) images\)", cells[6]).groups()  # 5% of 300 held out
+    assert int(images) == 15 and float(held) > 0
+    assert all(0.0 < float(c) <= 1.0 for c in cells[7:12])
     assert md.read_text().startswith("Evaluation of")
     assert "labelled images of" not in proc.stdout  # every image has a label
 
