@@ -28,6 +28,14 @@ def info(output: str) -> dict:
     for kind in kinds:
         if files[kind] not in present:
             raise pub.missing(files[kind])
+    # the tables' footers (a few KB each): a truncated table is named here, as the other
+    # commands name it, not handed to a script as healthy (the index and model are checked by
+    # the commands that load them)
+    for kind, rows in (("embeddings", m["rows"]), ("rejects", m["rejected"])):
+        found = pub.load(kind, _table_rows)
+        if found != rows:
+            raise AeError(f"{pub.shown(files[kind])!r} holds {found} rows where its run's manifest says {rows}: "
+                          f"it is not the run's own; {outputs.RERUN}")
     return {
         "output": output, "run_id": pub.run_id, "finished_at": m.get("finished_at"),
         "rows": m["rows"], "rejected": m["rejected"], "rejects_by_reason": m.get("rejects_by_reason", {}),
@@ -42,6 +50,13 @@ def info(output: str) -> dict:
         "quality": m.get("quality", {}), "index_info": m.get("index", {}),
         "timings_s": m.get("timings_s", {}),
     }
+
+
+def _table_rows(fs, path: str) -> int:  # noqa: ANN001 - an fsspec filesystem
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as f:
+        return pq.read_metadata(f).num_rows
 
 
 @dataclass

@@ -522,6 +522,25 @@ def _where(fs: AbstractFileSystem) -> str:
     return f" at {endpoint}" if endpoint else ""
 
 
+def _config_note(fs: AbstractFileSystem) -> str:
+    """Where fsspec's configuration (FSSPEC_CONFIG_DIR) sets this store's endpoint or keys: a
+    clause saying so, as it wins over the AWS_* variables (it is passed to s3fs as arguments,
+    and botocore reads the environment only for what it is not given); else ''."""
+    conf = fsspec.config.conf.get(_protocol(fs)) or {}
+    endpoint = (conf.get("client_kwargs") or {}).get("endpoint_url") or conf.get("endpoint_url")
+    in_force = (getattr(fs, "client_kwargs", None) or {}).get("endpoint_url") or getattr(fs, "endpoint_url", None)
+    # only what is in force: a credentials block's own settings override the file's
+    named = [name for name, there in (("endpoint", endpoint and endpoint == in_force),
+                                      ("keys", conf.get("key") and conf.get("key") == getattr(fs, "key", None)),
+                                      ("profile", conf.get("profile") and conf.get("profile") == getattr(fs, "profile", None)))
+             if there]
+    if not named:
+        return ""
+    where = os.environ.get("FSSPEC_CONFIG_DIR") or "~/.config/fsspec"
+    return (f" (fsspec's configuration in {where} sets the {' and '.join(named)}, and wins over the AWS_* "
+            "variables)")
+
+
 def check_store(fs: AbstractFileSystem, root: str, url: str, role: str) -> None:
     """Touch the store once, writing nothing; failures become one line naming URL and fix.
 
@@ -529,7 +548,7 @@ def check_store(fs: AbstractFileSystem, root: str, url: str, role: str) -> None:
     credentials in effect. Credentials never appear in the message.
     """
     bucket = root.split("/", 1)[0] if _protocol(fs) in _BUCKETED else None
-    where = _where(fs) if bucket else ""
+    where = _where(fs) + _config_note(fs) if bucket else ""
     try:
         if bucket:
             fs.info(bucket)

@@ -225,6 +225,17 @@ def test_a_table_damaged_inside_an_intact_footer_is_one_line_and_the_next_run_re
     _query_reading("embeddings.parquet", str(out), mnist_subset)
 
 
+def test_ae_info_names_a_table_that_is_not_its_run_s_own(mnist_subset, tmp_path):
+    from ae_core import query
+
+    out, _, path = _published_once(mnist_subset, tmp_path, "embeddings.parquet")
+    rows = query.info(str(out))["rows"]
+    pq.write_table(pq.read_table(path).slice(0, rows - 1), path)  # a readable table, one row short
+    with pytest.raises(AeError, match=rf"embeddings\.parquet' holds {rows - 1} rows where its run's manifest says "
+                                      rf"{rows}: it is not the run's own"):
+        query.info(str(out))
+
+
 @pytest.mark.parametrize("name", sorted(_DAMAGE))
 def test_a_damaged_published_file_is_one_line_and_the_next_run_replaces_the_run(mnist_subset, tmp_path, name):
     # before: an unreadable file made every later run fail with a traceback (after Prefect's
@@ -235,6 +246,11 @@ def test_a_damaged_published_file_is_one_line_and_the_next_run_replaces_the_run(
     if name != "source.parquet":  # read by the next run only
         with pytest.raises(AeError, match=rf"{name.split('.')[0]}.*damaged"):
             _query_reading(name, str(out), mnist_subset)
+    if name in ("embeddings.parquet", "rejects.parquet"):  # ae info, which scripts use to find them, says
+        from ae_core import query  # so too (before: it gave their URLs as healthy; a review)
+
+        with pytest.raises(AeError, match=rf"{name.split('.')[0]}\.parquet' cannot be read, it is damaged"):
+            query.info(str(out))
     manifest = _up_to_publish(config, "20260101T000001Z-bbbbbb")()
     assert outputs.resolve(str(out)).run_id == "20260101T000001Z-bbbbbb"
     if name != "index.faiss":  # the index is built afresh by every run: the rows are reused

@@ -420,6 +420,36 @@ def test_a_store_that_stops_answering_while_decoding_fails_the_stage_as_transien
         check_store(fs, "bucket/src", "s3://bucket/src", "source")
 
 
+def test_fsspec_s_configuration_that_wins_over_the_aws_variables_is_named(s3_bucket, monkeypatch):
+    # fsspec's configuration is passed to s3fs as arguments and so wins over AWS_ENDPOINT_URL and
+    # AWS_ACCESS_KEY_ID (the README said the other way round); before, a stale file sent the run
+    # to another store and the message pointed at the AWS variables, which were right (helper)
+    import fsspec
+
+    from ae_core.errors import AeError
+    from ae_core.storage import _config_note
+
+    fs, root = open_store(f"s3://{s3_bucket}/src")
+    check_store(fs, root, f"s3://{s3_bucket}/src", "source")  # the AWS variables: moto, reachable
+    port = free_port()
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"},
+                                                   "config_kwargs": {"retries": {"max_attempts": 1}}})
+    fs, root = open_store(f"s3://{s3_bucket}/src")
+    with pytest.raises(AeError, match=rf"cannot reach the store at http://127.0.0.1:{port} \(fsspec's configuration "
+                                      r"in .* sets the endpoint, and wins over the AWS_\* variables\)"):
+        check_store(fs, root, f"s3://{s3_bucket}/src", "source")
+    # a credentials block's endpoint overrides the file's: then the file is not named
+    block = {"s3": {"client_kwargs": {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}}}
+    fs, root = open_store(f"s3://{s3_bucket}/src", block)
+    assert _config_note(fs) == ""
+    check_store(fs, root, f"s3://{s3_bucket}/src", "source")
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"key": "bogus", "secret": "bogus"})
+    fs, _ = open_store(f"s3://{s3_bucket}/src")  # moto takes any keys: what a refusal would add
+    assert "sets the keys, and wins over the AWS_* variables" in _config_note(fs)
+    monkeypatch.setitem(fsspec.config.conf, "s3", {})
+    assert _config_note(open_store(f"s3://{s3_bucket}/src")[0]) == ""
+
+
 def test_an_empty_location_or_a_bucketless_url_is_refused_not_taken_for_the_working_directory():
     from ae_core.errors import AeError
 
