@@ -167,6 +167,27 @@ def test_the_comparison_with_pca_on_held_out_images_is_on_the_same_footing():
     assert "heldout" not in few and heldout_text(few) is None
 
 
+def test_pca_falls_back_to_the_gram_matrix_where_lapack_s_svd_does_not_converge(monkeypatch):
+    # before: `make run` (the demo) stopped with "SVD did not converge" on the held-out PCA fit
+    from PIL import Image
+
+    from ae_core import quality
+
+    names = sorted(os.listdir(MNIST))[:200]
+    x = np.stack([np.asarray(Image.open(MNIST / n), dtype=np.float64).ravel() / 255 for n in names])
+    centred = x - x.mean(axis=0)
+    want = quality.pca_fits(x, [8])[8][1]
+    axes = np.linalg.svd(centred, full_matrices=False)[2][:8]
+
+    def not_converging(*args, **kwargs):
+        raise np.linalg.LinAlgError("SVD did not converge")
+
+    monkeypatch.setattr(np.linalg, "svd", not_converging)
+    got = quality._principal_axes(centred)[:8]
+    assert np.allclose(np.abs(np.sum(got * axes, axis=1)), 1, atol=1e-6)  # the same axes, up to sign
+    assert quality.pca_fits(x, [8])[8][1] == pytest.approx(want, rel=1e-9)
+
+
 def test_a_model_worse_than_pca_gets_a_hint_naming_what_to_change():
     assert weak_model_hint({"ae_over_pca": 0.62}, {"stop_reason": "epochs"}) is None
     assert weak_model_hint({"ae_over_pca": None}, {"stop_reason": "epochs"}) is None  # PCA exact: no ratio
