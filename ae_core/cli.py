@@ -340,8 +340,9 @@ def _print_summary(m: dict) -> None:
     for note in run_notes(q, t):
         print(f"  note     {note}")
     ix = m["index"]
-    measured = (f"recall@10 {ix.get('recall_at_10', 1.0):.3f} on {ix.get('recall_queries')} held-out queries, "
-                f"self-hit rate {ix['self_hit_rate']:.3f}") if ix.get("recall_queries") else "exact search (recall 1)"
+    queries = f" on {ix['recall_queries']} held-out queries" if isinstance(ix.get("recall_queries"), int) else ""
+    measured = (f"recall@10 {ix.get('recall_at_10', 1.0):.3f}{queries}, "
+                f"self-hit rate {ix['self_hit_rate']:.3f}") if ix.get("recall_queries") != 0 else "exact search (recall 1)"
     print(f"  index    {ix['kind']} {ix['metric']}, {ix['ntotal']} vector{'' if ix['ntotal'] == 1 else 's'}, {measured}")
     print("  stages   " + ", ".join(f"{k} {v:.1f}s" for k, v in m["timings_s"].items()))
 

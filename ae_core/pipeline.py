@@ -17,7 +17,7 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -451,6 +451,13 @@ def load_stage_checkpoint(fs: AbstractFileSystem, run_dir: str) -> checkpoint.Ch
     return ckpt
 
 
+def split_fingerprint(keys: Sequence[str], train: TrainConfig) -> dict:
+    """What fixes the held-out rows of a model trained on images `keys` (in that order): the
+    quality comparison on held-out images is made only for the corpus the model trained on. Pure."""
+    return {"images": len(keys), "val_fraction": train.val_fraction, "seed": train.seed,
+            "keys_sha256": hashlib.sha256("\n".join(keys).encode()).hexdigest()}
+
+
 def train_and_save(fs: AbstractFileSystem, run_dir: str, pixels: np.ndarray, spec: Preprocess,
                    model: ModelConfig, train: TrainConfig, run_id: str, keys: list[str]) -> checkpoint.Checkpoint:
     """Train an autoencoder of the resolved `model` shape, and the two fold models behind
@@ -467,7 +474,8 @@ def train_and_save(fs: AbstractFileSystem, run_dir: str, pixels: np.ndarray, spe
     fold_models = [f.model for f in folds]
     summary = {**result.summary(), "anomaly_steps": train.anomaly_steps, "anomaly_models": len(fold_models),
                "anomaly_seconds": round(time.perf_counter() - t0, 2),
-               "anomaly_steps_run": [f.steps for f in folds], "anomaly_stop_reasons": [f.stop_reason for f in folds]}
+               "anomaly_steps_run": [f.steps for f in folds], "anomaly_stop_reasons": [f.stop_reason for f in folds],
+               "split": split_fingerprint(keys, train)}
     extra = {"train": summary, "run_id": run_id}
     data, version = checkpoint.to_bytes(result.model, spec, extra, fold_models)
     write_bytes_atomic(fs, join(run_dir, outputs.CHECKPOINT), data)
@@ -575,8 +583,11 @@ def encode_corpus(ctx: RunContext, corpus: DecodedCorpus, ckpt: checkpoint.Check
         table.write_table(ctx.out_fs, ctx.out(outputs.SOURCE), source_table(plan.objects))
     with ctx.timed("quality"):
         if plan.retrain or plan.previous is None:
-            # the model trained on these pixels, in this order: its held-out rows are these
-            split = split_indices(len(pixels), ctx.config.train.val_fraction, ctx.config.train.seed)
+            # held out: only where the model trained on these very images, in this order (a retried
+            # flow run reuses a checkpoint its first attempt trained, perhaps on another listing)
+            trained = (ckpt.extra.get("train") or {}).get("split")
+            same = trained == split_fingerprint([img["key"] for img in images], ctx.config.train)
+            split = split_indices(len(pixels), ctx.config.train.val_fraction, ctx.config.train.seed) if same else None
             quality = pca_comparison(pixels, err, ckpt.model.arch.dim, seed=ctx.config.train.seed, split=split)
         else:  # the model is unchanged: its comparison with PCA stands, measured when it was trained
             before = plan.previous.manifest.get("quality")

@@ -76,12 +76,12 @@ def _principal_axes(centred: np.ndarray) -> np.ndarray:
     """The rows of V^T of `centred`'s SVD (principal axes, largest first). LAPACK's divide and
     conquer SVD fails to converge on some matrices (it did on the demo's 95% of 1,797 digits,
     where the whole set converged): then the same axes from the eigenvectors of the Gram matrix
-    (at most PCA_SAMPLE square), which always converges."""
+    (images x images), which always converges."""
     try:
         return np.linalg.svd(centred, full_matrices=False)[2]
     except np.linalg.LinAlgError:
         values, vectors = np.linalg.eigh(centred @ centred.T)
-        keep = values > values.max() * 1e-12 if values.size and values.max() > 0 else np.zeros(0, bool)
+        keep = values > max(values.max(initial=0.0), 0.0) * 1e-12 if values.size else values > 0
         values, vectors = values[keep][::-1], vectors[:, keep][:, ::-1]
         return (centred.T @ vectors / np.sqrt(values)).T
 
@@ -127,7 +127,10 @@ def heldout_comparison(pixels: np.ndarray, recon_error: np.ndarray, dim: int, tr
     x = np.asarray(pixels[fit], dtype=np.float64).reshape(len(fit), -1) / 255.0
     mean = x.mean(axis=0)
     basis = _principal_axes(x - mean)[:dim]
-    v = np.asarray(pixels[np.sort(val_rows)], dtype=np.float64).reshape(len(val_rows), -1) / 255.0 - mean
+    if len(val_rows) > PCA_SAMPLE:  # a seeded sample, as for the fit: memory bounded whatever the corpus
+        val_rows = np.random.default_rng(seed + 1).choice(val_rows, size=PCA_SAMPLE, replace=False)
+    val_rows = np.sort(val_rows)
+    v = np.asarray(pixels[val_rows], dtype=np.float64).reshape(len(val_rows), -1) / 255.0 - mean
     pca = float(((v - (v @ basis.T) @ basis) ** 2).mean())
     ae = float(np.mean(recon_error[val_rows]))
     return {"images": int(len(val_rows)), "ae_mse": ae, "pca_mse": pca, "ae_over_pca": error_ratio(ae, pca),

@@ -32,7 +32,7 @@ def info(output: str) -> dict:
     # commands name it, not handed to a script as healthy (the index and model are checked by
     # the commands that load them)
     for kind, rows in (("embeddings", m["rows"]), ("rejects", m["rejected"])):
-        found = pub.load(kind, _table_rows)
+        found = pub.load(kind, table.read_num_rows)
         if found != rows:
             raise AeError(f"{pub.shown(files[kind])!r} holds {found} rows where its run's manifest says {rows}: "
                           f"it is not the run's own; {outputs.RERUN}")
@@ -50,13 +50,6 @@ def info(output: str) -> dict:
         "quality": m.get("quality", {}), "index_info": m.get("index", {}),
         "timings_s": m.get("timings_s", {}),
     }
-
-
-def _table_rows(fs, path: str) -> int:  # noqa: ANN001 - an fsspec filesystem
-    import pyarrow.parquet as pq
-
-    with fs.open(path, "rb") as f:
-        return pq.read_metadata(f).num_rows
 
 
 @dataclass

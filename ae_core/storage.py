@@ -529,10 +529,11 @@ def _config_note(fs: AbstractFileSystem) -> str:
     conf = fsspec.config.conf.get(_protocol(fs)) or {}
     endpoint = (conf.get("client_kwargs") or {}).get("endpoint_url") or conf.get("endpoint_url")
     in_force = (getattr(fs, "client_kwargs", None) or {}).get("endpoint_url") or getattr(fs, "endpoint_url", None)
+    given = getattr(fs, "storage_options", None) or {}  # what the store was made with, the file's included
     # only what is in force: a credentials block's own settings override the file's
     named = [name for name, there in (("endpoint", endpoint and endpoint == in_force),
-                                      ("keys", conf.get("key") and conf.get("key") == getattr(fs, "key", None)),
-                                      ("profile", conf.get("profile") and conf.get("profile") == getattr(fs, "profile", None)))
+                                      ("keys", conf.get("key") and conf.get("key") == given.get("key")),
+                                      ("profile", conf.get("profile") and conf.get("profile") == given.get("profile")))
              if there]
     if not named:
         return ""

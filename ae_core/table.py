@@ -123,6 +123,12 @@ def read_schema(fs: AbstractFileSystem, path: str) -> pa.Schema:
         return pq.read_schema(f)
 
 
+def read_num_rows(fs: AbstractFileSystem, path: str) -> int:
+    """A Parquet file's row count, from its footer alone."""
+    with (_arrow_file(fs, path) if is_local(fs) else _footer(fs, path)) as f:
+        return pq.read_metadata(f).num_rows
+
+
 def table_metadata(table: pa.Table) -> dict:
     raw = (table.schema.metadata or {}).get(METADATA_KEY)
     return json.loads(raw) if raw else {}

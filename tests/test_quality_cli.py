@@ -167,6 +167,21 @@ def test_the_comparison_with_pca_on_held_out_images_is_on_the_same_footing():
     assert "heldout" not in few and heldout_text(few) is None
 
 
+def test_the_held_out_rows_are_named_by_the_corpus_the_model_trained_on():
+    # a retried flow run reuses the checkpoint its first attempt trained, perhaps on another
+    # listing: the held-out comparison is made only where the fingerprints agree (a review)
+    from ae_core.config import TrainConfig
+    from ae_core.pipeline import split_fingerprint
+
+    train = TrainConfig()
+    keys = [f"{i}.png" for i in range(100)]
+    assert split_fingerprint(keys, train) == split_fingerprint(list(keys), TrainConfig())
+    for other in (keys[:-1], keys[::-1], [*keys[:-1], "x.png"]):
+        assert split_fingerprint(other, train) != split_fingerprint(keys, train)
+    assert split_fingerprint(keys, TrainConfig(seed=1)) != split_fingerprint(keys, train)
+    assert split_fingerprint(keys, TrainConfig(val_fraction=0.1)) != split_fingerprint(keys, train)
+
+
 def test_pca_falls_back_to_the_gram_matrix_where_lapack_s_svd_does_not_converge(monkeypatch):
     # before: `make run` (the demo) stopped with "SVD did not converge" on the held-out PCA fit
     from PIL import Image
