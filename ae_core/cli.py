@@ -335,8 +335,8 @@ def _print_summary(m: dict) -> None:
         versus = f" = {ratio:.2f}x PCA's error" if ratio is not None else f" ({ratio_text(None)})"
         print(f"  quality  reconstruction MSE {q['ae_mse']:.5f} vs PCA-{m['dim']} {q['pca_mse']:.5f}{versus},"
               f" on {q['sample']} image{'' if q['sample'] == 1 else 's'} (mostly trained on)" + _measured_in(q))
-        if heldout_text(q):
-            print(f"           held out: {heldout_text(q)}")
+        if held := heldout_text(q):
+            print(f"           held out: {held}")
     for note in run_notes(q, t):
         print(f"  note     {note}")
     ix = m["index"]
@@ -382,8 +382,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
         print(f"  reconstruction MSE {q['ae_mse']:.5f} vs PCA {q['pca_mse']:.5f} ({ratio_text(q.get('ae_over_pca'))})"
               + " on images mostly trained on" + _measured_in(q))
-        if heldout_text(q):
-            print(f"  held out: {heldout_text(q)}")
+        if held := heldout_text(q):
+            print(f"  held out: {held}")
     for name in ("embeddings", "rejects", "index", "checkpoint"):
         print(f"  {name:<11}{out[name]}")
     return 0

@@ -18,7 +18,7 @@ import stat
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -501,11 +501,10 @@ def stage_pixels(ctx: RunContext, corpus: DecodedCorpus, plan: RunPlan) -> str:
 
 
 def remove_stage(ctx: RunContext) -> None:
-    """Delete the pixels staged for a pretrain stage that refused them (best effort: the
-    clean-up after the next published run deletes them too)."""
-    with suppress(OSError):
-        if ctx.out_fs.exists(ctx.out(STAGE_DIR)):
-            remove_tree(ctx.out_fs, ctx.out(STAGE_DIR))
+    """Delete the pixels staged in the run folder for a pretrain stage elsewhere, if any: after
+    publishing, or when the stage refused them."""
+    if ctx.out_fs.exists(ctx.out(STAGE_DIR)):
+        remove_tree(ctx.out_fs, ctx.out(STAGE_DIR))
 
 
 def pretrain_from_stage(run_url: str, run_id: str,
@@ -709,8 +708,7 @@ def after_publishing(ctx: RunContext) -> dict:
     failed: dict[str, str] = {}
     pruned: list[str] = []
     try:
-        if ctx.out_fs.exists(ctx.out(STAGE_DIR)):
-            remove_tree(ctx.out_fs, ctx.out(STAGE_DIR))
+        remove_stage(ctx)
     except OSError as err:
         warnings.append(f"could not delete the staged pixels {display_url(ctx.out_fs, ctx.out(STAGE_DIR))!r} "
                         f"({type(err).__name__}: {err}); delete them by hand")

@@ -161,13 +161,21 @@ def pca_comparison(pixels: np.ndarray, recon_error: np.ndarray, dim: int, seed: 
     return out
 
 
+def _heldout(quality: dict) -> dict | None:
+    """The manifest's held-out figure, or None where there is none or it is not well formed
+    (a manifest from before it, or edited by hand). Pure."""
+    held = quality.get("heldout")
+    ok = (isinstance(held, dict) and isinstance(held.get("images"), int)
+          and all(isinstance(held.get(k), (int, float)) for k in ("ae_mse", "pca_mse"))
+          and isinstance(held.get("ae_over_pca"), (int, float, type(None))))
+    return held if ok else None
+
+
 def heldout_text(quality: dict) -> str | None:
     """'MSE 0.01676 vs PCA 0.01978 = 0.85x PCA's error, on 20 images held out of training', or
     None without a (well-formed) held-out figure. Pure."""
-    held = quality.get("heldout")
-    if not (isinstance(held, dict) and isinstance(held.get("images"), int)
-            and all(isinstance(held.get(k), (int, float)) for k in ("ae_mse", "pca_mse"))
-            and isinstance(held.get("ae_over_pca"), (int, float, type(None)))):
+    held = _heldout(quality)
+    if held is None:
         return None
     ratio = held["ae_over_pca"]
     versus = f" = {ratio:.2f}x PCA's error" if ratio is not None else f" ({ratio_text(None)})"
@@ -178,7 +186,7 @@ def heldout_text(quality: dict) -> str | None:
 def headline_ratio(quality: dict) -> tuple[float | None, str]:
     """The ratio to judge the model by, and what it was measured on: held out when there is a
     held-out figure, else the whole sample's. Pure."""
-    if heldout_text(quality) is not None:
-        held = quality["heldout"]
+    held = _heldout(quality)
+    if held is not None:
         return held["ae_over_pca"], f"on {held['images']} images held out of training"
     return quality.get("ae_over_pca"), f"on {quality.get('sample')} images, mostly trained on"

@@ -137,8 +137,8 @@ def summary_markdown(m: dict, pictures: dict[str, str]) -> str:
                        f"PCA with {m['dim']} components reproduces these {q['sample']} images exactly (as it does "
                        f"any {m['dim'] + 1} images or fewer), so there is no ratio to it")
                   + (f" (measured in run {q['measured_in_run']})" if q.get("measured_in_run") else "") + "."]
-        if heldout_text(q):  # the figure to judge the model by: neither model trained on these images
-            lines += ["", f"**Held out** (not trained on, though early stopping chose the epoch by them): {heldout_text(q)}."]
+        if held := heldout_text(q):  # the figure to judge the model by: neither model trained on these images
+            lines += ["", f"**Held out** (not trained on, though early stopping chose the epoch by them): {held}."]
     for note in run_notes(q, t):
         lines += ["", f"**Note:** {note[0].upper()}{note[1:]}."]
     exact = ix.get("recall_queries") == 0  # exact search: its recall is 1 by construction, not measured

@@ -335,7 +335,7 @@ def _without_dot_segments(url: str) -> str:
     if not re.search(r"(^|/)\.\.?(/|$)", parts.path):
         return url
     path = posixpath.normpath(parts.path) + ("/" if parts.path.endswith("/") else "")
-    return urlunsplit(parts._replace(path=path.replace("//", "/") if path.startswith("//") else path))
+    return urlunsplit(parts._replace(path=re.sub("^/+", "/", path)))  # normpath keeps a leading "//"
 
 
 def _versions_of_unversioned(fs: AbstractFileSystem, paths: list[str]) -> dict[str, dict]:

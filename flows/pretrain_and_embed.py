@@ -11,6 +11,8 @@ stage runs there as its own flow run; listing, decoding, encoding and indexing s
 
 from __future__ import annotations
 
+from contextlib import suppress
+
 from prefect import flow, get_client, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -113,7 +115,8 @@ def pretrain_on_pool(ctx: pipeline.RunContext, corpus, plan: pipeline.RunPlan, d
     if child.state is not None and child.state.is_failed() and f"{STAGE_REFUSAL}: " in why:
         # the stage refused its inputs (a device its worker lacks, a bad setting): the same inputs
         # give the same refusal, so this run stops here, not retried, and its staged pixels go
-        pipeline.remove_stage(ctx)
+        with suppress(OSError):  # best effort: a later published run's pruning deletes this run's folder
+            pipeline.remove_stage(ctx)
         raise AeError(f"pretrain stage {deployment!r} (flow run {child.id}) refused: "
                       f"{why.split(f'{STAGE_REFUSAL}: ', 1)[1]}")
     raise RuntimeError(f"pretrain stage {deployment!r} ended {state} (flow run {child.id})"
