@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-BENCHES := train ingest encode e2e scaling index
+BENCHES := train ingest encode e2e scaling index anomaly
 
 .PHONY: install run test clean $(addprefix bench-,$(BENCHES))
 
@@ -24,7 +24,7 @@ run: install
 test: install
 	$(BIN)/python -m pytest
 
-# make bench-train (ingest, encode, e2e, scaling, index): installs, then runs bench/NAME_bench.py
+# make bench-train (ingest, encode, e2e, scaling, index, anomaly): installs, then runs bench/NAME_bench.py
 # with ARGS as its flags, e.g. make bench-train ARGS="--photos 1000"
 $(addprefix bench-,$(BENCHES)): bench-%: install
 	DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python bench/$*_bench.py $(ARGS)

@@ -26,6 +26,9 @@ class Checkpoint:
     extra: dict
     # the two fold models behind anomaly_score (ae_core.encode.anomaly_scores); may be empty
     anomaly_models: list[ConvAutoencoder] = field(default_factory=list)
+    # their held-out errors' quantiles, which put both halves on one scale (ae_core.encode.calibrate);
+    # empty in a checkpoint written before calibration: its scores stay raw, like the rows it scored
+    anomaly_quantiles: list[list[float]] = field(default_factory=list)
 
 
 def _state(model: ConvAutoencoder) -> dict:
@@ -34,12 +37,14 @@ def _state(model: ConvAutoencoder) -> dict:
 
 
 def to_bytes(model: ConvAutoencoder, preprocess: Preprocess, extra: dict | None = None,
-             anomaly_models: list[ConvAutoencoder] | None = None) -> tuple[bytes, str]:
+             anomaly_models: list[ConvAutoencoder] | None = None,
+             anomaly_quantiles: list[list[float]] | None = None) -> tuple[bytes, str]:
     """Serialise (plain tensors, dicts, numbers and strings only) and return (bytes, version)."""
     payload = {"format": FORMAT, "arch": model.arch.to_dict(), "preprocess": preprocess.to_dict(),
                "state_dict": _state(model), "extra": extra or {},
                "anomaly_state_dicts": [_state(m) for m in anomaly_models or []],
-               "anomaly_archs": [m.arch.to_dict() for m in anomaly_models or []]}
+               "anomaly_archs": [m.arch.to_dict() for m in anomaly_models or []],
+               "anomaly_quantiles": [[float(q) for q in qs] for qs in anomaly_quantiles or []]}
     buf = io.BytesIO()
     torch.save(payload, buf)
     data = buf.getvalue()
@@ -64,4 +69,5 @@ def from_bytes(data: bytes, device: str | torch.device = "cpu") -> Checkpoint:
         model.load_state_dict(state)
         models.append(model.to(device).eval())
     version = "ae-" + hashlib.sha256(data).hexdigest()[:12]
-    return Checkpoint(models[0], Preprocess(**payload["preprocess"]), version, payload.get("extra", {}), models[1:])
+    return Checkpoint(models[0], Preprocess(**payload["preprocess"]), version, payload.get("extra", {}), models[1:],
+                      [list(qs) for qs in payload.get("anomaly_quantiles", [])])

@@ -328,15 +328,15 @@ def _print_summary(m: dict) -> None:
     print(f"           {m['model_version']}: dim {m['dim']}, input {m['image_size']}x{m['image_size']}"
           f"x{m['channels']}, {t.get('epochs_run')} epoch{'' if t.get('epochs_run') == 1 else 's'} in {t.get('seconds')} s on {t.get('device')}"
           f" ({t.get('stop_reason')})")
-    from ae_core.quality import heldout_text, ratio_text, run_notes
+    from ae_core.quality import heldout_text, ratio_text, run_notes, trained_on
 
     if q.get("sample"):
         ratio = q.get("ae_over_pca")
         versus = f" = {ratio:.2f}x PCA's error" if ratio is not None else f" ({ratio_text(None)})"
         print(f"  quality  reconstruction MSE {q['ae_mse']:.5f} vs PCA-{m['dim']} {q['pca_mse']:.5f}{versus},"
-              f" on {q['sample']} image{'' if q['sample'] == 1 else 's'} (mostly trained on)" + _measured_in(q))
+              f" on {q['sample']} image{'' if q['sample'] == 1 else 's'} ({trained_on(q)} trained on)" + _measured_in(q))
         if held := heldout_text(q):
-            print(f"           held out: {held}")
+            print(f"           held out: {held}" + _measured_in(q))
     for note in run_notes(q, t):
         print(f"  note     {note}")
     ix = m["index"]
@@ -378,12 +378,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     numbers = (all(isinstance(q.get(k), (int, float)) for k in ("ae_mse", "pca_mse"))  # a hand-edited manifest
                and isinstance(q.get("ae_over_pca"), (int, float, type(None))))
     if q.get("sample") and numbers:
-        from ae_core.quality import heldout_text, ratio_text
+        from ae_core.quality import heldout_text, ratio_text, trained_on
 
         print(f"  reconstruction MSE {q['ae_mse']:.5f} vs PCA {q['pca_mse']:.5f} ({ratio_text(q.get('ae_over_pca'))})"
-              + " on images mostly trained on" + _measured_in(q))
+              + f" on images {trained_on(q)} trained on" + _measured_in(q))
         if held := heldout_text(q):
-            print(f"  held out: {held}")
+            print(f"  held out: {held}" + _measured_in(q))
     for name in ("embeddings", "rejects", "index", "checkpoint"):
         print(f"  {name:<11}{out[name]}")
     return 0

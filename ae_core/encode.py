@@ -63,10 +63,65 @@ def folds_of(keys: Sequence[str]) -> np.ndarray:
     return np.fromiter((anomaly_fold(k) for k in keys), np.int8, len(keys))
 
 
+# Where the two fold models' held-out errors are matched (ae_core.encode.calibrate): the bulk of
+# each half, 5% to 95%. The tails are left out: one half's own outliers would otherwise decide
+# the scale of the other half's.
+CALIBRATION_LEVELS = tuple(round(0.05 * i, 2) for i in range(1, 20))
+CALIBRATION_SAMPLE = 8192  # held-out images per fold model whose errors fix its quantiles
+
+
+def anomaly_quantiles(fold_models: Sequence[ConvAutoencoder], pixels: np.ndarray, folds: np.ndarray,
+                      batch_size: int = 512, sample: int = CALIBRATION_SAMPLE) -> list[list[float]]:
+    """Per fold model k, the quantiles (at CALIBRATION_LEVELS) of its reconstruction errors on the
+    images it never trained on, fold 1 - k (at most `sample` of them, evenly spread): what
+    `calibrate` matches. [] without fold models."""
+    out = []
+    for k, model in enumerate(fold_models):
+        rows = np.flatnonzero(folds == 1 - k)
+        if len(rows) == 0:
+            return []
+        rows = rows[np.linspace(0, len(rows) - 1, min(len(rows), sample)).round().astype(np.int64)]
+        err = encode_pixels(model, pixels[rows], batch_size)[1]
+        out.append([float(q) for q in np.quantile(err.astype(np.float64), CALIBRATION_LEVELS)])
+    return out
+
+
+def median_ratio(quantiles: Sequence[Sequence[float]]) -> float | None:
+    """Fold model 2's median held-out error over fold model 1's: how far apart the two halves'
+    raw scores were before calibration (1 = alike). None without quantiles. Pure."""
+    if not quantiles or quantiles[0][CALIBRATION_LEVELS.index(0.5)] <= 0:
+        return None
+    mid = CALIBRATION_LEVELS.index(0.5)
+    return round(quantiles[1][mid] / quantiles[0][mid], 4)
+
+
+def calibrate(errors: np.ndarray, own: Sequence[float], other: Sequence[float]) -> np.ndarray:
+    """One fold model's held-out errors on the scale both halves share. Pure.
+
+    The two fold models never reconstruct equally well, so the errors of one half run higher than
+    the other's and a top-N list leans to it, though the halves are random (by key hash) and hold
+    the same kinds of image. Each model's quantiles `own` map to the geometric mean of both
+    models' quantiles (`own`, `other`), piecewise linearly; beyond the first and last quantile
+    the error is scaled by the ratio at that end. The map is increasing, so it keeps the order
+    within a half and leaves a far outlier as far above the bulk as it was."""
+    e = np.asarray(errors, np.float64)
+    own_q = np.asarray(own, np.float64)
+    ref = np.sqrt(own_q * np.asarray(other, np.float64))
+    xp, first = np.unique(own_q, return_index=True)  # tied quantiles (identical images): one knot
+    fp = ref[first]
+    out = np.interp(e, xp, fp)
+    low, high = e < xp[0], e > xp[-1]
+    out[low] = e[low] * (fp[0] / xp[0] if xp[0] > 0 else 1.0)
+    out[high] = e[high] * (fp[-1] / xp[-1] if xp[-1] > 0 else 1.0)
+    return out.astype(np.float32)
+
+
 def anomaly_scores(fold_models: Sequence[ConvAutoencoder], pixels: np.ndarray, folds: np.ndarray,
-                   batch_size: int = 512) -> np.ndarray:
+                   batch_size: int = 512, quantiles: Sequence[Sequence[float]] = ()) -> np.ndarray:
     """Held-out reconstruction error: an image of fold f is scored by the model trained on fold
-    1 - f only, so the score is never lowered by the model having memorised that image.
+    1 - f only, so the score is never lowered by the model having memorised that image. With
+    `quantiles` (anomaly_quantiles of these models) the errors are calibrated, so the two halves
+    compare; without (a checkpoint written before calibration), they are the raw errors.
 
     fold_models[k] was trained on the images of fold k (ae_core.train.train_fold_models).
     """
@@ -74,5 +129,6 @@ def anomaly_scores(fold_models: Sequence[ConvAutoencoder], pixels: np.ndarray, f
     for fold in (0, 1):
         rows = np.flatnonzero(folds == fold)
         if len(rows):
-            out[rows] = encode_pixels(fold_models[1 - fold], pixels[rows], batch_size)[1]
+            err = encode_pixels(fold_models[1 - fold], pixels[rows], batch_size)[1]
+            out[rows] = calibrate(err, quantiles[1 - fold], quantiles[fold]) if quantiles else err
     return out

@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 from ae_core import checkpoint, index as ae_index, outputs, report, table
 from ae_core.config import ModelConfig, RunConfig, TrainConfig
 from ae_core.decode import DECOMPRESSION_BOMB, Preprocess
-from ae_core.encode import anomaly_scores, encode_pixels, folds_of
+from ae_core.encode import anomaly_quantiles, anomaly_scores, encode_pixels, folds_of, median_ratio
 from ae_core.errors import AeError
 from ae_core.incremental import (SourceDiff, anomaly_mismatch, compatible, diff_listing, listing_from_table,
                                  retrain_decision, source_table)
@@ -470,16 +470,20 @@ def train_and_save(fs: AbstractFileSystem, run_dir: str, pixels: np.ndarray, spe
             bar.set_postfix(train=f"{rec['train_mse']:.5f}", val=f"{rec['val_mse'] or 0:.5f}")
         result = train_autoencoder(pixels, arch, train, on_epoch)
     t0 = time.perf_counter()
-    folds = train_fold_results(pixels, folds_of(keys), arch, train)
+    fold_of = folds_of(keys)
+    folds = train_fold_results(pixels, fold_of, arch, train)
     fold_models = [f.model for f in folds]
+    quantiles = anomaly_quantiles(fold_models, pixels, fold_of)
     summary = {**result.summary(), "anomaly_steps": train.anomaly_steps, "anomaly_models": len(fold_models),
                "anomaly_seconds": round(time.perf_counter() - t0, 2),
                "anomaly_steps_run": [f.steps for f in folds], "anomaly_stop_reasons": [f.stop_reason for f in folds],
+               # how far apart the two models' held-out errors were before calibration (1 = alike)
+               "anomaly_median_ratio": median_ratio(quantiles),
                "split": split_fingerprint(keys, train)}
     extra = {"train": summary, "run_id": run_id}
-    data, version = checkpoint.to_bytes(result.model, spec, extra, fold_models)
+    data, version = checkpoint.to_bytes(result.model, spec, extra, fold_models, quantiles)
     write_bytes_atomic(fs, join(run_dir, outputs.CHECKPOINT), data)
-    return checkpoint.Checkpoint(result.model, spec, version, extra, fold_models)
+    return checkpoint.Checkpoint(result.model, spec, version, extra, fold_models, quantiles)
 
 
 # ---- the pretrain stage on another work pool (GPU workers) ------------------------------------
@@ -567,12 +571,14 @@ def encode_corpus(ctx: RunContext, corpus: DecodedCorpus, ckpt: checkpoint.Check
     with ctx.timed("encode"), tqdm(total=len(pixels), desc="encode", unit="img", disable=None) as bar:
         emb, err = encode_pixels(ckpt.model, pixels, ctx.config.encode.batch_size, bar.update)
         anomaly = (anomaly_scores(ckpt.anomaly_models, pixels, folds_of([img["key"] for img in images]),
-                                  ctx.config.encode.batch_size) if ckpt.anomaly_models else None)
+                                  ctx.config.encode.batch_size, ckpt.anomaly_quantiles)
+                   if ckpt.anomaly_models else None)
         meta = {"model_version": ckpt.version, "dim": ckpt.model.arch.dim,
                 "image_size": ckpt.preprocess.image_size, "channels": ckpt.preprocess.channels,
                 "resize": ckpt.preprocess.resize, "run_id": ctx.run_id, "metric": "l2",
                 "recon_error": "mean squared error per pixel on [0,1] at the model's input size",
-                "anomaly_score": "recon_error under the fold model not trained on the image (held out)"}
+                "anomaly_score": "recon_error under the fold model not trained on the image (held out)"
+                                 + (", calibrated so both halves share one scale" if ckpt.anomaly_quantiles else "")}
         embeddings = _merge(_carried(ctx, plan, "embeddings"), table.embeddings_table(images, emb, err, meta, anomaly))
         rejects = _merge(_carried(ctx, plan, "rejects"), table.rejects_table(corpus.rejects))
         if embeddings.num_rows == 0:  # a reused model on a source now all junk: refused as a fresh run is

@@ -154,11 +154,19 @@ def pca_comparison(pixels: np.ndarray, recon_error: np.ndarray, dim: int, seed: 
     if error_ratio(ae, pca) is None:
         note += (f"; it reproduces this sample exactly (any {dim + 1} images or fewer, or images "
                  f"spanning at most {dim} directions), so there is no ratio")
+    # "all" where the split held nothing out (a corpus too small for it), else "mostly"
+    trained_on = "all" if split is not None and len(split[1]) == 0 else "mostly"
     out = {"sample": int(len(rows)), "ae_mse": ae, "pca_mse": pca, "ae_over_pca": error_ratio(ae, pca),
-           "note": note + " (mostly images the autoencoder trained on)"}
+           "trained_on": trained_on, "note": note + f" ({trained_on} images the autoencoder trained on)"}
     if heldout is not None:
         out["heldout"] = heldout
     return out
+
+
+def trained_on(quality: dict) -> str:
+    """How much of the quality sample the autoencoder trained on: 'all' or 'mostly' (a manifest
+    from before this was recorded: 'mostly'). Pure."""
+    return "all" if quality.get("trained_on") == "all" else "mostly"
 
 
 def _heldout(quality: dict) -> dict | None:
@@ -189,4 +197,4 @@ def headline_ratio(quality: dict) -> tuple[float | None, str]:
     held = _heldout(quality)
     if held is not None:
         return held["ae_over_pca"], f"on {held['images']} images held out of training"
-    return quality.get("ae_over_pca"), f"on {quality.get('sample')} images, mostly trained on"
+    return quality.get("ae_over_pca"), f"on {quality.get('sample')} images, {trained_on(quality)} trained on"

@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ae_core.model import ConvAutoencoder
-from ae_core.quality import heldout_text, run_notes
+from ae_core.quality import heldout_text, run_notes, trained_on
 
 TILE = 64  # pixels per image in the grids: small inputs (28x28) are scaled up to be seen
 _PAD = 2
@@ -132,13 +132,14 @@ def summary_markdown(m: dict, pictures: dict[str, str]) -> str:
         lines += ["| model | reconstruction MSE per pixel |", "|---|---|",
                   f"| autoencoder | {q['ae_mse']:.5f} |", f"| PCA, {m['dim']} components | {q['pca_mse']:.5f} |",
                   "", (f"The autoencoder's error is {q['ae_over_pca']:.2f}x PCA's on the same {q['sample']} images, "
-                       "mostly images it trained on"
+                       f"{trained_on(q)} images it trained on"
                        if q.get("ae_over_pca") is not None else
                        f"PCA with {m['dim']} components reproduces these {q['sample']} images exactly (as it does "
                        f"any {m['dim'] + 1} images or fewer), so there is no ratio to it")
                   + (f" (measured in run {q['measured_in_run']})" if q.get("measured_in_run") else "") + "."]
         if held := heldout_text(q):  # the figure to judge the model by: neither model trained on these images
-            lines += ["", f"**Held out** (not trained on, though early stopping chose the epoch by them): {held}."]
+            lines += ["", f"**Held out** (not trained on, though early stopping chose the epoch by them): {held}"
+                      + (f" (measured in run {q['measured_in_run']})" if q.get("measured_in_run") else "") + "."]
     for note in run_notes(q, t):
         lines += ["", f"**Note:** {note[0].upper()}{note[1:]}."]
     exact = ix.get("recall_queries") == 0  # exact search: its recall is 1 by construction, not measured

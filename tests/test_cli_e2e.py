@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from ae_core import checkpoint, query
-from ae_core.encode import anomaly_scores, encode_pixels, folds_of
+from ae_core import checkpoint, outputs, query
+from ae_core.encode import CALIBRATION_LEVELS, anomaly_scores, calibrate, encode_pixels, folds_of, median_ratio
 from ae_core.decode import decode_image
 from conftest import COIL, MNIST
 from prefect_server import shared_prefect_env
@@ -129,9 +129,20 @@ def test_recon_error_matches_checkpoint_recomputation(digits_run, mnist_subset):
     assert len(ckpt.anomaly_models) == 2
     folds = folds_of(keys)
     assert 0 < folds.sum() < len(keys)
-    expected = [encode_pixels(ckpt.anomaly_models[1 - f], px[i:i + 1])[1][0] for i, f in enumerate(folds)]
+    raw = [encode_pixels(ckpt.anomaly_models[1 - f], px[i:i + 1])[1][0] for i, f in enumerate(folds)]
+    # calibrated by the quantiles of each fold model's errors on the half it never trained on
+    every = sorted(os.listdir(mnist_subset))
+    all_px = np.stack([decode_image((mnist_subset / k).read_bytes(), ckpt.preprocess).pixels for k in every])
+    all_folds = folds_of(every)
+    for k in (0, 1):
+        held = encode_pixels(ckpt.anomaly_models[k], all_px[all_folds == 1 - k])[1].astype(np.float64)
+        assert np.allclose(ckpt.anomaly_quantiles[k], np.quantile(held, CALIBRATION_LEVELS), rtol=1e-4)
+    expected = [calibrate(np.array([r]), ckpt.anomaly_quantiles[1 - f], ckpt.anomaly_quantiles[f])[0]
+                for r, f in zip(raw, folds)]
     assert np.allclose(expected, df.loc[keys, "anomaly_score"].to_numpy(), atol=1e-5)
-    assert np.allclose(anomaly_scores(ckpt.anomaly_models, px, folds), expected, atol=1e-6)
+    assert np.allclose(anomaly_scores(ckpt.anomaly_models, px, folds, quantiles=ckpt.anomaly_quantiles), expected,
+                       atol=1e-6)
+    assert outputs.resolve(str(out)).manifest["train"]["anomaly_median_ratio"] == median_ratio(ckpt.anomaly_quantiles)
 
 
 def test_neighbours_of_a_new_image_file(digits_run, mnist_subset, tmp_path):
@@ -747,7 +758,7 @@ def test_a_file_that_failed_to_read_is_read_again_next_run(mnist_subset, tmp_pat
     assert "00003.png" in set(df.key) and len(df) == 30
 
 
-def test_rerun_without_changes_encodes_nothing_and_keeps_every_row(mnist_subset, tmp_path):
+def test_rerun_without_changes_encodes_nothing_and_keeps_every_row(mnist_subset, tmp_path, capsys):
     src = _first_digits(mnist_subset, tmp_path / "src", 30)
     (src / "broken.png").write_bytes(b"")
     out = tmp_path / "out"
@@ -769,6 +780,21 @@ def test_rerun_without_changes_encodes_nothing_and_keeps_every_row(mnist_subset,
     assert sorted(p.name for p in Path(query.info(str(out))["manifest"]).parent.glob("*.png")) == ["loss.png"]
     first_report = (out / "runs" / first["run_id"] / "report.md").read_text()
     assert "reused the model" not in first_report and (out / "runs" / first["run_id"] / "neighbours.png").exists()
+    # 30 images: too few to hold any out, so every image of the quality sample trained the model
+    # (before: "mostly trained on"); a reused model's held-out figure names the run that measured it
+    assert first["quality"]["trained_on"] == "all" and "heldout" not in first["quality"]
+    assert "same 30 images, all images it trained on" in first_report
+    from ae_core.cli import _print_summary
+    _print_summary(first)
+    assert "on 30 images (all trained on)" in capsys.readouterr().out
+    held = {"images": 20, "ae_mse": 0.01, "pca_mse": 0.02, "ae_over_pca": 0.5}
+    _print_summary({**third, "quality": {**third["quality"], "trained_on": "mostly", "heldout": held}})
+    printed = capsys.readouterr().out
+    assert (f"on 30 images (mostly trained on) (measured in run {first['run_id']}, which trained the model)" in printed
+            and f"held out of training (measured in run {first['run_id']}, which trained the model)" in printed)
+    from ae_core.report import summary_markdown
+    held_report = summary_markdown({**third, "quality": {**third["quality"], "heldout": held}}, {})
+    assert f"on 20 images held out of training (measured in run {first['run_id']})." in held_report
 
 
 def test_files_swapped_with_their_size_and_mtime_kept_are_encoded_again(mnist_subset, tmp_path):

@@ -70,9 +70,12 @@ def test_checkpoint_carries_the_anomaly_fold_models_with_their_own_shape():
     torch.manual_seed(2)
     model = ConvAutoencoder(AEArch(8, 16, 1, blocks_per_stage=1)).eval()
     folds = [ConvAutoencoder(AEArch(8, 16, 1, blocks_per_stage=0)).eval() for _ in range(2)]
-    data, _ = checkpoint.to_bytes(model, Preprocess(16, 1), {}, folds)
+    quantiles = [[0.01 * i for i in range(1, 20)], [0.02 * i for i in range(1, 20)]]
+    data, _ = checkpoint.to_bytes(model, Preprocess(16, 1), {}, folds, quantiles)
     loaded = checkpoint.from_bytes(data)
     assert [m.arch for m in loaded.anomaly_models] == [f.arch for f in folds]
+    assert loaded.anomaly_quantiles == quantiles
+    assert checkpoint.from_bytes(checkpoint.to_bytes(model, Preprocess(16, 1), {}, folds)[0]).anomaly_quantiles == []
     x = torch.rand(2, 1, 16, 16)
     with torch.no_grad():
         for original, back in zip(folds, loaded.anomaly_models):
@@ -80,9 +83,40 @@ def test_checkpoint_carries_the_anomaly_fold_models_with_their_own_shape():
     assert checkpoint.from_bytes(checkpoint.to_bytes(model, Preprocess(16, 1))[0]).anomaly_models == []
 
 
+def test_calibration_puts_both_halves_on_one_scale_and_keeps_their_order():
+    from ae_core.encode import CALIBRATION_LEVELS, calibrate, median_ratio
+
+    rng = np.random.default_rng(0)
+    # one fold model reconstructs twice as badly as the other: raw, every top score is its half's
+    a = rng.lognormal(-5, 0.4, 2000)
+    b = 2 * rng.lognormal(-5, 0.4, 2000)
+    a[7] = 20 * np.median(a)  # a real outlier, in the better model's half
+    qa, qb = (list(np.quantile(x, CALIBRATION_LEVELS)) for x in (a, b))
+    raw_top = np.argsort(-np.concatenate([a, b]))[:100]
+    assert (raw_top >= 2000).sum() > 95
+    ca, cb = calibrate(a, qa, qb), calibrate(b, qb, qa)
+    top = np.argsort(-np.concatenate([ca, cb]))[:100]
+    assert 35 <= (top >= 2000).sum() <= 65  # binomial(100, 0.5): about 50
+    assert top[0] == 7  # the outlier stays first, far above the bulk
+    # beyond the last quantile the ratio to it is kept exactly (so about the ratio to the median too)
+    assert ca[7] / calibrate(np.array([qa[-1]]), qa, qb)[0] == pytest.approx(a[7] / qa[-1], rel=1e-5)
+    assert ca[7] / np.median(ca) == pytest.approx(a[7] / np.median(a), rel=0.05)
+    for raw, cal in ((a, ca), (b, cb)):  # increasing: the order within a half is kept
+        assert (np.diff(cal[np.argsort(raw, kind="stable")]) >= 0).all()
+    assert np.median(ca) == pytest.approx(np.median(cb), rel=0.02)
+    assert median_ratio([qa, qb]) == pytest.approx(2.0, rel=0.05) and median_ratio([]) is None
+    # alike models: nothing to correct; the map is continuous at the outer quantiles
+    assert np.allclose(calibrate(a, qa, qa), a, rtol=1e-6)
+    edge = np.array([qa[0], qa[-1]])
+    assert np.allclose(calibrate(edge * (1 - 1e-9), qa, qb), calibrate(edge * (1 + 1e-9), qa, qb), rtol=1e-6)
+    # identical images (every quantile tied, even at 0): finite and increasing
+    flat = calibrate(np.array([0.0, 0.0, 0.5]), [0.0] * len(CALIBRATION_LEVELS), [0.2] * len(CALIBRATION_LEVELS))
+    assert np.isfinite(flat).all() and flat[2] > flat[0]
+
+
 def test_fold_models_train_on_their_own_fold_only():
     from ae_core.config import TrainConfig
-    from ae_core.encode import anomaly_scores, folds_of
+    from ae_core.encode import CALIBRATION_LEVELS, anomaly_quantiles, anomaly_scores, calibrate, folds_of
     from ae_core.train import train_fold_models
 
     rng = np.random.default_rng(0)
@@ -97,6 +131,15 @@ def test_fold_models_train_on_their_own_fold_only():
     held_out = anomaly_scores(models, pixels, folds)
     swapped = anomaly_scores(models[::-1], pixels, folds)  # each image by the model that saw its fold
     assert (held_out > swapped).all()
+    quantiles = anomaly_quantiles(models, pixels, folds)  # model k's errors on fold 1 - k
+    for k in (0, 1):
+        rows = folds == 1 - k
+        assert np.allclose(quantiles[k], np.quantile(held_out[rows].astype(np.float64), CALIBRATION_LEVELS), rtol=1e-5)
+    calibrated = anomaly_scores(models, pixels, folds, quantiles=quantiles)
+    for f in (0, 1):  # each half mapped by its own scorer's quantiles
+        rows = folds == f
+        assert np.allclose(calibrated[rows], calibrate(held_out[rows], quantiles[1 - f], quantiles[f]))
+    assert np.median(calibrated[folds == 0]) == pytest.approx(np.median(calibrated[folds == 1]), rel=0.05)
     assert train_fold_models(pixels, folds, AEArch(4, 16, 1), TrainConfig(anomaly_steps=0)) == []
     from ae_core.train import train_fold_results
 
