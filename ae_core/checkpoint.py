@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ae_core.decode import Preprocess
+from ae_core.encode import CALIBRATION_LEVELS, valid_quantiles
 from ae_core.model import AEArch, ConvAutoencoder
 
 FORMAT = "ae-embed-checkpoint/1"
@@ -68,6 +69,10 @@ def from_bytes(data: bytes, device: str | torch.device = "cpu") -> Checkpoint:
         model = ConvAutoencoder(AEArch(**arch))
         model.load_state_dict(state)
         models.append(model.to(device).eval())
+    quantiles = payload.get("anomaly_quantiles", [])
+    if quantiles and not valid_quantiles(quantiles):  # would score garbage, or fail mid-encode
+        raise ValueError("the checkpoint's anomaly_quantiles are not two increasing lists of "
+                         f"{len(CALIBRATION_LEVELS)} finite non-negative numbers")
     version = "ae-" + hashlib.sha256(data).hexdigest()[:12]
     return Checkpoint(models[0], Preprocess(**payload["preprocess"]), version, payload.get("extra", {}), models[1:],
-                      [list(qs) for qs in payload.get("anomaly_quantiles", [])])
+                      [[float(q) for q in qs] for qs in quantiles])

@@ -530,7 +530,8 @@ def cmd_outliers(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"outliers": worst, "grid": args.grid, "ranked_by": by}))
         return 0
-    what = "reconstruction error under a model that never trained on the image" if by == "anomaly_score" \
+    what = "reconstruction error under a model that never trained on the image, calibrated across the two halves" \
+        if by == "anomaly_score" \
         else "the published model's reconstruction error"
     print(f"{len(worst)} most anomalous images, ranked by {by} ({what}):")
     if by != args.by:

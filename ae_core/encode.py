@@ -70,6 +70,17 @@ CALIBRATION_LEVELS = tuple(round(0.05 * i, 2) for i in range(1, 20))
 CALIBRATION_SAMPLE = 8192  # held-out images per fold model whose errors fix its quantiles
 
 
+def _errors(model: ConvAutoencoder, pixels: np.ndarray, rows: np.ndarray, batch_size: int) -> np.ndarray:
+    """recon_error of `model` on pixels[rows], gathered a slice of rows at a time (~256 MB): a
+    half of a large corpus is never copied out of the pixel cache at once."""
+    per_image = max(1, int(np.prod(pixels.shape[1:])))
+    step = max(batch_size, (256 << 20) // per_image)
+    out = np.empty(len(rows), np.float32)
+    for start in range(0, len(rows), step):
+        out[start:start + step] = encode_pixels(model, pixels[rows[start:start + step]], batch_size)[1]
+    return out
+
+
 def anomaly_quantiles(fold_models: Sequence[ConvAutoencoder], pixels: np.ndarray, folds: np.ndarray,
                       batch_size: int = 512, sample: int = CALIBRATION_SAMPLE) -> list[list[float]]:
     """Per fold model k, the quantiles (at CALIBRATION_LEVELS) of its reconstruction errors on the
@@ -81,9 +92,22 @@ def anomaly_quantiles(fold_models: Sequence[ConvAutoencoder], pixels: np.ndarray
         if len(rows) == 0:
             return []
         rows = rows[np.linspace(0, len(rows) - 1, min(len(rows), sample)).round().astype(np.int64)]
-        err = encode_pixels(model, pixels[rows], batch_size)[1]
+        err = _errors(model, pixels, rows, batch_size)
         out.append([float(q) for q in np.quantile(err.astype(np.float64), CALIBRATION_LEVELS)])
     return out
+
+
+def valid_quantiles(quantiles: object) -> bool:
+    """Two increasing lists of finite, non-negative numbers, one per CALIBRATION_LEVELS: what
+    anomaly_quantiles returns (a checkpoint's are checked when it is loaded). Pure."""
+    if not isinstance(quantiles, (list, tuple)) or len(quantiles) != 2:
+        return False
+    try:
+        q = np.asarray(quantiles, np.float64)
+    except (TypeError, ValueError):
+        return False
+    return (q.shape == (2, len(CALIBRATION_LEVELS)) and bool(np.isfinite(q).all()) and bool((q >= 0).all())
+            and bool((np.diff(q, axis=1) >= 0).all()))
 
 
 def median_ratio(quantiles: Sequence[Sequence[float]]) -> float | None:
@@ -103,10 +127,16 @@ def calibrate(errors: np.ndarray, own: Sequence[float], other: Sequence[float]) 
     the same kinds of image. Each model's quantiles `own` map to the geometric mean of both
     models' quantiles (`own`, `other`), piecewise linearly; beyond the first and last quantile
     the error is scaled by the ratio at that end. The map is increasing, so it keeps the order
-    within a half and leaves a far outlier as far above the bulk as it was."""
+    within a half, and an error beyond the last quantile keeps its ratio to that quantile. The
+    common scale is the same whichever half is mapped: calibrate(e, a, b) and calibrate(e', b, a)
+    share it. Quantiles of 0 (images a model reproduces exactly) are raised to the smallest
+    positive one of their model, so a 0 on one side does not flatten the other half to 0; where a
+    model has no positive quantile at all there is no scale to share, and the errors stay raw."""
     e = np.asarray(errors, np.float64)
-    own_q = np.asarray(own, np.float64)
-    ref = np.sqrt(own_q * np.asarray(other, np.float64))
+    own_q, other_q = np.asarray(own, np.float64), np.asarray(other, np.float64)
+    if not (own_q > 0).any() or not (other_q > 0).any():
+        return e.astype(np.float32)
+    ref = np.sqrt(np.maximum(own_q, own_q[own_q > 0].min()) * np.maximum(other_q, other_q[other_q > 0].min()))
     xp, first = np.unique(own_q, return_index=True)  # tied quantiles (identical images): one knot
     fp = ref[first]
     out = np.interp(e, xp, fp)
@@ -129,6 +159,6 @@ def anomaly_scores(fold_models: Sequence[ConvAutoencoder], pixels: np.ndarray, f
     for fold in (0, 1):
         rows = np.flatnonzero(folds == fold)
         if len(rows):
-            err = encode_pixels(fold_models[1 - fold], pixels[rows], batch_size)[1]
+            err = _errors(fold_models[1 - fold], pixels, rows, batch_size)
             out[rows] = calibrate(err, quantiles[1 - fold], quantiles[fold]) if quantiles else err
     return out

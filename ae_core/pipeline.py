@@ -473,7 +473,7 @@ def train_and_save(fs: AbstractFileSystem, run_dir: str, pixels: np.ndarray, spe
     fold_of = folds_of(keys)
     folds = train_fold_results(pixels, fold_of, arch, train)
     fold_models = [f.model for f in folds]
-    quantiles = anomaly_quantiles(fold_models, pixels, fold_of)
+    quantiles = anomaly_quantiles(fold_models, pixels, fold_of, train.batch_size)  # a batch that fits where it trained
     summary = {**result.summary(), "anomaly_steps": train.anomaly_steps, "anomaly_models": len(fold_models),
                "anomaly_seconds": round(time.perf_counter() - t0, 2),
                "anomaly_steps_run": [f.steps for f in folds], "anomaly_stop_reasons": [f.stop_reason for f in folds],

@@ -7,8 +7,9 @@ Each corpus is built from the shared data (MNIST digits and COIL-20 photos, the 
 then `ae run` runs on it with default settings in a fresh process. From its table and model:
 - the intruders' ranks by `anomaly_score` (calibrated, as published), by the fold models' raw
   held-out errors (recomputed from the checkpoint, before calibration) and by `recon_error`;
-- the top 50 by each score: how many come from the half that fold model 1 scores, against that
-  half's share of the corpus (a fair score draws the top 50 from the halves in proportion).
+- the top 50 by each score: how many come from half 1 (`anomaly_fold(key) == 0`, the images
+  fold model 2 scores), against that half's share of the corpus (a fair score draws the top 50
+  from the halves in proportion).
 `--max-minutes` below the default cuts the fold models short at different steps, as a busy
 machine does: the case where the raw halves drift furthest apart.
 """

@@ -76,6 +76,9 @@ def test_checkpoint_carries_the_anomaly_fold_models_with_their_own_shape():
     assert [m.arch for m in loaded.anomaly_models] == [f.arch for f in folds]
     assert loaded.anomaly_quantiles == quantiles
     assert checkpoint.from_bytes(checkpoint.to_bytes(model, Preprocess(16, 1), {}, folds)[0]).anomaly_quantiles == []
+    for bad in ([[0.1] * 19], [[0.2, 0.1] + [0.3] * 17, [0.1] * 19], [[float("nan")] * 19, [0.1] * 19]):
+        with pytest.raises(ValueError, match="anomaly_quantiles"):  # damaged or edited: not scored with
+            checkpoint.from_bytes(checkpoint.to_bytes(model, Preprocess(16, 1), {}, folds, bad)[0])
     x = torch.rand(2, 1, 16, 16)
     with torch.no_grad():
         for original, back in zip(folds, loaded.anomaly_models):
@@ -110,8 +113,21 @@ def test_calibration_puts_both_halves_on_one_scale_and_keeps_their_order():
     edge = np.array([qa[0], qa[-1]])
     assert np.allclose(calibrate(edge * (1 - 1e-9), qa, qb), calibrate(edge * (1 + 1e-9), qa, qb), rtol=1e-6)
     # identical images (every quantile tied, even at 0): finite and increasing
-    flat = calibrate(np.array([0.0, 0.0, 0.5]), [0.0] * len(CALIBRATION_LEVELS), [0.2] * len(CALIBRATION_LEVELS))
+    n = len(CALIBRATION_LEVELS)
+    flat = calibrate(np.array([0.0, 0.0, 0.5]), [0.0] * n, [0.2] * n)
     assert np.isfinite(flat).all() and flat[2] > flat[0]
+    # the other model reproduces a share of its half exactly (quantiles of 0): this half's order
+    # is kept (before: every error below the first positive knot, or all of them, became 0)
+    errs = np.array([0.0, 0.001, 0.005, 0.01, 0.03, 0.5, 1.0])
+    own = list(np.linspace(0.01, 0.1, n))
+    for other in ([0.0] * 5 + list(np.linspace(0.01, 0.1, n - 5)), [0.0] * (n - 1) + [0.1]):
+        mapped = calibrate(errs, own, other)
+        assert np.isfinite(mapped).all() and (np.diff(mapped) > 0).all(), mapped
+        # one common scale: the other half, mapped the other way, meets this one at each level
+        # where its quantile is not tied with a lower one (a tied value maps to the lowest)
+        lv = [i for i in range(n) if other[i] > 0 and (i == 0 or other[i] > other[i - 1])]
+        assert np.allclose(calibrate(np.array(other)[lv], other, own), calibrate(np.array(own)[lv], own, other))
+    assert np.array_equal(calibrate(errs, own, [0.0] * n), errs.astype(np.float32))  # no scale to share: raw
 
 
 def test_fold_models_train_on_their_own_fold_only():
@@ -135,6 +151,12 @@ def test_fold_models_train_on_their_own_fold_only():
     for k in (0, 1):
         rows = folds == 1 - k
         assert np.allclose(quantiles[k], np.quantile(held_out[rows].astype(np.float64), CALIBRATION_LEVELS), rtol=1e-5)
+    # a sample of the half, evenly spread, when the half is larger than `sample`
+    few = anomaly_quantiles(models, pixels, folds, sample=5)
+    for k in (0, 1):
+        rows = np.flatnonzero(folds == 1 - k)
+        picked = held_out[rows[np.linspace(0, len(rows) - 1, 5).round().astype(int)]]
+        assert np.allclose(few[k], np.quantile(picked.astype(np.float64), CALIBRATION_LEVELS), rtol=1e-5)
     calibrated = anomaly_scores(models, pixels, folds, quantiles=quantiles)
     for f in (0, 1):  # each half mapped by its own scorer's quantiles
         rows = folds == f
