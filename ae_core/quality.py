@@ -75,15 +75,18 @@ def run_notes(quality: dict, train: dict) -> list[str]:
 def _principal_axes(centred: np.ndarray) -> np.ndarray:
     """The rows of V^T of `centred`'s SVD (principal axes, largest first). LAPACK's divide and
     conquer SVD fails to converge on some matrices (it did on the demo's 95% of 1,797 digits,
-    where the whole set converged): then the same axes from the eigenvectors of the Gram matrix
-    (images x images), which always converges."""
+    where the whole set converged): then the same axes from the eigenvectors of the smaller Gram
+    matrix, which always converges: features x features when there are more images than
+    features (its eigenvectors are the axes; ae evaluate's 10,000 images would make an images x
+    images one of 800 MB), else images x images."""
     try:
         return np.linalg.svd(centred, full_matrices=False)[2]
     except np.linalg.LinAlgError:
-        values, vectors = np.linalg.eigh(centred @ centred.T)
+        n, d = centred.shape
+        values, vectors = np.linalg.eigh(centred.T @ centred if n > d else centred @ centred.T)
         keep = values > max(values.max(initial=0.0), 0.0) * 1e-12 if values.size else values > 0
         values, vectors = values[keep][::-1], vectors[:, keep][:, ::-1]
-        return (centred.T @ vectors / np.sqrt(values)).T
+        return vectors.T if n > d else (centred.T @ vectors / np.sqrt(values)).T
 
 
 def pca_fits(x: np.ndarray, dims: Sequence[int]) -> dict[int, tuple[np.ndarray, float]]:

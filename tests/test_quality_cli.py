@@ -188,13 +188,14 @@ def test_the_held_out_rows_are_named_by_the_corpus_the_model_trained_on():
     assert split_fingerprint(keys, TrainConfig(val_fraction=0.1)) != split_fingerprint(keys, train)
 
 
-def test_pca_falls_back_to_the_gram_matrix_where_lapack_s_svd_does_not_converge(monkeypatch):
+@pytest.mark.parametrize("images", [200, 1000])  # fewer images than features (784), and more
+def test_pca_falls_back_to_the_gram_matrix_where_lapack_s_svd_does_not_converge(monkeypatch, images):
     # before: `make run` (the demo) stopped with "SVD did not converge" on the held-out PCA fit
     from PIL import Image
 
     from ae_core import quality
 
-    names = sorted(os.listdir(MNIST))[:200]
+    names = sorted(os.listdir(MNIST))[:images]
     x = np.stack([np.asarray(Image.open(MNIST / n), dtype=np.float64).ravel() / 255 for n in names])
     centred = x - x.mean(axis=0)
     want = quality.pca_fits(x, [8])[8][1]
