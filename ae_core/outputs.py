@@ -213,6 +213,20 @@ def published_run(fs: AbstractFileSystem, root: str) -> tuple[str | None, dict |
     return run_id, json.loads(read_text(fs, join(run_path(root, run_id), MANIFEST)))
 
 
+def run_folder_holding(root: str, is_dir: Callable[[str], bool]) -> tuple[str, str] | None:
+    """(the output, its run folder) when `root` is, or lies inside, an existing run folder of
+    another output (OUTPUT/runs/<run id>): that output's retention deletes the folder, and
+    whatever was published inside it, once newer runs replace it. None otherwise; `is_dir`
+    asks the store only where the path has that shape."""
+    parts = root.rstrip("/").split("/")
+    for i in range(1, len(parts) - 1):
+        if parts[i] == RUNS and _RUN_ID.match(parts[i + 1]):
+            run = "/".join(parts[:i + 2])
+            if is_dir(run):
+                return "/".join(parts[:i]) or "/", run
+    return None
+
+
 def prune_runs(fs: AbstractFileSystem, root: str, keep: int, published: str,
                failed: dict[str, str] | None = None) -> list[str]:
     """Delete all but the newest `keep` finished runs, and unfinished runs older than the

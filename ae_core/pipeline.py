@@ -139,6 +139,12 @@ def prepare_run(config: RunConfig, storage_options: Mapping[str, dict] | None = 
         raise AeError(f"source {src_url!r} is {what}; give the folder or prefix that holds the images")
     if out_fs.exists(out_root) and not out_fs.isdir(out_root):
         raise AeError(f"output {out_url!r} is a file; give a folder or prefix")
+    base = underlying(out_fs)
+    if held := outputs.run_folder_holding(os.path.realpath(out_root) if is_local(base) else out_root, base.isdir):
+        owner, run = (redact_url(display_url(base, p)) for p in held)
+        raise AeError(f"output {out_url!r} lies inside {run!r}, a run folder of output {owner!r}, which that "
+                      f"output's next runs may delete (it keeps the newest --keep-runs); give a folder outside "
+                      f"{owner.rstrip('/')}/{outputs.RUNS}")
     if is_local(out_fs):
         check_local_writable(out_root, "output")
         if os.path.isdir(join(out_root, outputs.LATEST)):  # where publishing writes the pointer

@@ -570,6 +570,23 @@ def test_a_published_file_gone_missing_is_one_line(digits_run, tmp_path):
     assert_one_line_error(ae("outliers", out, check=False), "embeddings.parquet' is missing")
 
 
+def test_an_output_inside_another_outputs_run_folder_is_refused(digits_run, mnist_subset):
+    # before: accepted, and published inside a folder the other output's retention deletes
+    out, _ = digits_run
+    run = out / "runs" / query.info(str(out))["run_id"]
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    for nested in (run, run / "nested"):
+        proc = ae("run", mnist_subset, nested, "--epochs", 1, check=False)
+        assert_one_line_error(proc, f"lies inside {str(run)!r}, a run folder of output {str(out)!r}",
+                              f"give a folder outside {out}/runs")
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing written
+    # a folder of the user's own beside the runs is not a run folder: nothing to refuse there
+    assert outputs.run_folder_holding(str(out / "runs" / "mine" / "x"), os.path.isdir) is None
+    assert outputs.run_folder_holding(str(out / "runs" / "20990101T000000Z-abc"), os.path.isdir) is None  # no such run
+    assert outputs.run_folder_holding("bucket/o/runs/20990101T000000Z-abc/x", lambda p: True) == \
+        ("bucket/o", "bucket/o/runs/20990101T000000Z-abc")
+
+
 def test_a_reused_model_with_nothing_to_embed_writes_no_run_folder(digits_run, mnist_subset, tmp_path):
     # before: the refusal came after the reused model had been copied into a new run folder
     import shutil
