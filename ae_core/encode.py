@@ -113,9 +113,9 @@ def valid_quantiles(quantiles: object) -> bool:
 def median_ratio(quantiles: Sequence[Sequence[float]]) -> float | None:
     """Fold model 2's median held-out error over fold model 1's: how far apart the two halves'
     raw scores were before calibration (1 = alike). None without quantiles. Pure."""
-    if not quantiles or quantiles[0][CALIBRATION_LEVELS.index(0.5)] <= 0:
-        return None
     mid = CALIBRATION_LEVELS.index(0.5)
+    if not quantiles or quantiles[0][mid] <= 0:
+        return None
     return round(quantiles[1][mid] / quantiles[0][mid], 4)
 
 
@@ -141,8 +141,8 @@ def calibrate(errors: np.ndarray, own: Sequence[float], other: Sequence[float]) 
     fp = ref[first]
     out = np.interp(e, xp, fp)
     low, high = e < xp[0], e > xp[-1]
-    out[low] = e[low] * (fp[0] / xp[0] if xp[0] > 0 else 1.0)
-    out[high] = e[high] * (fp[-1] / xp[-1] if xp[-1] > 0 else 1.0)
+    out[low] = e[low] * (fp[0] / xp[0] if xp[0] > 0 else 1.0)  # none below a knot at 0: errors are >= 0
+    out[high] = e[high] * (fp[-1] / xp[-1])  # the last knot is positive: checked above
     return out.astype(np.float32)
 
 

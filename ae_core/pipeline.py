@@ -574,9 +574,10 @@ def _merge(carried: pa.Table | None, fresh: pa.Table) -> pa.Table:
 def encode_corpus(ctx: RunContext, corpus: DecodedCorpus, ckpt: checkpoint.Checkpoint, plan: RunPlan) -> Encoded:
     """Embed the decoded images, merge carried-over rows, and write the run's three tables."""
     pixels, images = corpus.pixels(), corpus.images
+    keys = [img["key"] for img in images]
     with ctx.timed("encode"), tqdm(total=len(pixels), desc="encode", unit="img", disable=None) as bar:
         emb, err = encode_pixels(ckpt.model, pixels, ctx.config.encode.batch_size, bar.update)
-        anomaly = (anomaly_scores(ckpt.anomaly_models, pixels, folds_of([img["key"] for img in images]),
+        anomaly = (anomaly_scores(ckpt.anomaly_models, pixels, folds_of(keys),
                                   ctx.config.encode.batch_size, ckpt.anomaly_quantiles)
                    if ckpt.anomaly_models else None)
         meta = {"model_version": ckpt.version, "dim": ckpt.model.arch.dim,
@@ -597,7 +598,7 @@ def encode_corpus(ctx: RunContext, corpus: DecodedCorpus, ckpt: checkpoint.Check
             # held out: only where the model trained on these very images, in this order (a retried
             # flow run reuses a checkpoint its first attempt trained, perhaps on another listing)
             trained = (ckpt.extra.get("train") or {}).get("split")
-            same = trained == split_fingerprint([img["key"] for img in images], ctx.config.train)
+            same = trained == split_fingerprint(keys, ctx.config.train)
             split = split_indices(len(pixels), ctx.config.train.val_fraction, ctx.config.train.seed) if same else None
             quality = pca_comparison(pixels, err, ckpt.model.arch.dim, seed=ctx.config.train.seed, split=split)
         else:  # the model is unchanged: its comparison with PCA stands, measured when it was trained

@@ -84,7 +84,7 @@ def _principal_axes(centred: np.ndarray) -> np.ndarray:
     except np.linalg.LinAlgError:
         n, d = centred.shape
         values, vectors = np.linalg.eigh(centred.T @ centred if n > d else centred @ centred.T)
-        keep = values > max(values.max(initial=0.0), 0.0) * 1e-12 if values.size else values > 0
+        keep = values > values.max(initial=0.0) * 1e-12
         values, vectors = values[keep][::-1], vectors[:, keep][:, ::-1]
         return vectors.T if n > d else (centred.T @ vectors / np.sqrt(values)).T
 

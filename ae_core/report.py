@@ -129,6 +129,7 @@ def summary_markdown(m: dict, pictures: dict[str, str]) -> str:
         lines += [f"| {r} | {n} |" for r, n in sorted(m["rejects_by_reason"].items())]
     lines += ["", "## Quality", ""]
     if q.get("sample"):
+        measured = f" (measured in run {q['measured_in_run']})" if q.get("measured_in_run") else ""
         lines += ["| model | reconstruction MSE per pixel |", "|---|---|",
                   f"| autoencoder | {q['ae_mse']:.5f} |", f"| PCA, {m['dim']} components | {q['pca_mse']:.5f} |",
                   "", (f"The autoencoder's error is {q['ae_over_pca']:.2f}x PCA's on the same {q['sample']} images, "
@@ -136,10 +137,10 @@ def summary_markdown(m: dict, pictures: dict[str, str]) -> str:
                        if q.get("ae_over_pca") is not None else
                        f"PCA with {m['dim']} components reproduces these {q['sample']} images exactly (as it does "
                        f"any {m['dim'] + 1} images or fewer), so there is no ratio to it")
-                  + (f" (measured in run {q['measured_in_run']})" if q.get("measured_in_run") else "") + "."]
+                  + measured + "."]
         if held := heldout_text(q):  # the figure to judge the model by: neither model trained on these images
             lines += ["", f"**Held out** (not trained on, though early stopping chose the epoch by them): {held}"
-                      + (f" (measured in run {q['measured_in_run']})" if q.get("measured_in_run") else "") + "."]
+                      + measured + "."]
     for note in run_notes(q, t):
         lines += ["", f"**Note:** {note[0].upper()}{note[1:]}."]
     exact = ix.get("recall_queries") == 0  # exact search: its recall is 1 by construction, not measured
