@@ -49,7 +49,12 @@ def to_bytes(model: ConvAutoencoder, preprocess: Preprocess, extra: dict | None 
     buf = io.BytesIO()
     torch.save(payload, buf)
     data = buf.getvalue()
-    return data, "ae-" + hashlib.sha256(data).hexdigest()[:12]
+    return data, version_of(data)
+
+
+def version_of(data: bytes) -> str:
+    """The model version: a digest of the checkpoint's bytes."""
+    return "ae-" + hashlib.sha256(data).hexdigest()[:12]
 
 
 def read_checkpoint(fs, path: str) -> Checkpoint:  # noqa: ANN001 - an fsspec filesystem
@@ -73,6 +78,6 @@ def from_bytes(data: bytes, device: str | torch.device = "cpu") -> Checkpoint:
     if quantiles and not valid_quantiles(quantiles):  # would score garbage, or fail mid-encode
         raise ValueError("the checkpoint's anomaly_quantiles are not two increasing lists of "
                          f"{len(CALIBRATION_LEVELS)} finite non-negative numbers")
-    version = "ae-" + hashlib.sha256(data).hexdigest()[:12]
+    version = version_of(data)
     return Checkpoint(models[0], Preprocess(**payload["preprocess"]), version, payload.get("extra", {}), models[1:],
                       [[float(q) for q in qs] for qs in quantiles])

@@ -92,24 +92,49 @@ def _run_flow(source: str, output: str, kwargs: dict) -> dict:
 
         with _prefect_api(server):
             options = s3_options_from_block(block)
-    prepare_run(config, options)
+    work_dir = prepare_run(config, options).work_dir
     from flows.pretrain_and_embed import pretrain_and_embed
 
     import httpx  # Prefect's HTTP client
 
     before, _ = _latest_published(output, options, manifest=False)
     started = datetime.now(timezone.utc).isoformat()
-    with _prefect_api(server):
-        try:
-            return pretrain_and_embed(source=source, output=output, **kwargs)
-        except RuntimeError as err:  # Prefect's client, before the flow run exists: nothing was written
-            if server is None and str(err).startswith("Failed to reach API"):
-                raise AeError(f"the Prefect server configured in PREFECT_API_URL ({_configured_api_url()}) "
-                              "does not answer; start it, or unset PREFECT_API_URL (in the environment "
-                              "or your Prefect profile) to let ae start a temporary one") from err
-            raise
-        except httpx.TransportError as err:  # the server died (the OOM killer, say) while the flow ran
-            return published_despite(source, output, options, before, started, err)
+    try:
+        with _prefect_api(server):
+            try:
+                return pretrain_and_embed(source=source, output=output, **kwargs)
+            except RuntimeError as err:  # Prefect's client, before the flow run exists: nothing was written
+                if server is None and str(err).startswith("Failed to reach API"):
+                    raise AeError(f"the Prefect server configured in PREFECT_API_URL ({_configured_api_url()}) "
+                                  "does not answer; start it, or unset PREFECT_API_URL (in the environment "
+                                  "or your Prefect profile) to let ae start a temporary one") from err
+                raise
+            except httpx.TransportError as err:  # the server died (the OOM killer, say) while the flow ran
+                return published_despite(source, output, options, before, started, err)
+    except BaseException as err:
+        global _kept_note
+        _kept_note = _kept_model_note(work_dir, started)
+        if _kept_note and isinstance(err, AeError):
+            raise AeError(f"{err}; {_kept_note}", err.transient) from err
+        if _kept_note and not isinstance(err, KeyboardInterrupt):  # printed after the traceback
+            err.add_note(f"ae: {_kept_note}")
+        raise
+
+
+_kept_note = ""  # for the line `ae: terminated`: what a run stopped after training left for the next
+
+
+def _kept_model_note(work_dir: str, started: str) -> str:
+    """A sentence for the error line of a run that stopped after training: its model is kept in
+    the pixel cache, and a run with the same images and settings reuses it (pipeline.kept_model).
+    '' when this command kept none (it stopped before training, or reused a published model)."""
+    from ae_core.pipeline import kept_record
+
+    record = kept_record(work_dir)
+    if record is None or not _after(record.get("saved_at"), started):
+        return ""
+    return (f"the run stopped after training: its model is kept in the work dir {work_dir!r}, and a run with "
+            "the same images and training settings reuses it instead of training again")
 
 
 def _latest_published(output: str, options: dict | None, manifest: bool = True) -> tuple[str | None, dict | None]:
@@ -328,6 +353,8 @@ def _print_summary(m: dict) -> None:
     print(f"           {m['model_version']}: dim {m['dim']}, input {m['image_size']}x{m['image_size']}"
           f"x{m['channels']}, {t.get('epochs_run')} epoch{'' if t.get('epochs_run') == 1 else 's'} in {t.get('seconds')} s on {t.get('device')}"
           f" ({t.get('stop_reason')})")
+    if t.get("resumed_from_run"):
+        print(f"           trained by run {t['resumed_from_run']}, which stopped before publishing (kept in the work dir)")
     from ae_core.quality import heldout_text, ratio_text, run_notes, trained_on
 
     if q.get("sample"):
@@ -827,7 +854,8 @@ def _sigterm_while_exiting(signum: int, frame: object) -> None:
 
 
 def _interrupted() -> int:
-    print(f"ae: {'terminated' if _terminated_by else 'interrupted'}", file=sys.stderr)
+    print(f"ae: {'terminated' if _terminated_by else 'interrupted'}" + (f"; {_kept_note}" if _kept_note else ""),
+          file=sys.stderr)
     return 128 + (_terminated_by or signal.SIGINT)
 
 

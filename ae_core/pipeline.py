@@ -13,16 +13,18 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import numpy as np
+import torch
 from fsspec.spec import AbstractFileSystem
 from tqdm.auto import tqdm
 
@@ -201,23 +203,35 @@ def claim_work_dir(ctx: RunContext) -> RunContext:
     cache of its own beside it instead, so neither deletes or rewrites the shards the other
     reads; which of the two publishes is settled at publishing (outputs.check_publishable)."""
     if _try_lock(ctx.work_dir):
-        _remove_stale_siblings(ctx.work_dir)
+        with suppress(OSError):
+            os.utime(ctx.work_dir)  # in use: its age below counts from its last run
+        _remove_stale_caches(ctx.work_dir)
         return ctx
     own = f"{ctx.work_dir}-{ctx.run_id}"
     _try_lock(own)
     return dataclasses.replace(ctx, work_dir=own)
 
 
-def _remove_stale_siblings(folder: str, min_age_s: float = 600.0) -> None:
-    """Delete the caches of runs that decoded beside `folder` while it was held and then died
-    (a later run never resumes them: their names hold a run id). A cache is left alone while
-    its lock is held, and for `min_age_s` after it last changed (a run may be making it)."""
+SIBLING_MIN_AGE_S = 600.0  # a cache beside this pair's, named with a run id: its run may still be making it
+CACHE_EXPIRY_S = 7 * 86400.0  # another pair's cache unused this long: its run failed and was not run again
+_CACHE_NAME = re.compile(r"ae-cache-[0-9a-f]{16}(-.+)?")
+
+
+def _remove_stale_caches(folder: str) -> None:
+    """Delete, in the work dir that holds `folder` (this pair's cache), the caches that no run
+    will use again: those of runs that decoded beside `folder` while it was held and then died
+    (a later run never resumes them: their names hold a run id), once SIBLING_MIN_AGE_S old; and
+    any other pair's cache (pixels, a kept model) unused for CACHE_EXPIRY_S, which only a run
+    that failed and was never run again leaves (a published run deletes its own). A cache is
+    left alone while its lock is held; nothing else in the work dir is touched."""
     parent, name = os.path.split(folder)
     for entry in os.scandir(parent):
-        if not (entry.name.startswith(name + "-") and entry.is_dir(follow_symlinks=False)):
+        if entry.path == folder or not _CACHE_NAME.fullmatch(entry.name):
             continue
+        min_age_s = SIBLING_MIN_AGE_S if entry.name.startswith(name + "-") else CACHE_EXPIRY_S
         try:
-            if time.time() - entry.stat(follow_symlinks=False).st_mtime < min_age_s or not _try_lock(entry.path):
+            if not entry.is_dir(follow_symlinks=False) or \
+                    time.time() - entry.stat(follow_symlinks=False).st_mtime < min_age_s or not _try_lock(entry.path):
                 continue
         except OSError:
             continue
@@ -442,9 +456,17 @@ def pretrain(ctx: RunContext, corpus: DecodedCorpus, plan: RunPlan) -> checkpoin
     done = load_stage_checkpoint(ctx.out_fs, ctx.run_dir)
     if done is not None:
         return done
+    key = kept_model_key(corpus, plan.model, ctx.config.train)
     with ctx.timed("pretrain"):
-        return train_and_save(ctx.out_fs, ctx.run_dir, corpus.pixels(), corpus.spec, plan.model,
-                              ctx.config.train, ctx.run_id, [img["key"] for img in corpus.images])
+        kept = kept_model(ctx.work_dir, key) if ctx.config.train.retrain != "always" else None
+        if kept is not None:  # trained by an earlier run of this pair that stopped before publishing
+            data, ckpt = kept
+        else:
+            ckpt, data = train_checkpoint(corpus.pixels(), corpus.spec, plan.model, ctx.config.train, ctx.run_id,
+                                          [img["key"] for img in corpus.images])
+            keep_model(ctx.work_dir, key, data, ctx.run_id)  # first: the store may be what fails next
+        write_bytes_atomic(ctx.out_fs, ctx.out(outputs.CHECKPOINT), data)
+    return ckpt
 
 
 def load_stage_checkpoint(fs: AbstractFileSystem, run_dir: str) -> checkpoint.Checkpoint | None:
@@ -468,6 +490,14 @@ def train_and_save(fs: AbstractFileSystem, run_dir: str, pixels: np.ndarray, spe
                    model: ModelConfig, train: TrainConfig, run_id: str, keys: list[str]) -> checkpoint.Checkpoint:
     """Train an autoencoder of the resolved `model` shape, and the two fold models behind
     anomaly_score, and write them all into `run_dir`/model.pt."""
+    ckpt, data = train_checkpoint(pixels, spec, model, train, run_id, keys)
+    write_bytes_atomic(fs, join(run_dir, outputs.CHECKPOINT), data)
+    return ckpt
+
+
+def train_checkpoint(pixels: np.ndarray, spec: Preprocess, model: ModelConfig, train: TrainConfig,
+                     run_id: str, keys: list[str]) -> tuple[checkpoint.Checkpoint, bytes]:
+    """train_and_save's training: the checkpoint and its bytes, written nowhere."""
     arch = AEArch(dim=model.dim, image_size=model.image_size, channels=model.channels,
                   width=model.width, blocks_per_stage=model.blocks_per_stage)
     with tqdm(desc="pretrain", unit="epoch", disable=None) as bar:
@@ -488,8 +518,85 @@ def train_and_save(fs: AbstractFileSystem, run_dir: str, pixels: np.ndarray, spe
                "split": split_fingerprint(keys, train)}
     extra = {"train": summary, "run_id": run_id}
     data, version = checkpoint.to_bytes(result.model, spec, extra, fold_models, quantiles)
-    write_bytes_atomic(fs, join(run_dir, outputs.CHECKPOINT), data)
-    return checkpoint.Checkpoint(result.model, spec, version, extra, fold_models, quantiles)
+    return checkpoint.Checkpoint(result.model, spec, version, extra, fold_models, quantiles), data
+
+
+# ---- a trained model kept beside the pixel cache until its run publishes ----------------------
+# A run that stops after training (the store gone while it encodes, a kill, a verdict on the
+# index) leaves its model here; the next run of the same (SOURCE, OUTPUT) pair with the same
+# images and settings reuses it instead of training again. Publishing deletes it with the cache.
+KEPT_MODEL, KEPT_RECORD = "kept-model.pt", "kept-model.json"
+
+
+def kept_model_key(corpus: DecodedCorpus, model: ModelConfig, train: TrainConfig) -> str:
+    """What a kept model must have been trained on to stand in for training now: the same decoded
+    images (keys and content digests, in table order), preprocessing, model shape and every
+    training setting, by the same ae_core version. Pure."""
+    h = hashlib.sha256()
+    for img in corpus.images:
+        h.update(f"{img['key']}\0{img.get('fingerprint')}\n".encode())
+    h.update(json.dumps({"spec": corpus.spec.to_dict(), "model": model.model_dump(mode="json"),
+                         # not retrain/retrain_fraction: they choose whether to train, not how
+                         "train": train.model_dump(mode="json", exclude={"retrain", "retrain_fraction"}),
+                         "format": checkpoint.FORMAT,
+                         "ae_core": ae_core.__version__, "torch": torch.__version__}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _write_local_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def keep_model(work_dir: str, key: str, data: bytes, run_id: str) -> None:
+    """Keep a just-trained checkpoint in the pixel cache folder: the bytes first, then the record
+    that names them (a crash between the two leaves a model no record points at). Best effort: a
+    full disk here costs a rerun its shortcut, never this run."""
+    record = {"key": key, "run_id": run_id, "version": checkpoint.version_of(data),
+              "saved_at": datetime.now(timezone.utc).isoformat()}
+    try:
+        os.makedirs(work_dir, mode=0o700, exist_ok=True)
+        with suppress(FileNotFoundError):
+            os.unlink(os.path.join(work_dir, KEPT_RECORD))  # never a record beside another run's bytes
+        _write_local_atomic(os.path.join(work_dir, KEPT_MODEL), data)
+        _write_local_atomic(os.path.join(work_dir, KEPT_RECORD), json.dumps(record).encode())
+    except OSError:
+        pass
+
+
+def kept_record(work_dir: str) -> dict | None:
+    """The record of the model kept in `work_dir`, or None (none kept, or unreadable)."""
+    try:
+        with open(os.path.join(work_dir, KEPT_RECORD)) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def kept_model(work_dir: str, key: str) -> tuple[bytes, checkpoint.Checkpoint] | None:
+    """The kept model's bytes and checkpoint when it was trained for `key`, marked with the run
+    that trained it (train.resumed_from_run); None otherwise, or when its bytes are not the ones
+    the record names (a damaged file is trained again, not trusted)."""
+    record = kept_record(work_dir)
+    if record is None or record.get("key") != key:
+        return None
+    try:
+        with open(os.path.join(work_dir, KEPT_MODEL), "rb") as f:
+            data = f.read()
+        if checkpoint.version_of(data) != record.get("version"):
+            return None
+        ckpt = checkpoint.from_bytes(data)
+    except (OSError, ValueError, RuntimeError):
+        return None
+    ckpt.extra.setdefault("train", {})["resumed_from_run"] = str(record.get("run_id"))
+    return data, ckpt
 
 
 # ---- the pretrain stage on another work pool (GPU workers) ------------------------------------

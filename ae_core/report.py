@@ -153,7 +153,9 @@ def summary_markdown(m: dict, pictures: dict[str, str]) -> str:
         best = t.get("best_val_mse")
         best = f"{best:.5f}" if isinstance(best, float) else best  # None when nothing was held out
         lines += ["", f"Training: {_count(t.get('epochs_run'), 'epoch')} in {t.get('seconds')} s on "
-                  f"{t.get('device')} ({t.get('stop_reason')}), best held-out MSE {best}."]
+                  f"{t.get('device')} ({t.get('stop_reason')}), best held-out MSE {best}."
+                  + (f" Trained by run {t['resumed_from_run']}, which stopped before publishing; this run reused "
+                     "the model it kept in the work dir." if t.get("resumed_from_run") else "")]
     lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in m.get("timings_s", {}).items()]
     lines += ["", "## Pictures", ""] + [f"![{title}]({url})" for title, url in pictures.items()]

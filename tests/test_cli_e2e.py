@@ -456,6 +456,41 @@ def test_a_signal_stops_the_run_and_its_prefect_server(mnist_subset, tmp_path, s
     assert not (out / "LATEST").exists()
 
 
+def test_a_run_stopped_after_training_says_its_model_is_kept_and_the_same_command_reuses_it(mnist_subset, tmp_path):
+    """A run killed after training (or one that lost its store while it encoded) says, in its
+    one line, that its model is kept; the same command then publishes without training again."""
+    from ae_core import pipeline
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = ["run", str(mnist_subset), str(out), "--epochs", "2", "--anomaly-steps", "20", "--work-dir", str(work)]
+    proc = subprocess.Popen([*AE, *args], text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL),
+                            env={**shared_prefect_env(), "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 300
+        while not list(work.glob(f"ae-cache-*/{pipeline.KEPT_RECORD}")) and time.monotonic() < deadline \
+                and proc.poll() is None:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)  # training is done; encoding has not finished
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    cache = next(work.glob("ae-cache-*"))
+    assert err.strip().splitlines() == [
+        f"ae: terminated; the run stopped after training: its model is kept in the work dir {str(cache)!r}, "
+        "and a run with the same images and training settings reuses it instead of training again"], err[-3000:]
+    assert not (out / outputs.LATEST).exists()
+    killed = json.loads((cache / pipeline.KEPT_RECORD).read_text())["run_id"]
+
+    again = ae(*args)
+    assert f"trained by run {killed}, which stopped before publishing" in again.stdout
+    m = outputs.resolve(str(out)).manifest
+    assert m["run_id"] != killed and m["train"]["resumed_from_run"] == killed
+    assert not cache.exists()  # published: the cache and the kept model are gone
+
+
 _SIGNAL_IN_DEL = """
 import os, signal, time
 from ae_core import cli
@@ -941,9 +976,17 @@ def test_a_run_while_another_holds_the_pixel_cache_decodes_into_its_own(mnist_su
         folder.mkdir()
         (folder / "shard-00000.npy").write_bytes(b"x")
     os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    # other pairs' caches, left by runs that failed: deleted once unused for a week; and folders
+    # that are not caches, however old
+    days = {"ae-cache-0123456789abcdef": 8, "ae-cache-fedcba9876543210": 6, "ae-cache-notes": 30, "photos": 30}
+    for folder, age in days.items():
+        (work / folder).mkdir()
+        (work / folder / "kept-model.pt").write_bytes(b"x")
+        os.utime(work / folder, (time.time() - age * 86400, time.time() - age * 86400))
     ae("run", src, out, "--epochs", 1, "--dim", 4, "--anomaly-steps", 0, "--work-dir", work, "--retrain", "always")
-    # free again: the run used the pair's cache and deleted it, and the stale one beside it
-    assert sorted(p.name for p in work.iterdir()) == [recent.name]
+    # free again: the run used the pair's cache and deleted it, and the stale ones
+    assert sorted(p.name for p in work.iterdir()) == sorted([recent.name, "ae-cache-fedcba9876543210",
+                                                              "ae-cache-notes", "photos"])
 
 
 def test_a_finished_run_deletes_its_cache_not_the_work_dir_it_was_given(mnist_subset, tmp_path):

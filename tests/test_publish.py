@@ -68,6 +68,47 @@ def test_of_two_runs_into_one_output_the_later_start_wins(mnist_subset, tmp_path
     assert outputs.resolve(str(out)).manifest["run_id"] == "20251231T235959Z-dddddd"
 
 
+def test_a_run_stopped_after_training_leaves_its_model_to_the_next_run_of_the_same_settings(
+        mnist_subset, tmp_path, monkeypatch):
+    """A run that stops after training (here: before it publishes) keeps its model beside the
+    pixel cache; the next run of the same pair with the same images and settings reuses those
+    very bytes instead of training, and publishing deletes them with the cache. Another training
+    setting, --retrain always, or a damaged kept file trains again."""
+    trainings: list[int] = []
+    real_train = pipeline.train_autoencoder
+    monkeypatch.setattr(pipeline, "train_autoencoder", lambda *a, **k: trainings.append(1) or real_train(*a, **k))
+    out, work = tmp_path / "out", tmp_path / "work"
+
+    def stop_before_publishing(run_id: str, **train):
+        config = RunConfig(source=str(mnist_subset), output=str(out), work_dir=str(work),
+                           ingest=IngestConfig(include=["000*"], workers=1),
+                           train=TrainConfig(epochs=1, anomaly_steps=20, **train))
+        publish = _up_to_publish(config, run_id)
+        return publish, (out / outputs.RUNS / run_id / outputs.CHECKPOINT).read_bytes()
+
+    _, first = stop_before_publishing("20260101T000000Z-aaaaaa")
+    assert len(trainings) == 1 and len(list(work.glob(f"ae-cache-*/{pipeline.KEPT_MODEL}"))) == 1
+    _, other_lr = stop_before_publishing("20260101T000001Z-bbbbbb", lr=1e-3)
+    assert len(trainings) == 2 and other_lr != first  # a training setting changed: trained again
+    _, always = stop_before_publishing("20260101T000002Z-cccccc", lr=1e-3, retrain="always")
+    assert len(trainings) == 3 and always != other_lr
+    kept = next(work.glob(f"ae-cache-*/{pipeline.KEPT_MODEL}"))
+    damaged = bytearray(kept.read_bytes())
+    damaged[len(damaged) // 2] ^= 1
+    kept.write_bytes(bytes(damaged))  # damaged: trained again, not trusted
+    _, after_damage = stop_before_publishing("20260101T000003Z-dddddd", lr=1e-3)
+    assert len(trainings) == 4 and after_damage != always
+
+    publish, resumed = stop_before_publishing("20260101T000004Z-eeeeee", lr=1e-3)
+    assert len(trainings) == 4 and resumed == after_damage  # the kept bytes, not a new training
+    manifest = publish()
+    assert manifest["train"]["resumed_from_run"] == "20260101T000003Z-dddddd"
+    assert "Trained by run 20260101T000003Z-dddddd, which stopped before publishing" in \
+        (out / outputs.RUNS / manifest["run_id"] / pipeline.REPORT).read_text()
+    assert manifest["rows"] == 100 and manifest["model_version"] == pipeline.checkpoint.version_of(after_damage)
+    assert not list(work.iterdir())  # published: the cache and the model kept in it are gone
+
+
 def test_the_pixel_cache_is_keyed_by_where_source_and_output_really_are(tmp_path, monkeypatch):
     work_dirs = {}
     for project in ("a", "b"):
