@@ -77,6 +77,7 @@ def _run_flow(source: str, output: str, kwargs: dict) -> dict:
     """Check the arguments and both stores first (fast, writes nothing), then run the flow.
     Prefect's temporary server, when no server is configured, starts as soon as the arguments
     are valid and gets ready while the stores are checked and the pipeline imports."""
+    global _kept_note
     from ae_core.config import RunConfig
 
     verbose = kwargs.pop("verbose", False)
@@ -93,12 +94,14 @@ def _run_flow(source: str, output: str, kwargs: dict) -> dict:
         with _prefect_api(server):
             options = s3_options_from_block(block)
     work_dir = prepare_run(config, options).work_dir
+    from ae_core.pipeline import KEPT_IN_PROCESS
     from flows.pretrain_and_embed import pretrain_and_embed
 
     import httpx  # Prefect's HTTP client
 
     before, _ = _latest_published(output, options, manifest=False)
     started = datetime.now(timezone.utc).isoformat()
+    kept_before = len(KEPT_IN_PROCESS)
     try:
         with _prefect_api(server):
             try:
@@ -112,8 +115,7 @@ def _run_flow(source: str, output: str, kwargs: dict) -> dict:
             except httpx.TransportError as err:  # the server died (the OOM killer, say) while the flow ran
                 return published_despite(source, output, options, before, started, err)
     except BaseException as err:
-        global _kept_note
-        _kept_note = _kept_model_note(work_dir, started)
+        _kept_note = _kept_model_note(work_dir, KEPT_IN_PROCESS[kept_before:], config.train.retrain)
         if _kept_note and isinstance(err, AeError):
             raise AeError(f"{err}; {_kept_note}", err.transient) from err
         if _kept_note and not isinstance(err, KeyboardInterrupt):  # printed after the traceback
@@ -124,17 +126,27 @@ def _run_flow(source: str, output: str, kwargs: dict) -> dict:
 _kept_note = ""  # for the line `ae: terminated`: what a run stopped after training left for the next
 
 
-def _kept_model_note(work_dir: str, started: str) -> str:
+def _kept_model_note(work_dir: str, kept: list[tuple[str, str]], retrain: str) -> str:
     """A sentence for the error line of a run that stopped after training: its model is kept in
-    the pixel cache, and a run with the same images and settings reuses it (pipeline.kept_model).
-    '' when this command kept none (it stopped before training, or reused a published model)."""
+    the pair's pixel cache `work_dir`, where the next run looks (pipeline.kept_model). `kept`: the
+    (folder, run id) of the models this command's run kept or reused. '' when it kept none (it
+    stopped before training, or reused a published model), or kept it where no run will look (a
+    cache of its own beside the pair's, held by another run), or the model is gone since."""
     from ae_core.pipeline import kept_record
 
-    record = kept_record(work_dir)
-    if record is None or not _after(record.get("saved_at"), started):
+    if not kept:
         return ""
-    return (f"the run stopped after training: its model is kept in the work dir {work_dir!r}, and a run with "
-            "the same images and training settings reuses it instead of training again")
+    folder, run_id = kept[-1]
+    record = kept_record(folder)
+    if folder != work_dir or record is None or record.get("run_id") != run_id:
+        return ""
+    unless = ", without --retrain always," if retrain == "always" else ""
+    return (f"the run stopped after training: its model is kept in the work dir {folder!r}, and a run with "
+            f"the same images and training settings{unless} reuses it instead of training again")
+
+
+def _kept_suffix() -> str:
+    return f"; {_kept_note}" if _kept_note else ""
 
 
 def _latest_published(output: str, options: dict | None, manifest: bool = True) -> tuple[str | None, dict | None]:
@@ -796,8 +808,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ae_core.storage import redact_text
 
         print(f"ae: error: {redact_text(what)} is missing; if it belongs to a published run, its folder "
-              "was altered or a newer run pruned it meanwhile: run the command again, or `ae run` again",
-              file=sys.stderr)
+              "was altered or a newer run pruned it meanwhile: run the command again, or `ae run` again"
+              + _kept_suffix(), file=sys.stderr)
     except BrokenPipeError:  # `ae info | head -1`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
@@ -807,7 +819,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not out_of_space(err):
             raise
         print(f"ae: error: no space left on the disk ({err}); free space, or give --work-dir or OUTPUT on a larger "
-              "disk", file=sys.stderr)
+              "disk" + _kept_suffix(), file=sys.stderr)
     finally:
         if fsspec_conf is not None:
             import fsspec.config
@@ -854,8 +866,7 @@ def _sigterm_while_exiting(signum: int, frame: object) -> None:
 
 
 def _interrupted() -> int:
-    print(f"ae: {'terminated' if _terminated_by else 'interrupted'}" + (f"; {_kept_note}" if _kept_note else ""),
-          file=sys.stderr)
+    print(f"ae: {'terminated' if _terminated_by else 'interrupted'}" + _kept_suffix(), file=sys.stderr)
     return 128 + (_terminated_by or signal.SIGINT)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -458,8 +460,8 @@ def pretrain(ctx: RunContext, corpus: DecodedCorpus, plan: RunPlan) -> checkpoin
         return done
     key = kept_model_key(corpus, plan.model, ctx.config.train)
     with ctx.timed("pretrain"):
-        kept = kept_model(ctx.work_dir, key) if ctx.config.train.retrain != "always" else None
-        if kept is not None:  # trained by an earlier run of this pair that stopped before publishing
+        kept = kept_model(ctx.work_dir, key, ctx.run_id) if ctx.config.train.retrain != "always" else None
+        if kept is not None:  # trained by an earlier run of this pair (or attempt of this run) that stopped
             data, ckpt = kept
         else:
             ckpt, data = train_checkpoint(corpus.pixels(), corpus.spec, plan.model, ctx.config.train, ctx.run_id,
@@ -525,21 +527,36 @@ def train_checkpoint(pixels: np.ndarray, spec: Preprocess, model: ModelConfig, t
 # A run that stops after training (the store gone while it encodes, a kill, a verdict on the
 # index) leaves its model here; the next run of the same (SOURCE, OUTPUT) pair with the same
 # images and settings reuses it instead of training again. Publishing deletes it with the cache.
+# Not on the GPU-pool path (pretrain_deployment): the pool's model is picked up from the run
+# folder, and only a retry of the same flow run resumes it.
 KEPT_MODEL, KEPT_RECORD = "kept-model.pt", "kept-model.json"
+# (cache folder, run id) of the models kept or reused in this process, newest last: which folder
+# holds the model of a run that just stopped, for its error line (ae_core.cli)
+KEPT_IN_PROCESS: list[tuple[str, str]] = []
+
+
+@functools.cache
+def code_digest() -> str:
+    """A digest of ae_core's own source files: a kept model from other code is not reused (the
+    package version does not move with each change to training or encoding)."""
+    h = hashlib.sha256()
+    for path in sorted(Path(ae_core.__file__).parent.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
 
 
 def kept_model_key(corpus: DecodedCorpus, model: ModelConfig, train: TrainConfig) -> str:
     """What a kept model must have been trained on to stand in for training now: the same decoded
     images (keys and content digests, in table order), preprocessing, model shape and every
-    training setting, by the same ae_core version. Pure."""
+    training setting, by the same code and torch."""
     h = hashlib.sha256()
     for img in corpus.images:
         h.update(f"{img['key']}\0{img.get('fingerprint')}\n".encode())
     h.update(json.dumps({"spec": corpus.spec.to_dict(), "model": model.model_dump(mode="json"),
                          # not retrain/retrain_fraction: they choose whether to train, not how
                          "train": train.model_dump(mode="json", exclude={"retrain", "retrain_fraction"}),
-                         "format": checkpoint.FORMAT,
-                         "ae_core": ae_core.__version__, "torch": torch.__version__}, sort_keys=True).encode())
+                         "format": checkpoint.FORMAT, "code": code_digest(), "torch": torch.__version__},
+                        sort_keys=True).encode())
     return h.hexdigest()
 
 
@@ -567,7 +584,8 @@ def keep_model(work_dir: str, key: str, data: bytes, run_id: str) -> None:
         _write_local_atomic(os.path.join(work_dir, KEPT_MODEL), data)
         _write_local_atomic(os.path.join(work_dir, KEPT_RECORD), json.dumps(record).encode())
     except OSError:
-        pass
+        return
+    KEPT_IN_PROCESS.append((work_dir, run_id))
 
 
 def kept_record(work_dir: str) -> dict | None:
@@ -580,10 +598,11 @@ def kept_record(work_dir: str) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def kept_model(work_dir: str, key: str) -> tuple[bytes, checkpoint.Checkpoint] | None:
+def kept_model(work_dir: str, key: str, run_id: str) -> tuple[bytes, checkpoint.Checkpoint] | None:
     """The kept model's bytes and checkpoint when it was trained for `key`, marked with the run
-    that trained it (train.resumed_from_run); None otherwise, or when its bytes are not the ones
-    the record names (a damaged file is trained again, not trusted)."""
+    that trained it (train.resumed_from_run; resumed_from_stage where that was an earlier attempt
+    of `run_id` itself); None otherwise, or when its bytes are not the ones the record names (a
+    damaged file is trained again, not trusted)."""
     record = kept_record(work_dir)
     if record is None or record.get("key") != key:
         return None
@@ -595,7 +614,12 @@ def kept_model(work_dir: str, key: str) -> tuple[bytes, checkpoint.Checkpoint] |
         ckpt = checkpoint.from_bytes(data)
     except (OSError, ValueError, RuntimeError):
         return None
-    ckpt.extra.setdefault("train", {})["resumed_from_run"] = str(record.get("run_id"))
+    trained_by = str(record.get("run_id"))
+    if trained_by == run_id:  # a retry of this flow run whose first attempt could not write model.pt
+        ckpt.extra.setdefault("train", {})["resumed_from_stage"] = True
+    else:
+        ckpt.extra.setdefault("train", {})["resumed_from_run"] = trained_by
+    KEPT_IN_PROCESS.append((work_dir, trained_by))
     return data, ckpt
 
 

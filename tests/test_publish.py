@@ -19,7 +19,7 @@ from test_cli_e2e import _first_digits
 
 
 def _up_to_publish(config: RunConfig, run_id: str):
-    """Every stage of a run but the last; returns its publish step."""
+    """Every stage of a run but the last; returns its publish step (the run's checkpoint as its `ckpt`)."""
     ctx = pipeline.prepare_run(config, run_id=run_id)
     objects = pipeline.list_source(ctx)
     plan = pipeline.plan_run(ctx, objects)
@@ -28,7 +28,11 @@ def _up_to_publish(config: RunConfig, run_id: str):
     encoded = pipeline.encode_corpus(ctx, corpus, ckpt, plan)
     index_info = pipeline.build_index(ctx, encoded)
     pictures = pipeline.draw_report(ctx, corpus, ckpt, plan, encoded)
-    return lambda: pipeline.publish_run(ctx, plan, ckpt, encoded, index_info, pictures)
+    def publish() -> dict:
+        return pipeline.publish_run(ctx, plan, ckpt, encoded, index_info, pictures)
+
+    publish.ckpt = ckpt
+    return publish
 
 
 def test_of_two_runs_into_one_output_the_later_start_wins(mnist_subset, tmp_path):
@@ -73,40 +77,68 @@ def test_a_run_stopped_after_training_leaves_its_model_to_the_next_run_of_the_sa
     """A run that stops after training (here: before it publishes) keeps its model beside the
     pixel cache; the next run of the same pair with the same images and settings reuses those
     very bytes instead of training, and publishing deletes them with the cache. Another training
-    setting, --retrain always, or a damaged kept file trains again."""
+    setting, --retrain always, an image whose content changed, or a damaged kept file trains again."""
     trainings: list[int] = []
     real_train = pipeline.train_autoencoder
     monkeypatch.setattr(pipeline, "train_autoencoder", lambda *a, **k: trainings.append(1) or real_train(*a, **k))
-    out, work = tmp_path / "out", tmp_path / "work"
+    src, out, work = _first_digits(mnist_subset, tmp_path / "src", 100), tmp_path / "out", tmp_path / "work"
 
     def stop_before_publishing(run_id: str, **train):
-        config = RunConfig(source=str(mnist_subset), output=str(out), work_dir=str(work),
-                           ingest=IngestConfig(include=["000*"], workers=1),
+        config = RunConfig(source=str(src), output=str(out), work_dir=str(work), ingest=IngestConfig(workers=1),
                            train=TrainConfig(epochs=1, anomaly_steps=20, **train))
         publish = _up_to_publish(config, run_id)
         return publish, (out / outputs.RUNS / run_id / outputs.CHECKPOINT).read_bytes()
 
     _, first = stop_before_publishing("20260101T000000Z-aaaaaa")
     assert len(trainings) == 1 and len(list(work.glob(f"ae-cache-*/{pipeline.KEPT_MODEL}"))) == 1
+    # a retry of that flow run (same run id) whose model.pt never reached OUTPUT: the kept model,
+    # as a resumed stage, not as another run's
+    (out / outputs.RUNS / "20260101T000000Z-aaaaaa" / outputs.CHECKPOINT).unlink()
+    publish, retried = stop_before_publishing("20260101T000000Z-aaaaaa")
+    assert len(trainings) == 1 and retried == first
+    assert publish.ckpt.extra["train"].get("resumed_from_run") is None
+    assert publish.ckpt.extra["train"]["resumed_from_stage"] is True
     _, other_lr = stop_before_publishing("20260101T000001Z-bbbbbb", lr=1e-3)
     assert len(trainings) == 2 and other_lr != first  # a training setting changed: trained again
     _, always = stop_before_publishing("20260101T000002Z-cccccc", lr=1e-3, retrain="always")
     assert len(trainings) == 3 and always != other_lr
+    (src / "00007.png").write_bytes((mnist_subset / "00200.png").read_bytes())  # same key, other digit
+    _, changed = stop_before_publishing("20260101T000003Z-dddddd", lr=1e-3)
+    assert len(trainings) == 4 and changed != always
     kept = next(work.glob(f"ae-cache-*/{pipeline.KEPT_MODEL}"))
     damaged = bytearray(kept.read_bytes())
     damaged[len(damaged) // 2] ^= 1
     kept.write_bytes(bytes(damaged))  # damaged: trained again, not trusted
-    _, after_damage = stop_before_publishing("20260101T000003Z-dddddd", lr=1e-3)
-    assert len(trainings) == 4 and after_damage != always
+    _, after_damage = stop_before_publishing("20260101T000004Z-eeeeee", lr=1e-3)
+    assert len(trainings) == 5 and after_damage != changed
 
-    publish, resumed = stop_before_publishing("20260101T000004Z-eeeeee", lr=1e-3)
-    assert len(trainings) == 4 and resumed == after_damage  # the kept bytes, not a new training
+    publish, resumed = stop_before_publishing("20260101T000005Z-ffffff", lr=1e-3)
+    assert len(trainings) == 5 and resumed == after_damage  # the kept bytes, not a new training
     manifest = publish()
-    assert manifest["train"]["resumed_from_run"] == "20260101T000003Z-dddddd"
-    assert "Trained by run 20260101T000003Z-dddddd, which stopped before publishing" in \
+    assert manifest["train"]["resumed_from_run"] == "20260101T000004Z-eeeeee"
+    assert "Trained by run 20260101T000004Z-eeeeee, which stopped before publishing" in \
         (out / outputs.RUNS / manifest["run_id"] / pipeline.REPORT).read_text()
     assert manifest["rows"] == 100 and manifest["model_version"] == pipeline.checkpoint.version_of(after_damage)
     assert not list(work.iterdir())  # published: the cache and the model kept in it are gone
+
+
+def test_the_kept_model_note_names_only_a_model_the_next_run_will_find(tmp_path):
+    """`ae run`'s error line mentions a kept model only when this command's run kept (or reused)
+    it in the pair's own cache folder and it is still there."""
+    from ae_core.cli import _kept_model_note
+
+    pair, beside = str(tmp_path / "ae-cache-0123456789abcdef"), str(tmp_path / "ae-cache-0123456789abcdef-r2")
+    for folder, run_id in ((pair, "r1"), (beside, "r2")):
+        pipeline.keep_model(folder, "k", b"model bytes", run_id)
+    assert _kept_model_note(pair, [], "auto") == ""  # stopped before training: nothing of its own
+    assert _kept_model_note(pair, [(beside, "r2")], "auto") == ""  # kept where no run looks
+    assert _kept_model_note(pair, [(pair, "r0")], "auto") == ""  # replaced since by another run's
+    note = _kept_model_note(pair, [(pair, "r1")], "auto")
+    assert note == (f"the run stopped after training: its model is kept in the work dir {pair!r}, and a run "
+                    "with the same images and training settings reuses it instead of training again")
+    assert "settings, without --retrain always, reuses it" in _kept_model_note(pair, [(pair, "r1")], "always")
+    os.unlink(os.path.join(pair, pipeline.KEPT_RECORD))
+    assert _kept_model_note(pair, [(pair, "r1")], "auto") == ""
 
 
 def test_the_pixel_cache_is_keyed_by_where_source_and_output_really_are(tmp_path, monkeypatch):
