@@ -214,6 +214,14 @@ def claim_work_dir(ctx: RunContext) -> RunContext:
     return dataclasses.replace(ctx, work_dir=own)
 
 
+def mark_cache_in_use(ctx: RunContext) -> None:
+    """Touch the pair's cache folder, where one is left, as a run of the pair starts: it holds the
+    cache's lock only from decoding on, and while it lists and plans another pair's run could
+    otherwise find the folder 7 days unused and delete it (_remove_stale_caches)."""
+    with suppress(OSError):
+        os.utime(ctx.work_dir)
+
+
 SIBLING_MIN_AGE_S = 600.0  # a cache beside this pair's, named with a run id: its run may still be making it
 CACHE_EXPIRY_S = 7 * 86400.0  # another pair's cache unused this long: its run failed and was not run again
 _CACHE_NAME = re.compile(r"ae-cache-[0-9a-f]{16}(-.+)?")

@@ -183,6 +183,7 @@ def pretrain_and_embed(source: str, output: str, ingest: IngestConfig = IngestCo
 def _run(config: RunConfig, aws_credentials_block: str | None, pretrain_deployment: str | None) -> dict:
     options = s3_options_from_block(aws_credentials_block) if aws_credentials_block else None
     ctx = pipeline.prepare_run(config, options, run_id=_run_id())
+    pipeline.mark_cache_in_use(ctx)
     logger = get_run_logger()
     done = pipeline.published_manifest(ctx)
     if done is not None:  # a retry of a flow run that failed after it published: its files stand

@@ -141,6 +141,28 @@ def test_the_kept_model_note_names_only_a_model_the_next_run_will_find(tmp_path)
     assert _kept_model_note(pair, [(pair, "r1")], "auto") == ""
 
 
+def test_a_pair_s_old_cache_is_kept_once_a_run_of_that_pair_starts(mnist_subset, tmp_path):
+    """Another pair's run deletes a cache folder unused for 7 days, but not one whose own pair has
+    just started a run (listing and planning, before it holds the cache's lock)."""
+    import time
+
+    work = tmp_path / "work"
+    starting, idle = (pipeline.prepare_run(RunConfig(source=str(mnist_subset), output=str(tmp_path / name),
+                                                     work_dir=str(work))) for name in ("out-a", "out-b"))
+    week_ago = time.time() - 8 * 86400
+    for ctx in (starting, idle):
+        os.makedirs(ctx.work_dir)
+        pipeline.keep_model(ctx.work_dir, "k", b"model bytes", "r1")
+        os.utime(ctx.work_dir, (week_ago, week_ago))
+    pipeline.mark_cache_in_use(starting)
+    other = pipeline.prepare_run(RunConfig(source=str(mnist_subset), output=str(tmp_path / "out-c"), work_dir=str(work)))
+    pipeline.claim_work_dir(other)
+    try:
+        assert os.path.isdir(starting.work_dir) and not os.path.exists(idle.work_dir)
+    finally:
+        pipeline.release_work_dir(other.work_dir)
+
+
 def test_the_pixel_cache_is_keyed_by_where_source_and_output_really_are(tmp_path, monkeypatch):
     work_dirs = {}
     for project in ("a", "b"):
