@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import torch
 from fsspec.spec import AbstractFileSystem
@@ -205,8 +206,7 @@ def claim_work_dir(ctx: RunContext) -> RunContext:
     cache of its own beside it instead, so neither deletes or rewrites the shards the other
     reads; which of the two publishes is settled at publishing (outputs.check_publishable)."""
     if _try_lock(ctx.work_dir):
-        with suppress(OSError):
-            os.utime(ctx.work_dir)  # in use: its age below counts from its last run
+        mark_cache_in_use(ctx)  # its age counts from its last run
         _remove_stale_caches(ctx.work_dir)
         return ctx
     own = f"{ctx.work_dir}-{ctx.run_id}"
@@ -466,14 +466,15 @@ def pretrain(ctx: RunContext, corpus: DecodedCorpus, plan: RunPlan) -> checkpoin
     done = load_stage_checkpoint(ctx.out_fs, ctx.run_dir)
     if done is not None:
         return done
-    key = kept_model_key(corpus, plan.model, ctx.config.train)
+    images = corpus.images
+    key = kept_model_key(images, corpus.spec, plan.model, ctx.config.train)
     with ctx.timed("pretrain"):
         kept = kept_model(ctx.work_dir, key, ctx.run_id) if ctx.config.train.retrain != "always" else None
         if kept is not None:  # trained by an earlier run of this pair (or attempt of this run) that stopped
             data, ckpt = kept
         else:
             ckpt, data = train_checkpoint(corpus.pixels(), corpus.spec, plan.model, ctx.config.train, ctx.run_id,
-                                          [img["key"] for img in corpus.images])
+                                          [img["key"] for img in images])
             keep_model(ctx.work_dir, key, data, ctx.run_id)  # first: the store may be what fails next
         write_bytes_atomic(ctx.out_fs, ctx.out(outputs.CHECKPOINT), data)
     return ckpt
@@ -553,30 +554,19 @@ def code_digest() -> str:
     return h.hexdigest()
 
 
-def kept_model_key(corpus: DecodedCorpus, model: ModelConfig, train: TrainConfig) -> str:
+def kept_model_key(images: Sequence[dict], spec: Preprocess, model: ModelConfig, train: TrainConfig) -> str:
     """What a kept model must have been trained on to stand in for training now: the same decoded
     images (keys and content digests, in table order), preprocessing, model shape and every
     training setting, by the same code and torch."""
     h = hashlib.sha256()
-    for img in corpus.images:
+    for img in images:
         h.update(f"{img['key']}\0{img.get('fingerprint')}\n".encode())
-    h.update(json.dumps({"spec": corpus.spec.to_dict(), "model": model.model_dump(mode="json"),
+    h.update(json.dumps({"spec": spec.to_dict(), "model": model.model_dump(mode="json"),
                          # not retrain/retrain_fraction: they choose whether to train, not how
                          "train": train.model_dump(mode="json", exclude={"retrain", "retrain_fraction"}),
                          "format": checkpoint.FORMAT, "code": code_digest(), "torch": torch.__version__},
                         sort_keys=True).encode())
     return h.hexdigest()
-
-
-def _write_local_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
 
 
 def keep_model(work_dir: str, key: str, data: bytes, run_id: str) -> None:
@@ -585,13 +575,14 @@ def keep_model(work_dir: str, key: str, data: bytes, run_id: str) -> None:
     full disk here costs a rerun its shortcut, never this run."""
     record = {"key": key, "run_id": run_id, "version": checkpoint.version_of(data),
               "saved_at": datetime.now(timezone.utc).isoformat()}
+    local = fsspec.filesystem("file")
     try:
         os.makedirs(work_dir, mode=0o700, exist_ok=True)
         with suppress(FileNotFoundError):
             os.unlink(os.path.join(work_dir, KEPT_RECORD))  # never a record beside another run's bytes
-        _write_local_atomic(os.path.join(work_dir, KEPT_MODEL), data)
-        _write_local_atomic(os.path.join(work_dir, KEPT_RECORD), json.dumps(record).encode())
-    except OSError:
+        write_bytes_atomic(local, os.path.join(work_dir, KEPT_MODEL), data)
+        write_bytes_atomic(local, os.path.join(work_dir, KEPT_RECORD), json.dumps(record).encode())
+    except (OSError, AeError):  # AeError: the disk is full
         return
     KEPT_IN_PROCESS.append((work_dir, run_id))
 
